@@ -1,0 +1,433 @@
+//! The CPU backend: the reference every other backend is checked against.
+//!
+//! Each pass is elementwise, so tensors are cut into fixed chunks processed in parallel by
+//! rayon; the chunking only decides who computes an element, never what it is, and results
+//! are identical for any thread count.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::backend::{Backend, Generator, PerturbPass, Term, UpdatePass};
+use crate::direction::{fill, DirectionId, STOCHASTIC_ROUNDING_DIRECTION};
+use crate::dtype::{DType, Element, Precision};
+use crate::error::{invalid, Error, Result};
+use crate::rules;
+use crate::shard::{ParamShard, TensorSpec};
+
+/// Elements per parallel work item.
+const CHUNK: usize = 1 << 14;
+/// Elements generated at a time inside a chunk (buffers stay in L1/L2).
+const SUB: usize = 1024;
+
+/// Optimizer state of one tensor.
+#[derive(Default, Debug, Clone)]
+struct TensorState {
+    m: Vec<f32>,
+    v: Vec<f32>,
+    lo: Vec<bf16>,
+}
+
+/// Runs passes on host memory with a rayon pool.
+pub struct CpuBackend {
+    pool: Option<rayon::ThreadPool>,
+    state: Vec<TensorState>,
+    buffers: usize,
+    residual: bool,
+}
+
+impl std::fmt::Debug for CpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuBackend")
+            .field("threads", &self.threads())
+            .finish()
+    }
+}
+
+impl CpuBackend {
+    /// A backend on `threads` threads; 0 uses rayon's global pool (all cores).
+    pub fn new(threads: usize) -> Result<Self> {
+        let pool = if threads == 0 {
+            None
+        } else {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .map_err(|e| Error::Internal(format!("thread pool: {e}")))?,
+            )
+        };
+        Ok(Self {
+            pool,
+            state: Vec::new(),
+            buffers: 0,
+            residual: false,
+        })
+    }
+
+    /// Number of worker threads.
+    pub fn threads(&self) -> usize {
+        self.pool
+            .as_ref()
+            .map_or_else(rayon::current_num_threads, |p| p.current_num_threads())
+    }
+
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+}
+
+/// One chunk of one tensor, with raw access to its memory; chunks never overlap.
+#[derive(Clone, Copy)]
+struct Work {
+    tensor: usize,
+    start: usize,
+    len: usize,
+}
+
+fn work_items(tensors: &[TensorSpec]) -> Vec<Work> {
+    let mut items = Vec::new();
+    for (i, t) in tensors.iter().enumerate() {
+        let n = t.numel as usize;
+        let mut s = 0;
+        while s < n {
+            let len = CHUNK.min(n - s);
+            items.push(Work {
+                tensor: i,
+                start: s,
+                len,
+            });
+            s += len;
+        }
+    }
+    items
+}
+
+/// Raw pointers of a chunk's parameters, gradient and state, valid for `len` elements.
+struct ChunkMem {
+    data: *mut u8,
+    dtype: DType,
+    grad: *const u8,
+    grad_dtype: DType,
+    m: *mut f32,
+    v: *mut f32,
+    lo: *mut bf16,
+    global: u64,
+    len: usize,
+}
+
+impl ChunkMem {
+    /// # Safety
+    /// `w` must lie inside tensor `w.tensor`, whose memory and state are live.
+    unsafe fn new(t: &TensorSpec, s: &mut TensorState, w: Work) -> Self {
+        let at = |v: &mut Vec<f32>| {
+            if v.is_empty() {
+                std::ptr::null_mut()
+            } else {
+                v.as_mut_ptr().add(w.start)
+            }
+        };
+        Self {
+            data: (t.data as *mut u8).add(w.start * t.dtype.size()),
+            dtype: t.dtype,
+            grad: if t.grad == 0 {
+                std::ptr::null()
+            } else {
+                (t.grad as *const u8).add(w.start * t.grad_dtype.size())
+            },
+            grad_dtype: t.grad_dtype,
+            m: at(&mut s.m),
+            v: at(&mut s.v),
+            lo: if s.lo.is_empty() {
+                std::ptr::null_mut()
+            } else {
+                s.lo.as_mut_ptr().add(w.start)
+            },
+            global: t.offset + w.start as u64,
+            len: w.len,
+        }
+    }
+}
+
+// SAFETY: chunks are disjoint ranges of live buffers; each is touched by one thread.
+unsafe impl Send for ChunkMem {}
+// SAFETY: as above; a shared reference is only used by the one thread processing the chunk.
+unsafe impl Sync for ChunkMem {}
+
+/// Reads `n` parameters at `k` (plus `lo` in the compensated mode) as f32.
+///
+/// # Safety
+/// `c` must be valid for `k + n` elements.
+unsafe fn load<T: Element>(c: &ChunkMem, k: usize, out: &mut [f32], compensated: bool) {
+    T::load_slice(std::slice::from_raw_parts((c.data as *const T).add(k), out.len()), out);
+    if compensated && !c.lo.is_null() {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o += (*c.lo.add(k + i)).to_f32();
+        }
+    }
+}
+
+/// Reads `n` gradient entries at `k` as f32.
+unsafe fn load_grad(c: &ChunkMem, k: usize, out: &mut [f32]) {
+    match c.grad_dtype {
+        DType::F32 => {
+            let p = (c.grad as *const f32).add(k);
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = *p.add(i);
+            }
+        }
+        DType::F16 => {
+            let p = (c.grad as *const f16).add(k);
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = (*p.add(i)).to_f32();
+            }
+        }
+        DType::BF16 => {
+            let p = (c.grad as *const bf16).add(k);
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = (*p.add(i)).to_f32();
+            }
+        }
+    }
+}
+
+/// Writes `x` back at `k`: nearest, `hi + lo` (compensated), or stochastic with `bits`.
+unsafe fn store<T: Element>(
+    c: &ChunkMem,
+    k: usize,
+    x: &[f32],
+    precision: Precision,
+    bits: Option<&[u32]>,
+) {
+    let p = (c.data as *mut T).add(k);
+    match (precision, bits) {
+        (Precision::Stochastic, Some(r)) => {
+            for (i, v) in x.iter().enumerate() {
+                *p.add(i) = T::from_f32_stochastic(*v, r[i]);
+            }
+        }
+        (Precision::Compensated, _) if !c.lo.is_null() => {
+            for (i, v) in x.iter().enumerate() {
+                let hi = T::from_f32(*v);
+                *p.add(i) = hi;
+                *c.lo.add(k + i) = bf16::from_f32(*v - hi.to_f32());
+            }
+        }
+        _ => T::store_slice(x, std::slice::from_raw_parts_mut(p, x.len())),
+    }
+}
+
+/// `acc += coeff * z` for each term, in order.
+fn add_terms(gen: Generator, terms: &[Term], global: u64, acc: &mut [f32], z: &mut [f32]) {
+    for t in terms {
+        fill(gen.kind, DirectionId::new(gen.seed, gen.step, t.direction), global, z);
+        for (a, zi) in acc.iter_mut().zip(z.iter()) {
+            *a += t.coeff * *zi;
+        }
+    }
+}
+
+unsafe fn perturb_chunk<T: Element>(c: &ChunkMem, pass: &PerturbPass) {
+    let compensated = pass.precision == Precision::Compensated;
+    let mut x = [0f32; SUB];
+    let mut z = [0f32; SUB];
+    let mut k = 0;
+    while k < c.len {
+        let n = SUB.min(c.len - k);
+        load::<T>(c, k, &mut x[..n], compensated);
+        add_terms(pass.gen, pass.terms, c.global + k as u64, &mut x[..n], &mut z[..n]);
+        store::<T>(c, k, &x[..n], pass.precision, None);
+        k += n;
+    }
+}
+
+unsafe fn update_chunk<T: Element>(c: &ChunkMem, pass: &UpdatePass) {
+    let compensated = pass.precision == Precision::Compensated;
+    let gen = pass.gen;
+    let mut x = [0f32; SUB];
+    let mut g = [0f32; SUB];
+    let mut z = [0f32; SUB];
+    let mut grad = [0f32; SUB];
+    let mut bits = [0u32; SUB];
+    let mut k = 0;
+    while k < c.len {
+        let n = SUB.min(c.len - k);
+        let global = c.global + k as u64;
+        load::<T>(c, k, &mut x[..n], compensated);
+        if let Some(r) = pass.restore {
+            add_terms(gen, &[r], global, &mut x[..n], &mut z[..n]);
+        }
+        g[..n].fill(0.0);
+        add_terms(gen, pass.zo, global, &mut g[..n], &mut z[..n]);
+        if let Some(alpha) = pass.grad_weight {
+            load_grad(c, k, &mut grad[..n]);
+            for i in 0..n {
+                g[i] = alpha * grad[i] + (1.0 - alpha) * g[i];
+            }
+        }
+        for i in 0..n {
+            let mut m = if c.m.is_null() { 0.0 } else { *c.m.add(k + i) };
+            let mut v = if c.v.is_null() { 0.0 } else { *c.v.add(k + i) };
+            x[i] = rules::apply(&pass.rule, x[i], g[i], &mut m, &mut v);
+            if !c.m.is_null() {
+                *c.m.add(k + i) = m;
+            }
+            if !c.v.is_null() {
+                *c.v.add(k + i) = v;
+            }
+        }
+        let sr = if pass.precision == Precision::Stochastic {
+            let id = DirectionId::new(gen.seed, gen.step, STOCHASTIC_ROUNDING_DIRECTION);
+            crate::fast::fill_bits(id, global, &mut bits[..n]);
+            Some(&bits[..n])
+        } else {
+            None
+        };
+        store::<T>(c, k, &x[..n], pass.precision, sr);
+        k += n;
+    }
+}
+
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident, $($arg:expr),*) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F16 => $f::<f16>($($arg),*),
+            DType::BF16 => $f::<bf16>($($arg),*),
+        }
+    };
+}
+
+impl CpuBackend {
+    fn for_each_chunk(&mut self, shard: &ParamShard, f: impl Fn(&ChunkMem) + Sync) -> Result<()> {
+        let tensors = shard.tensors();
+        if self.state.len() != tensors.len() {
+            return Err(Error::Internal("state not allocated for this shard".into()));
+        }
+        let items = work_items(tensors);
+        let mut chunks = Vec::with_capacity(items.len());
+        for w in &items {
+            // SAFETY: work items lie inside their tensors; state was sized to each tensor.
+            chunks.push(unsafe { ChunkMem::new(&tensors[w.tensor], &mut self.state[w.tensor], *w) });
+        }
+        self.run(|| chunks.par_iter().for_each(&f));
+        Ok(())
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", self.threads())
+    }
+
+    fn allocate_state(&mut self, shard: &ParamShard, buffers: usize, residual: bool) -> Result<()> {
+        let mut state = Vec::with_capacity(shard.len());
+        for t in shard.tensors() {
+            let n = usize::try_from(t.numel)
+                .map_err(|_| Error::OutOfMemory(format!("{} elements", t.numel)))?;
+            let buf = || {
+                let mut v = Vec::new();
+                v.try_reserve_exact(n)
+                    .map(|_| {
+                        v.resize(n, 0f32);
+                        v
+                    })
+                    .map_err(|_| Error::OutOfMemory(format!("state buffer of {n} floats")))
+            };
+            let mut s = TensorState::default();
+            if buffers >= 1 {
+                s.m = buf()?;
+            }
+            if buffers >= 2 {
+                s.v = buf()?;
+            }
+            if residual && t.dtype != DType::F32 {
+                s.lo = vec![bf16::ZERO; n];
+            }
+            state.push(s);
+        }
+        self.state = state;
+        self.buffers = buffers;
+        self.residual = residual;
+        Ok(())
+    }
+
+    fn perturb(&mut self, shard: &ParamShard, pass: &PerturbPass) -> Result<()> {
+        // SAFETY: each chunk is a disjoint, live range (see for_each_chunk).
+        self.for_each_chunk(shard, |c| unsafe { by_dtype!(c.dtype, perturb_chunk, c, pass) })
+    }
+
+    fn update(&mut self, shard: &ParamShard, pass: &UpdatePass) -> Result<()> {
+        if pass.device_losses.is_some() {
+            return invalid("the CPU backend takes losses from the host only");
+        }
+        if pass.grad_weight.is_some() && !shard.has_grads() {
+            return invalid("grad: a step that uses gradients needs one for every tensor");
+        }
+        // SAFETY: as in perturb.
+        self.for_each_chunk(shard, |c| unsafe { by_dtype!(c.dtype, update_chunk, c, pass) })
+    }
+
+    fn sq_norm(&mut self, shard: &ParamShard, gen: Generator, direction: u32) -> Result<f64> {
+        let items = work_items(shard.tensors());
+        let tensors = shard.tensors();
+        let id = DirectionId::new(gen.seed, gen.step, direction);
+        let partials: Vec<f64> = self.run(|| {
+            items
+                .par_iter()
+                .map(|w| {
+                    let mut z = [0f32; SUB];
+                    let mut sum = 0f64;
+                    let mut k = 0;
+                    while k < w.len {
+                        let n = SUB.min(w.len - k);
+                        let global = tensors[w.tensor].offset + (w.start + k) as u64;
+                        fill(gen.kind, id, global, &mut z[..n]);
+                        sum += z[..n].iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>();
+                        k += n;
+                    }
+                    sum
+                })
+                .collect()
+        });
+        Ok(partials.iter().sum())
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for s in &self.state {
+            for v in [&s.m, &s.v] {
+                out.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+            }
+            out.extend(s.lo.iter().flat_map(|x| x.to_bits().to_le_bytes()));
+        }
+        Ok(out)
+    }
+
+    fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
+        let need: usize = self
+            .state
+            .iter()
+            .map(|s| 4 * (s.m.len() + s.v.len()) + 2 * s.lo.len())
+            .sum();
+        if bytes.len() != need {
+            return invalid(format!("state: {} bytes, expected {need}", bytes.len()));
+        }
+        let mut at = 0;
+        for s in &mut self.state {
+            for v in [&mut s.m, &mut s.v] {
+                for x in v.iter_mut() {
+                    *x = f32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+                    at += 4;
+                }
+            }
+            for x in s.lo.iter_mut() {
+                *x = bf16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
+                at += 2;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,168 @@
+//! The update rules of the spec (§5), one function per rule, applied elementwise by every
+//! backend. The CUDA kernels mirror [`apply`] operation for operation (IEEE f32, no fused
+//! multiply-add), so CPU and GPU agree to the bit given the same inputs.
+
+/// An update rule.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rule {
+    /// `θ ← θ − η (ĝ + λ θ)`
+    Sgd = 0,
+    /// `m ← β1 m + ĝ`; `θ ← θ − η (m + λ θ)`
+    Momentum = 1,
+    /// `θ ← θ − η (sign(ĝ) + λ θ)`
+    Sign = 2,
+    /// `m ← β1 m + (1 − β1) ĝ`; `θ ← θ − η (sign(m) + λ θ)`
+    Signum = 3,
+    /// Adam with decoupled weight decay.
+    AdamW = 4,
+    /// AdamW whose second moment tracks the momentum: `v ← β2 v + (1 − β2) m²`.
+    AdaZo = 5,
+}
+
+impl Rule {
+    /// All rules, in ABI order.
+    pub const ALL: [Rule; 6] = [
+        Rule::Sgd,
+        Rule::Momentum,
+        Rule::Sign,
+        Rule::Signum,
+        Rule::AdamW,
+        Rule::AdaZo,
+    ];
+
+    /// How many fp32 state buffers (`m`, then `v`) the rule keeps per element.
+    pub fn state_buffers(self) -> usize {
+        match self {
+            Rule::Sgd | Rule::Sign => 0,
+            Rule::Momentum | Rule::Signum => 1,
+            Rule::AdamW | Rule::AdaZo => 2,
+        }
+    }
+
+    /// Parses `sgd`, `momentum`, `sign`, `signum`, `adamw` or `adazo`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "sgd" => Rule::Sgd,
+            "momentum" => Rule::Momentum,
+            "sign" => Rule::Sign,
+            "signum" => Rule::Signum,
+            "adamw" => Rule::AdamW,
+            "adazo" => Rule::AdaZo,
+            _ => return None,
+        })
+    }
+}
+
+/// Everything a rule needs for one update, with the bias corrections of step `t` computed
+/// once on the host. Shared with the kernels (`kernels/hyzo_params.h`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RuleParams {
+    /// [`Rule`] as its ABI value.
+    pub rule: u32,
+    /// Learning rate `η`.
+    pub lr: f32,
+    /// `β1`.
+    pub beta1: f32,
+    /// `β2`.
+    pub beta2: f32,
+    /// Adam's `ε`.
+    pub eps: f32,
+    /// Weight decay `λ`.
+    pub weight_decay: f32,
+    /// `1 − β1^t`.
+    pub bias_correction1: f32,
+    /// `1 − β2^t`.
+    pub bias_correction2: f32,
+}
+
+impl RuleParams {
+    /// The parameters of update number `t` (1-based).
+    pub fn new(
+        rule: Rule,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        t: u64,
+    ) -> Self {
+        let t = t.min(i32::MAX as u64) as i32;
+        Self {
+            rule: rule as u32,
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            bias_correction1: (1.0 - (beta1 as f64).powi(t)) as f32,
+            bias_correction2: (1.0 - (beta2 as f64).powi(t)) as f32,
+        }
+    }
+
+    /// The rule.
+    pub fn rule(&self) -> Rule {
+        Rule::ALL[self.rule as usize]
+    }
+}
+
+/// `sign(x)` with `sign(0) = 0` (and NaN propagated).
+#[inline(always)]
+pub fn sign(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        x * 0.0
+    }
+}
+
+/// Applies one update to the parameter value `theta` with estimate `g`; `m` and `v` are the
+/// element's state (ignored by rules that keep none). Returns the new value, unrounded.
+#[inline(always)]
+pub fn apply(p: &RuleParams, theta: f32, g: f32, m: &mut f32, v: &mut f32) -> f32 {
+    let decay = p.weight_decay * theta;
+    let step = match p.rule() {
+        Rule::Sgd => g + decay,
+        Rule::Momentum => {
+            *m = p.beta1 * *m + g;
+            *m + decay
+        }
+        Rule::Sign => sign(g) + decay,
+        Rule::Signum => {
+            *m = p.beta1 * *m + (1.0 - p.beta1) * g;
+            sign(*m) + decay
+        }
+        Rule::AdamW | Rule::AdaZo => {
+            *m = p.beta1 * *m + (1.0 - p.beta1) * g;
+            let second = if p.rule == Rule::AdamW as u32 { g } else { *m };
+            *v = p.beta2 * *v + (1.0 - p.beta2) * (second * second);
+            let m_hat = *m / p.bias_correction1;
+            let v_hat = *v / p.bias_correction2;
+            m_hat / (v_hat.sqrt() + p.eps) + decay
+        }
+    };
+    theta - p.lr * step
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adamw_first_step_moves_by_lr() {
+        let p = RuleParams::new(Rule::AdamW, 0.1, 0.9, 0.999, 1e-8, 0.0, 1);
+        let (mut m, mut v) = (0.0, 0.0);
+        let out = apply(&p, 1.0, 3.0, &mut m, &mut v);
+        assert!((out - 0.9).abs() < 1e-6, "{out}");
+    }
+
+    #[test]
+    fn sign_of_zero_is_zero() {
+        assert_eq!(sign(0.0), 0.0);
+        assert_eq!(sign(-2.0), -1.0);
+        assert!(sign(f32::NAN).is_nan());
+    }
+}
