@@ -15,7 +15,12 @@ fn sizes() -> Vec<usize> {
     std::env::var("HYZO_BENCH_SIZES")
         .unwrap_or_else(|_| "1,16".into())
         .split(',')
-        .map(|s| s.trim().parse::<usize>().expect("HYZO_BENCH_SIZES: Mi elements") << 20)
+        .map(|s| {
+            s.trim()
+                .parse::<usize>()
+                .expect("HYZO_BENCH_SIZES: Mi elements")
+                << 20
+        })
         .collect()
 }
 
@@ -27,7 +32,10 @@ fn generation(c: &mut Criterion) {
         g.throughput(Throughput::Elements(n as u64));
         for kind in [DirectionKind::Gaussian, DirectionKind::Rademacher] {
             for threads in [1usize, 2] {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
                 let id = format!("{kind:?}/{threads}t");
                 g.bench_with_input(BenchmarkId::new(id, n), &n, |b, _| {
                     b.iter(|| {
@@ -58,8 +66,12 @@ fn passes(c: &mut Criterion) {
             let (mut data, mut grad) = shard_of(dtype, n);
             // Random-ish starting values (not zeros).
             match dtype {
-                DType::BF16 => bytemuck_fill::<bf16>(&mut data, |i| bf16::from_f32((i % 97) as f32 * 0.01)),
-                DType::F16 => bytemuck_fill::<f16>(&mut data, |i| f16::from_f32((i % 97) as f32 * 0.01)),
+                DType::BF16 => {
+                    bytemuck_fill::<bf16>(&mut data, |i| bf16::from_f32((i % 97) as f32 * 0.01))
+                }
+                DType::F16 => {
+                    bytemuck_fill::<f16>(&mut data, |i| f16::from_f32((i % 97) as f32 * 0.01))
+                }
                 DType::F32 => bytemuck_fill::<f32>(&mut data, |i| (i % 97) as f32 * 0.01),
             }
             let mut shard = ParamShard::new();
@@ -76,29 +88,61 @@ fn passes(c: &mut Criterion) {
                     })
                     .unwrap();
             }
-            let gen = Generator { seed: 5, step: 0, kind: DirectionKind::Gaussian };
+            let gen = Generator {
+                seed: 5,
+                step: 0,
+                kind: DirectionKind::Gaussian,
+            };
             for threads in [1usize, 2] {
                 let precisions: &[Precision] = if dtype == DType::BF16 {
-                    &[Precision::Nearest, Precision::Stochastic, Precision::Compensated]
+                    &[
+                        Precision::Nearest,
+                        Precision::Stochastic,
+                        Precision::Compensated,
+                    ]
                 } else {
                     &[Precision::Nearest]
                 };
                 for &precision in precisions {
                     let mut be = CpuBackend::new(threads).unwrap();
-                    be.allocate_state(&shard, 2, precision == Precision::Compensated).unwrap();
+                    be.allocate_state(&shard, 2, precision == Precision::Compensated)
+                        .unwrap();
                     let tag = format!("{dtype:?}/{precision:?}/{threads}t");
-                    let one = [Term { direction: 0, coeff: 1e-3 }];
-                    g.bench_with_input(BenchmarkId::new(format!("perturb/{tag}"), n), &n, |b, _| {
-                        b.iter(|| be.perturb(&shard, &PerturbPass { gen, terms: &one, precision }).unwrap())
-                    });
+                    let one = [Term {
+                        direction: 0,
+                        coeff: 1e-3,
+                    }];
+                    g.bench_with_input(
+                        BenchmarkId::new(format!("perturb/{tag}"), n),
+                        &n,
+                        |b, _| {
+                            b.iter(|| {
+                                be.perturb(
+                                    &shard,
+                                    &PerturbPass {
+                                        gen,
+                                        terms: &one,
+                                        precision,
+                                    },
+                                )
+                                .unwrap()
+                            })
+                        },
+                    );
                     if precision != Precision::Nearest || threads == 1 && dtype != DType::BF16 {
                         continue;
                     }
                     for rule in [Rule::Sgd, Rule::AdamW] {
-                        let zo = [Term { direction: 0, coeff: 0.5 }];
+                        let zo = [Term {
+                            direction: 0,
+                            coeff: 0.5,
+                        }];
                         let pass = UpdatePass {
                             gen,
-                            restore: Some(Term { direction: 0, coeff: 1e-3 }),
+                            restore: Some(Term {
+                                direction: 0,
+                                coeff: 1e-3,
+                            }),
                             zo: &zo,
                             grad_weight: None,
                             rule: RuleParams::new(rule, 1e-6, 0.9, 0.999, 1e-8, 0.0, 1),
@@ -120,9 +164,11 @@ fn passes(c: &mut Criterion) {
                         precision,
                         device_losses: None,
                     };
-                    g.bench_with_input(BenchmarkId::new(format!("fo_update/AdamW/{tag}"), n), &n, |b, _| {
-                        b.iter(|| be.update(&shard, &fo).unwrap())
-                    });
+                    g.bench_with_input(
+                        BenchmarkId::new(format!("fo_update/AdamW/{tag}"), n),
+                        &n,
+                        |b, _| b.iter(|| be.update(&shard, &fo).unwrap()),
+                    );
                 }
             }
             drop(shard);

@@ -99,7 +99,12 @@ fn main() -> hyzo::Result<()> {
         seed: 7,
         ..Config::default()
     };
-    train("zeroth-order AdaZO, q = 4, bf16 compensated", &problem, zo.clone(), 400)?;
+    train(
+        "zeroth-order AdaZO, q = 4, bf16 compensated",
+        &problem,
+        zo.clone(),
+        400,
+    )?;
     let fo = Config {
         rule: Rule::AdamW,
         fo_steps: 1,
@@ -113,6 +118,11 @@ fn main() -> hyzo::Result<()> {
         zo_steps: 10,
         ..zo
     };
-    train("hybrid AdamW: 10 FO steps, then 10 ZO steps, alternating", &problem, hybrid, 400)?;
+    train(
+        "hybrid AdamW: 10 FO steps, then 10 ZO steps, alternating",
+        &problem,
+        hybrid,
+        400,
+    )?;
     Ok(())
 }

@@ -113,11 +113,17 @@ impl Config {
             }
         }
         if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) {
-            return invalid(format!("adam_eps: must be finite and > 0, got {}", self.adam_eps));
+            return invalid(format!(
+                "adam_eps: must be finite and > 0, got {}",
+                self.adam_eps
+            ));
         }
         finite_nonneg("weight_decay", self.weight_decay)?;
         if !(self.hybrid_alpha.is_finite() && (0.0..=1.0).contains(&self.hybrid_alpha)) {
-            return invalid(format!("hybrid_alpha: must be in [0, 1], got {}", self.hybrid_alpha));
+            return invalid(format!(
+                "hybrid_alpha: must be in [0, 1], got {}",
+                self.hybrid_alpha
+            ));
         }
         Ok(())
     }

@@ -112,6 +112,7 @@ pub fn gaussian_exact(id: DirectionId, j: u64) -> f64 {
 // same bits. Error against the exact value: under 2e-6 * (1 + |z|) (tested), well inside the
 // spec's 1e-4 * (1 + |z|).
 
+#[allow(clippy::excessive_precision)] // Cephes' split of ln 2, as published
 const LN2_HI: f32 = 0.693_359_375;
 const LN2_LO: f32 = -2.121_944_4e-4;
 const TWO_PI_OVER_2_32: f32 = 1.462_918_1e-9; // 2π / 2^32
@@ -120,6 +121,7 @@ const SQRT_HALF: u32 = 0x3F35_04F3; // bits of sqrt(0.5)
 /// `-2 ln u` with `u = (2x + 1) 2^-33`, accurate in relative terms for every `x`, also where
 /// `u` rounds to 1 in f32 (there the series of `ln(1 - t)` in `t = 1 - u` is used).
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // Cephes' coefficients, as published
 pub fn minus_two_ln_u(x: u32) -> f32 {
     // Near u = 1: t = 1 - u = (2 !x + 1) 2^-33 is exact to f32 rounding; ln(1 - t) by its series.
     let nx = !x;
@@ -149,8 +151,8 @@ pub fn minus_two_ln_u(x: u32) -> f32 {
     p = p * f - 2.499_999_4e-1;
     p = p * f + 3.333_333_1e-1;
     let mut y = f * z * p;
-    y = y + LN2_LO * ef;
-    y = y - 0.5 * z;
+    y += LN2_LO * ef;
+    y -= 0.5 * z;
     let ln_u = (f + y) + LN2_HI * ef;
     // nx < 2^27 means t < 2^-5, where the series' truncation error is below f32 rounding.
     let minus_ln_u = if nx < (1 << 27) { series } else { -ln_u };
@@ -228,6 +230,15 @@ pub fn fill(kind: DirectionKind, id: DirectionId, start: u64, out: &mut [f32]) {
     }
 }
 
+/// [`fill`] on every core (rayon's pool), for large ranges; the same values.
+pub fn fill_parallel(kind: DirectionKind, id: DirectionId, start: u64, out: &mut [f32]) {
+    use rayon::prelude::*;
+    const PIECE: usize = 1 << 16;
+    out.par_chunks_mut(PIECE)
+        .enumerate()
+        .for_each(|(i, c)| fill(kind, id, start + (i * PIECE) as u64, c));
+}
+
 /// Fills with the scalar reference path: one Philox call per entry. Slow; for tests.
 pub fn fill_scalar(kind: DirectionKind, id: DirectionId, start: u64, out: &mut [f32]) {
     for (i, o) in out.iter_mut().enumerate() {
@@ -270,8 +281,14 @@ mod tests {
             for &y in &words {
                 let (a, b) = gaussian_pair(x, y);
                 let (ea, eb) = gaussian_pair_exact(x, y);
-                assert!((a as f64 - ea).abs() <= tol(ea), "x={x:#x} y={y:#x}: {a} vs {ea}");
-                assert!((b as f64 - eb).abs() <= tol(eb), "x={x:#x} y={y:#x}: {b} vs {eb}");
+                assert!(
+                    (a as f64 - ea).abs() <= tol(ea),
+                    "x={x:#x} y={y:#x}: {a} vs {ea}"
+                );
+                assert!(
+                    (b as f64 - eb).abs() <= tol(eb),
+                    "x={x:#x} y={y:#x}: {b} vs {eb}"
+                );
             }
         }
     }

@@ -25,7 +25,9 @@ impl DType {
 
     /// From the ABI value.
     pub fn from_u32(v: u32) -> Option<Self> {
-        [DType::F32, DType::F16, DType::BF16].get(v as usize).copied()
+        [DType::F32, DType::F16, DType::BF16]
+            .get(v as usize)
+            .copied()
     }
 }
 
@@ -214,15 +216,33 @@ mod tests {
         }
         assert!(seen.len() <= 2, "{x}: {seen:?}");
         let mean = sum / n as f64;
-        assert!((mean - x as f64).abs() <= 2e-4 * (x as f64).abs(), "{x}: mean {mean}");
+        assert!(
+            (mean - x as f64).abs() <= 2e-4 * (x as f64).abs(),
+            "{x}: mean {mean}"
+        );
     }
 
     #[test]
     fn stochastic_rounding_is_unbiased_and_lands_on_the_grid() {
-        for &x in &[1.0f32 + 1.0 / 300.0, -3.14159, 1e-3, -7.1e-6, 6.0e-8, 1000.3, 65000.7] {
+        for &x in &[
+            1.0f32 + 1.0 / 300.0,
+            -2.570_31,
+            1e-3,
+            -7.1e-6,
+            6.0e-8,
+            1000.3,
+            65000.7,
+        ] {
             check_unbiased(x, stochastic_round_f16, |v| f16::from_f32(v).to_f32());
         }
-        for &x in &[1.0f32 + 1.0 / 300.0, -3.14159, 1e-30, 3.0e38, -1e-39, 123456.7] {
+        for &x in &[
+            1.0f32 + 1.0 / 300.0,
+            -2.570_31,
+            1e-30,
+            3.0e38,
+            -1e-39,
+            123456.7,
+        ] {
             check_unbiased(x, stochastic_round_bf16, |v| bf16::from_f32(v).to_f32());
         }
     }
@@ -238,7 +258,16 @@ mod tests {
                 f32::from_bits(r)
             })
             .collect();
-        xs.extend([0.0, -0.0, 1.0, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, 1e-40, 65520.0]);
+        xs.extend([
+            0.0,
+            -0.0,
+            1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            1e-40,
+            65520.0,
+        ]);
         let mut b = vec![bf16::ZERO; xs.len()];
         bf16::store_slice(&xs, &mut b);
         let mut h = vec![f16::ZERO; xs.len()];
@@ -253,9 +282,15 @@ mod tests {
         }
         let mut back = vec![0f32; xs.len()];
         bf16::load_slice(&b, &mut back);
-        assert!(b.iter().zip(&back).all(|(a, c)| a.to_f32().to_bits() == c.to_bits() || c.is_nan()));
+        assert!(b
+            .iter()
+            .zip(&back)
+            .all(|(a, c)| a.to_f32().to_bits() == c.to_bits() || c.is_nan()));
         f16::load_slice(&h, &mut back);
-        assert!(h.iter().zip(&back).all(|(a, c)| a.to_f32().to_bits() == c.to_bits() || c.is_nan()));
+        assert!(h
+            .iter()
+            .zip(&back)
+            .all(|(a, c)| a.to_f32().to_bits() == c.to_bits() || c.is_nan()));
     }
 
     #[test]

@@ -135,55 +135,21 @@ pub fn fill_rademacher(id: DirectionId, start: u64, out: &mut [f32]) {
         let x = id.block(j / 128);
         let first = (j % 128) as usize;
         let take = (128 - first).min(out.len() - i);
-        for (t, o) in out[i..i + take].iter_mut().enumerate() {
-            let bit = first + t;
-            *o = 1.0 - 2.0 * ((x[bit / 32] >> (bit % 32)) & 1) as f32;
+        if first == 0 && take == 128 {
+            // A whole block: 1.0 with the entry's bit as the sign bit (vectorises).
+            let o = &mut out[i..i + 128];
+            for w in 0..4 {
+                for t in 0..32 {
+                    o[32 * w + t] = f32::from_bits(0x3F80_0000 | ((x[w] >> t) & 1) << 31);
+                }
+            }
+        } else {
+            for (t, o) in out[i..i + take].iter_mut().enumerate() {
+                let bit = first + t;
+                *o = 1.0 - 2.0 * ((x[bit / 32] >> (bit % 32)) & 1) as f32;
+            }
         }
         i += take;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::direction::{fill_scalar, DirectionKind};
-
-    #[test]
-    fn bits_follow_the_gaussian_layout() {
-        let id = DirectionId::new(9, 2, crate::direction::STOCHASTIC_ROUNDING_DIRECTION);
-        for &(start, n) in &[(0u64, 300usize), (3, 129), ((1 << 33) + 2, 77)] {
-            let mut out = vec![0u32; n];
-            fill_bits(id, start, &mut out);
-            for (i, w) in out.iter().enumerate() {
-                let j = start + i as u64;
-                assert_eq!(*w, id.block(j / 4)[(j % 4) as usize]);
-            }
-        }
-    }
-
-    #[test]
-    fn vector_fill_equals_scalar_on_odd_ranges() {
-        let id = DirectionId::new(0xdead_beef_0bad_f00d, 3, 1);
-        for &(start, n) in &[
-            (0u64, 1000usize),
-            (1, 999),
-            (3, 70),
-            (5, 64),
-            (127, 300),
-            ((1u64 << 32) - 7, 500),
-            ((1u64 << 34) + 1, 257),
-        ] {
-            for kind in [DirectionKind::Gaussian, DirectionKind::Rademacher] {
-                let mut a = vec![0f32; n];
-                let mut b = vec![0f32; n];
-                crate::direction::fill(kind, id, start, &mut a);
-                fill_scalar(kind, id, start, &mut b);
-                assert!(
-                    a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                    "{kind:?} start {start} n {n}"
-                );
-            }
-        }
     }
 }
 
@@ -228,4 +194,48 @@ pub fn fill_bits(id: DirectionId, start: u64, out: &mut [u32]) {
         }
     }
     fill_bits_body(id, start, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::direction::{fill_scalar, DirectionKind};
+
+    #[test]
+    fn bits_follow_the_gaussian_layout() {
+        let id = DirectionId::new(9, 2, crate::direction::STOCHASTIC_ROUNDING_DIRECTION);
+        for &(start, n) in &[(0u64, 300usize), (3, 129), ((1 << 33) + 2, 77)] {
+            let mut out = vec![0u32; n];
+            fill_bits(id, start, &mut out);
+            for (i, w) in out.iter().enumerate() {
+                let j = start + i as u64;
+                assert_eq!(*w, id.block(j / 4)[(j % 4) as usize]);
+            }
+        }
+    }
+
+    #[test]
+    fn vector_fill_equals_scalar_on_odd_ranges() {
+        let id = DirectionId::new(0xdead_beef_0bad_f00d, 3, 1);
+        for &(start, n) in &[
+            (0u64, 1000usize),
+            (1, 999),
+            (3, 70),
+            (5, 64),
+            (127, 300),
+            ((1u64 << 32) - 7, 500),
+            ((1u64 << 34) + 1, 257),
+        ] {
+            for kind in [DirectionKind::Gaussian, DirectionKind::Rademacher] {
+                let mut a = vec![0f32; n];
+                let mut b = vec![0f32; n];
+                crate::direction::fill(kind, id, start, &mut a);
+                fill_scalar(kind, id, start, &mut b);
+                assert!(
+                    a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{kind:?} start {start} n {n}"
+                );
+            }
+        }
+    }
 }

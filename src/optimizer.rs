@@ -227,7 +227,15 @@ impl<'a> Optimizer<'a> {
 
     fn rule_params(&self, t: u64) -> RuleParams {
         let c = &self.config;
-        RuleParams::new(c.rule, c.lr, c.beta1, c.beta2, c.adam_eps, c.weight_decay, t)
+        RuleParams::new(
+            c.rule,
+            c.lr,
+            c.beta1,
+            c.beta2,
+            c.adam_eps,
+            c.weight_decay,
+            t,
+        )
     }
 
     /// This shard's `Σ z_d²` for each direction of the next step, for a sphere over a model
@@ -347,7 +355,9 @@ impl<'a> Optimizer<'a> {
         let on_device = host.is_none();
         if step.on_device.is_some_and(|d| d != on_device) {
             self.zo = Some(step);
-            return bad_state("feed: one step's losses must all come from the host or all from the device");
+            return bad_state(
+                "feed: one step's losses must all come from the host or all from the device",
+            );
         }
         if on_device {
             if let Err(e) = self.backend.record_device_loss(step.fed, device) {
@@ -475,7 +485,8 @@ impl<'a> Optimizer<'a> {
             .enumerate()
             .map(|(d, gd)| Term {
                 direction: d as u32,
-                coeff: gd * step.scales[d] / q as f32,
+                // g_d · (s_d / q): the device path forms the same product (bit-equal).
+                coeff: gd * (step.scales[d] / q as f32),
             })
             .collect();
         let pass = UpdatePass {

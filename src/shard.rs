@@ -188,7 +188,10 @@ impl<'a> ParamShard<'a> {
     pub fn values(&self, i: usize) -> Result<TensorView<'_>> {
         self.require_host()?;
         let Some(t) = self.tensors.get(i) else {
-            return invalid(format!("tensor index {i} out of range ({} tensors)", self.len()));
+            return invalid(format!(
+                "tensor index {i} out of range ({} tensors)",
+                self.len()
+            ));
         };
         // SAFETY: add/add_with_grad/add_raw guarantee a live host allocation of numel elements.
         Ok(unsafe { view(t.data, t.dtype, t.numel) })
@@ -198,7 +201,10 @@ impl<'a> ParamShard<'a> {
     pub fn grad_mut(&mut self, i: usize) -> Result<GradMut<'_>> {
         self.require_host()?;
         let Some(t) = self.tensors.get(i) else {
-            return invalid(format!("tensor index {i} out of range ({} tensors)", self.len()));
+            return invalid(format!(
+                "tensor index {i} out of range ({} tensors)",
+                self.len()
+            ));
         };
         if t.grad == 0 {
             return invalid(format!("tensor {i} has no gradient"));
@@ -246,12 +252,22 @@ impl GradMut<'_> {
             GradMut::BF16(s) => s.len(),
         };
         if values.len() != n {
-            return invalid(format!("gradient: {} values for {} elements", values.len(), n));
+            return invalid(format!(
+                "gradient: {} values for {} elements",
+                values.len(),
+                n
+            ));
         }
         match self {
             GradMut::F32(s) => s.copy_from_slice(values),
-            GradMut::F16(s) => s.iter_mut().zip(values).for_each(|(o, v)| *o = f16::from_f32(*v)),
-            GradMut::BF16(s) => s.iter_mut().zip(values).for_each(|(o, v)| *o = bf16::from_f32(*v)),
+            GradMut::F16(s) => s
+                .iter_mut()
+                .zip(values)
+                .for_each(|(o, v)| *o = f16::from_f32(*v)),
+            GradMut::BF16(s) => s
+                .iter_mut()
+                .zip(values)
+                .for_each(|(o, v)| *o = bf16::from_f32(*v)),
         }
         Ok(())
     }

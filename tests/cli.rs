@@ -5,7 +5,10 @@ use hyzo::direction::{gaussian_exact, rademacher_at, DirectionId};
 use std::process::Command;
 
 fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hyzo")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hyzo"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.success(),
         String::from_utf8(out.stdout).unwrap(),
@@ -46,13 +49,19 @@ fn directions_agree_with_the_spec() {
         for (i, v) in vals.iter().enumerate() {
             let exact = gaussian_exact(id, start + i as u64);
             // The spec's tolerance for an f32 implementation.
-            assert!((v - exact).abs() <= 1e-4 * (1.0 + exact.abs()), "{v} vs {exact}");
+            assert!(
+                (v - exact).abs() <= 1e-4 * (1.0 + exact.abs()),
+                "{v} vs {exact}"
+            );
         }
         let a = args("rademacher");
         let (ok, out, _) = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(ok);
         for (i, l) in out.lines().enumerate() {
-            assert_eq!(l.parse::<f32>().unwrap(), rademacher_at(id, start + i as u64));
+            assert_eq!(
+                l.parse::<f32>().unwrap(),
+                rademacher_at(id, start + i as u64)
+            );
         }
     }
 }
@@ -60,9 +69,45 @@ fn directions_agree_with_the_spec() {
 #[test]
 fn bad_input_gets_a_message_and_a_failure_code() {
     for args in [
-        vec!["directions", "--kind", "uniform", "--seed", "1", "--step", "0", "--direction", "0", "--count", "3"],
-        vec!["directions", "--kind", "gaussian", "--seed", "-1", "--step", "0", "--direction", "0", "--count", "3"],
-        vec!["directions", "--kind", "gaussian", "--seed", "1", "--step", "4294967296", "--direction", "0", "--count", "3"],
+        vec![
+            "directions",
+            "--kind",
+            "uniform",
+            "--seed",
+            "1",
+            "--step",
+            "0",
+            "--direction",
+            "0",
+            "--count",
+            "3",
+        ],
+        vec![
+            "directions",
+            "--kind",
+            "gaussian",
+            "--seed",
+            "-1",
+            "--step",
+            "0",
+            "--direction",
+            "0",
+            "--count",
+            "3",
+        ],
+        vec![
+            "directions",
+            "--kind",
+            "gaussian",
+            "--seed",
+            "1",
+            "--step",
+            "4294967296",
+            "--direction",
+            "0",
+            "--count",
+            "3",
+        ],
         vec!["directions", "--kind", "gaussian", "--seed", "1"],
         vec!["bogus"],
     ] {

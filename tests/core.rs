@@ -4,13 +4,19 @@
 use half::{bf16, f16};
 use hyzo::direction::{direction_at, fill, fill_scalar, DirectionId, DirectionKind};
 use hyzo::rules::{self, Rule, RuleParams};
-use hyzo::{Config, DType, Element, Error, Estimator, Feed, Optimizer, ParamShard, Phase, Precision};
+use hyzo::{
+    Config, DType, Element, Error, Estimator, Feed, Optimizer, ParamShard, Phase, Precision,
+};
 use proptest::prelude::*;
 
 fn lcg(seed: u64) -> impl FnMut() -> f32 {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     move || {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 }
@@ -21,7 +27,13 @@ fn losses(seed: u64, n: usize) -> Vec<f32> {
 }
 
 /// Runs `steps` ZO steps fed with synthetic losses; returns the parameters.
-fn run_zo<T: Element>(cfg: &Config, init: &[T], offset: u64, steps: usize, threads: usize) -> Vec<T> {
+fn run_zo<T: Element>(
+    cfg: &Config,
+    init: &[T],
+    offset: u64,
+    steps: usize,
+    threads: usize,
+) -> Vec<T> {
     let mut p = init.to_vec();
     {
         let mut shard = ParamShard::new();
@@ -58,7 +70,12 @@ fn subranges_equal_the_full_vector() {
             let n = n.min(5000 - a);
             let mut part = vec![0f32; n];
             fill(kind, id, base + a as u64, &mut part);
-            assert_eq!(bits(&part), bits(&full[a..a + n]), "{kind:?} [{a}, {})", a + n);
+            assert_eq!(
+                bits(&part),
+                bits(&full[a..a + n]),
+                "{kind:?} [{a}, {})",
+                a + n
+            );
         }
         let mut scalar = vec![0f32; 5000];
         fill_scalar(kind, id, base, &mut scalar);
@@ -74,7 +91,12 @@ fn shards_perturb_like_the_whole_model() {
     let init: Vec<bf16> = (0..n).map(|_| bf16::from_f32(r())).collect();
     for (kind, estimator, q, rule) in [
         (DirectionKind::Gaussian, Estimator::TwoSided, 3, Rule::AdamW),
-        (DirectionKind::Rademacher, Estimator::OneSided, 2, Rule::Signum),
+        (
+            DirectionKind::Rademacher,
+            Estimator::OneSided,
+            2,
+            Rule::Signum,
+        ),
         (DirectionKind::Sphere, Estimator::TwoSided, 2, Rule::Sgd),
     ] {
         let cfg = Config {
@@ -132,7 +154,11 @@ fn results_do_not_depend_on_thread_count() {
     };
     let one = run_zo(&cfg, &init, 17, 3, 1);
     for t in [2, 3, 8] {
-        assert_eq!(bits(&run_zo(&cfg, &init, 17, 3, t)), bits(&one), "{t} threads");
+        assert_eq!(
+            bits(&run_zo(&cfg, &init, 17, 3, t)),
+            bits(&one),
+            "{t} threads"
+        );
     }
 }
 
@@ -151,10 +177,20 @@ fn naive_zo_step(
     let z = |d: u32, j: u64| direction_at(kind, DirectionId::new(cfg.seed, step, d), j);
     let mu = cfg.eps;
     let g: Vec<f32> = match cfg.estimator {
-        Estimator::TwoSided => (0..q as usize).map(|d| (ls[2 * d] - ls[2 * d + 1]) / (2.0 * mu)).collect(),
+        Estimator::TwoSided => (0..q as usize)
+            .map(|d| (ls[2 * d] - ls[2 * d + 1]) / (2.0 * mu))
+            .collect(),
         Estimator::OneSided => (0..q as usize).map(|d| (ls[d + 1] - ls[0]) / mu).collect(),
     };
-    let p = RuleParams::new(cfg.rule, cfg.lr, cfg.beta1, cfg.beta2, cfg.adam_eps, cfg.weight_decay, t);
+    let p = RuleParams::new(
+        cfg.rule,
+        cfg.lr,
+        cfg.beta1,
+        cfg.beta2,
+        cfg.adam_eps,
+        cfg.weight_decay,
+        t,
+    );
     for (i, th) in theta.iter_mut().enumerate() {
         let j = offset + i as u64;
         let mut x = *th;
@@ -192,7 +228,11 @@ fn naive_zo_step(
 #[test]
 fn q_directions_equal_the_naive_estimator() {
     for rule in Rule::ALL {
-        for (estimator, q) in [(Estimator::TwoSided, 1), (Estimator::TwoSided, 4), (Estimator::OneSided, 3)] {
+        for (estimator, q) in [
+            (Estimator::TwoSided, 1),
+            (Estimator::TwoSided, 4),
+            (Estimator::OneSided, 3),
+        ] {
             for kind in [DirectionKind::Gaussian, DirectionKind::Rademacher] {
                 let cfg = Config {
                     seed: 1234,
@@ -226,9 +266,31 @@ fn q_directions_equal_the_naive_estimator() {
 }
 
 /// Naive spec formulas of §5 in f64, for comparison with `rules::apply`.
-fn rule_f64(rule: Rule, p: &RuleParams, t: u64, theta: f64, g: f64, m: &mut f64, v: &mut f64) -> f64 {
-    let (b1, b2, lr, wd, eps) = (p.beta1 as f64, p.beta2 as f64, p.lr as f64, p.weight_decay as f64, p.eps as f64);
-    let sign = |x: f64| if x > 0.0 { 1.0 } else if x < 0.0 { -1.0 } else { 0.0 };
+fn rule_f64(
+    rule: Rule,
+    p: &RuleParams,
+    t: u64,
+    theta: f64,
+    g: f64,
+    m: &mut f64,
+    v: &mut f64,
+) -> f64 {
+    let (b1, b2, lr, wd, eps) = (
+        p.beta1 as f64,
+        p.beta2 as f64,
+        p.lr as f64,
+        p.weight_decay as f64,
+        p.eps as f64,
+    );
+    let sign = |x: f64| {
+        if x > 0.0 {
+            1.0
+        } else if x < 0.0 {
+            -1.0
+        } else {
+            0.0
+        }
+    };
     match rule {
         Rule::Sgd => theta - lr * (g + wd * theta),
         Rule::Momentum => {
@@ -379,7 +441,12 @@ fn drift(precision: Precision, steps: usize) -> (f64, f64) {
     let n = 4096;
     let mut r = lcg(11);
     let init: Vec<bf16> = (0..n).map(|_| bf16::from_f32(r())).collect();
-    let cfg = Config { lr: 0.0, eps: 1e-2, precision, ..Config::default() };
+    let cfg = Config {
+        lr: 0.0,
+        eps: 1e-2,
+        precision,
+        ..Config::default()
+    };
     let out = run_zo(&cfg, &init, 0, steps, 2);
     let (mut sq, mut max) = (0f64, 0f64);
     for (a, b) in init.iter().zip(&out) {
@@ -404,7 +471,11 @@ fn compensated_bf16_does_not_drift_over_1000_steps() {
 
 fn quadratic_loss(p: &ParamShard, target: &[f32]) -> f32 {
     let v = p.values(0).unwrap().to_f32_vec();
-    v.iter().zip(target).map(|(a, b)| (a - b) * (a - b)).sum::<f32>() / v.len() as f32
+    v.iter()
+        .zip(target)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f32>()
+        / v.len() as f32
 }
 
 #[test]
@@ -417,14 +488,26 @@ fn zo_sgd_and_hybrid_reduce_a_quadratic() {
         let mut g = vec![0f32; n];
         let mut shard = ParamShard::new();
         shard.add_with_grad(&mut p, &mut g, 0).unwrap();
-        let cfg = Config { lr: 0.05, eps: 1e-3, num_directions: 4, fo_steps: fo, zo_steps: zo, rule: Rule::Sgd, ..Config::default() };
+        let cfg = Config {
+            lr: 0.05,
+            eps: 1e-3,
+            num_directions: 4,
+            fo_steps: fo,
+            zo_steps: zo,
+            rule: Rule::Sgd,
+            ..Config::default()
+        };
         let mut opt = Optimizer::new(cfg, shard).unwrap();
         let start = quadratic_loss(opt.params(), &target);
         for _ in 0..300 {
             match opt.next_phase() {
                 Some(Phase::FirstOrder) => {
                     let v = opt.params().values(0).unwrap().to_f32_vec();
-                    let grad: Vec<f32> = v.iter().zip(&target).map(|(a, b)| 2.0 * (a - b) / n as f32).collect();
+                    let grad: Vec<f32> = v
+                        .iter()
+                        .zip(&target)
+                        .map(|(a, b)| 2.0 * (a - b) / n as f32)
+                        .collect();
                     opt.grad_mut(0).unwrap().copy_from_f32(&grad).unwrap();
                     opt.fo_step().unwrap();
                 }
@@ -444,16 +527,36 @@ fn zo_adazo_trains_logistic_regression() {
     let mut r = lcg(31);
     let w_true: Vec<f32> = (0..d).map(|_| 2.0 * r()).collect();
     let xs: Vec<Vec<f32>> = (0..n).map(|_| (0..d).map(|_| r()).collect()).collect();
-    let ys: Vec<f32> = xs.iter().map(|x| if x.iter().zip(&w_true).map(|(a, b)| a * b).sum::<f32>() > 0.0 { 1.0 } else { 0.0 }).collect();
+    let ys: Vec<f32> = xs
+        .iter()
+        .map(|x| {
+            if x.iter().zip(&w_true).map(|(a, b)| a * b).sum::<f32>() > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
     let loss = |p: &ParamShard| {
         let w = p.values(0).unwrap().to_f32_vec();
-        xs.iter().zip(&ys).map(|(x, y)| {
-            let s: f32 = x.iter().zip(&w).map(|(a, b)| a * b).sum();
-            (1.0 + (-s).exp()).ln() + (1.0 - y) * s
-        }).sum::<f32>() / n as f32
+        xs.iter()
+            .zip(&ys)
+            .map(|(x, y)| {
+                let s: f32 = x.iter().zip(&w).map(|(a, b)| a * b).sum();
+                (1.0 + (-s).exp()).ln() + (1.0 - y) * s
+            })
+            .sum::<f32>()
+            / n as f32
     };
     let mut w = vec![bf16::ZERO; d];
-    let cfg = Config { lr: 0.02, eps: 1e-2, num_directions: 2, rule: Rule::AdaZo, precision: Precision::Compensated, ..Config::default() };
+    let cfg = Config {
+        lr: 0.02,
+        eps: 1e-2,
+        num_directions: 2,
+        rule: Rule::AdaZo,
+        precision: Precision::Compensated,
+        ..Config::default()
+    };
     let mut shard = ParamShard::new();
     shard.add(&mut w, 0).unwrap();
     let mut opt = Optimizer::new(cfg, shard).unwrap();
@@ -472,7 +575,13 @@ fn non_finite_losses_skip_and_restore() {
     let mut p = init.clone();
     let mut shard = ParamShard::new();
     shard.add(&mut p, 0).unwrap();
-    let cfg = Config { lr: 0.1, eps: 1e-3, precision: Precision::Compensated, rule: Rule::AdamW, ..Config::default() };
+    let cfg = Config {
+        lr: 0.1,
+        eps: 1e-3,
+        precision: Precision::Compensated,
+        rule: Rule::AdamW,
+        ..Config::default()
+    };
     let mut opt = Optimizer::new(cfg, shard).unwrap();
     let rep = opt.zo_step(|_| f32::NAN).unwrap();
     assert!(rep.skipped);
@@ -490,7 +599,12 @@ fn protocol_misuse_is_an_error_and_harmless() {
     let mut p = vec![0.5f32; 100];
     let mut shard = ParamShard::new();
     shard.add(&mut p, 0).unwrap();
-    let cfg = Config { num_directions: 2, fo_steps: 1, zo_steps: 2, ..Config::default() };
+    let cfg = Config {
+        num_directions: 2,
+        fo_steps: 1,
+        zo_steps: 2,
+        ..Config::default()
+    };
     let mut opt = Optimizer::new(cfg, shard).unwrap();
     assert!(matches!(opt.feed(1.0), Err(Error::BadState(_))));
     // Step 0 is first-order under the schedule, and there is no gradient.
@@ -499,7 +613,14 @@ fn protocol_misuse_is_an_error_and_harmless() {
     let mut q = vec![0.5f32; 100];
     let mut shard = ParamShard::new();
     shard.add(&mut q, 0).unwrap();
-    let mut opt = Optimizer::new(Config { num_directions: 2, ..Config::default() }, shard).unwrap();
+    let mut opt = Optimizer::new(
+        Config {
+            num_directions: 2,
+            ..Config::default()
+        },
+        shard,
+    )
+    .unwrap();
     opt.begin().unwrap();
     assert!(matches!(opt.begin(), Err(Error::BadState(_))));
     assert!(matches!(opt.fo_step(), Err(Error::BadState(_))));
@@ -517,25 +638,54 @@ fn protocol_misuse_is_an_error_and_harmless() {
 #[test]
 fn bad_arguments_are_rejected() {
     let bad = [
-        Config { lr: f32::NAN, ..Config::default() },
-        Config { lr: -1.0, ..Config::default() },
-        Config { eps: 0.0, ..Config::default() },
-        Config { num_directions: 0, ..Config::default() },
-        Config { beta1: 1.0, ..Config::default() },
-        Config { hybrid_alpha: 2.0, ..Config::default() },
+        Config {
+            lr: f32::NAN,
+            ..Config::default()
+        },
+        Config {
+            lr: -1.0,
+            ..Config::default()
+        },
+        Config {
+            eps: 0.0,
+            ..Config::default()
+        },
+        Config {
+            num_directions: 0,
+            ..Config::default()
+        },
+        Config {
+            beta1: 1.0,
+            ..Config::default()
+        },
+        Config {
+            hybrid_alpha: 2.0,
+            ..Config::default()
+        },
     ];
     for cfg in bad {
-        assert!(matches!(Optimizer::new(cfg, ParamShard::new()), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            Optimizer::new(cfg, ParamShard::new()),
+            Err(Error::InvalidArgument(_))
+        ));
     }
     let mut a = vec![0f32; 10];
     let mut b = vec![0f32; 10];
     let mut e: Vec<f32> = vec![];
     let mut shard = ParamShard::new();
     shard.add(&mut a, 100).unwrap();
-    assert!(matches!(shard.add(&mut b, 105), Err(Error::InvalidArgument(m)) if m.contains("overlap")));
-    assert!(matches!(shard.add(&mut e, 0), Err(Error::InvalidArgument(_))));
+    assert!(
+        matches!(shard.add(&mut b, 105), Err(Error::InvalidArgument(m)) if m.contains("overlap"))
+    );
+    assert!(matches!(
+        shard.add(&mut e, 0),
+        Err(Error::InvalidArgument(_))
+    ));
     let mut c = vec![0f32; 10];
-    assert!(matches!(shard.add(&mut c, u64::MAX - 3), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        shard.add(&mut c, u64::MAX - 3),
+        Err(Error::InvalidArgument(_))
+    ));
     let mut opt = Optimizer::new(Config::default(), ParamShard::new()).unwrap();
     assert!(matches!(opt.begin(), Err(Error::BadState(_))));
     assert!(opt.set_lr(f32::INFINITY).is_err());
@@ -545,7 +695,15 @@ fn bad_arguments_are_rejected() {
 fn saved_state_resumes_bit_identically() {
     let mut r = lcg(51);
     let init: Vec<bf16> = (0..3000).map(|_| bf16::from_f32(r())).collect();
-    let cfg = Config { lr: 1e-2, rule: Rule::AdamW, precision: Precision::Compensated, num_directions: 2, fo_steps: 2, zo_steps: 3, ..Config::default() };
+    let cfg = Config {
+        lr: 1e-2,
+        rule: Rule::AdamW,
+        precision: Precision::Compensated,
+        num_directions: 2,
+        fo_steps: 2,
+        zo_steps: 3,
+        ..Config::default()
+    };
     let grads: Vec<f32> = (0..3000).map(|_| r()).collect();
     let drive = |opt: &mut Optimizer, from: u64, to: u64| {
         for s in from..to {
@@ -598,7 +756,20 @@ fn saved_state_resumes_bit_identically() {
     let mut p3 = init.clone();
     let mut shard = ParamShard::new();
     shard.add(&mut p3, 7).unwrap();
-    let mut opt = Optimizer::new(Config { rule: Rule::Sgd, ..cfg.clone() }, shard).unwrap();
-    assert!(matches!(opt.load_state(&saved), Err(Error::InvalidArgument(_))));
-    assert!(matches!(opt.load_state(b"garbage"), Err(Error::InvalidArgument(_))));
+    let mut opt = Optimizer::new(
+        Config {
+            rule: Rule::Sgd,
+            ..cfg.clone()
+        },
+        shard,
+    )
+    .unwrap();
+    assert!(matches!(
+        opt.load_state(&saved),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        opt.load_state(b"garbage"),
+        Err(Error::InvalidArgument(_))
+    ));
 }

@@ -161,7 +161,10 @@ unsafe impl Sync for ChunkMem {}
 /// # Safety
 /// `c` must be valid for `k + n` elements.
 unsafe fn load<T: Element>(c: &ChunkMem, k: usize, out: &mut [f32], compensated: bool) {
-    T::load_slice(std::slice::from_raw_parts((c.data as *const T).add(k), out.len()), out);
+    T::load_slice(
+        std::slice::from_raw_parts((c.data as *const T).add(k), out.len()),
+        out,
+    );
     if compensated && !c.lo.is_null() {
         for (i, o) in out.iter_mut().enumerate() {
             *o += (*c.lo.add(k + i)).to_f32();
@@ -222,7 +225,12 @@ unsafe fn store<T: Element>(
 /// `acc += coeff * z` for each term, in order.
 fn add_terms(gen: Generator, terms: &[Term], global: u64, acc: &mut [f32], z: &mut [f32]) {
     for t in terms {
-        fill(gen.kind, DirectionId::new(gen.seed, gen.step, t.direction), global, z);
+        fill(
+            gen.kind,
+            DirectionId::new(gen.seed, gen.step, t.direction),
+            global,
+            z,
+        );
         for (a, zi) in acc.iter_mut().zip(z.iter()) {
             *a += t.coeff * *zi;
         }
@@ -237,7 +245,13 @@ unsafe fn perturb_chunk<T: Element>(c: &ChunkMem, pass: &PerturbPass) {
     while k < c.len {
         let n = SUB.min(c.len - k);
         load::<T>(c, k, &mut x[..n], compensated);
-        add_terms(pass.gen, pass.terms, c.global + k as u64, &mut x[..n], &mut z[..n]);
+        add_terms(
+            pass.gen,
+            pass.terms,
+            c.global + k as u64,
+            &mut x[..n],
+            &mut z[..n],
+        );
         store::<T>(c, k, &x[..n], pass.precision, None);
         k += n;
     }
@@ -249,6 +263,7 @@ unsafe fn update_chunk<T: Element>(c: &ChunkMem, pass: &UpdatePass) {
     let mut x = [0f32; SUB];
     let mut g = [0f32; SUB];
     let mut z = [0f32; SUB];
+    let mut z2 = [0f32; SUB];
     let mut grad = [0f32; SUB];
     let mut bits = [0u32; SUB];
     let mut k = 0;
@@ -260,7 +275,22 @@ unsafe fn update_chunk<T: Element>(c: &ChunkMem, pass: &UpdatePass) {
             add_terms(gen, &[r], global, &mut x[..n], &mut z[..n]);
         }
         g[..n].fill(0.0);
-        add_terms(gen, pass.zo, global, &mut g[..n], &mut z[..n]);
+        for t in pass.zo {
+            // The restored direction is also an estimate term: reuse it, don't regenerate.
+            if pass.restore.is_some_and(|r| r.direction == t.direction) {
+                for (a, zi) in g[..n].iter_mut().zip(&z[..n]) {
+                    *a += t.coeff * *zi;
+                }
+            } else {
+                add_terms(
+                    gen,
+                    std::slice::from_ref(t),
+                    global,
+                    &mut g[..n],
+                    &mut z2[..n],
+                );
+            }
+        }
         if let Some(alpha) = pass.grad_weight {
             load_grad(c, k, &mut grad[..n]);
             for i in 0..n {
@@ -310,7 +340,8 @@ impl CpuBackend {
         let mut chunks = Vec::with_capacity(items.len());
         for w in &items {
             // SAFETY: work items lie inside their tensors; state was sized to each tensor.
-            chunks.push(unsafe { ChunkMem::new(&tensors[w.tensor], &mut self.state[w.tensor], *w) });
+            chunks
+                .push(unsafe { ChunkMem::new(&tensors[w.tensor], &mut self.state[w.tensor], *w) });
         }
         self.run(|| chunks.par_iter().for_each(&f));
         Ok(())
@@ -356,7 +387,9 @@ impl Backend for CpuBackend {
 
     fn perturb(&mut self, shard: &ParamShard, pass: &PerturbPass) -> Result<()> {
         // SAFETY: each chunk is a disjoint, live range (see for_each_chunk).
-        self.for_each_chunk(shard, |c| unsafe { by_dtype!(c.dtype, perturb_chunk, c, pass) })
+        self.for_each_chunk(shard, |c| unsafe {
+            by_dtype!(c.dtype, perturb_chunk, c, pass)
+        })
     }
 
     fn update(&mut self, shard: &ParamShard, pass: &UpdatePass) -> Result<()> {
@@ -367,7 +400,9 @@ impl Backend for CpuBackend {
             return invalid("grad: a step that uses gradients needs one for every tensor");
         }
         // SAFETY: as in perturb.
-        self.for_each_chunk(shard, |c| unsafe { by_dtype!(c.dtype, update_chunk, c, pass) })
+        self.for_each_chunk(shard, |c| unsafe {
+            by_dtype!(c.dtype, update_chunk, c, pass)
+        })
     }
 
     fn sq_norm(&mut self, shard: &ParamShard, gen: Generator, direction: u32) -> Result<f64> {
@@ -385,7 +420,10 @@ impl Backend for CpuBackend {
                         let n = SUB.min(w.len - k);
                         let global = tensors[w.tensor].offset + (w.start + k) as u64;
                         fill(gen.kind, id, global, &mut z[..n]);
-                        sum += z[..n].iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>();
+                        sum += z[..n]
+                            .iter()
+                            .map(|v| (*v as f64) * (*v as f64))
+                            .sum::<f64>();
                         k += n;
                     }
                     sum

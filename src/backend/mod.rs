@@ -84,8 +84,7 @@ pub trait Backend: Send {
     /// Allocates zeroed state for `shard`: `buffers` fp32 buffers per element (m, then v),
     /// and, when `residual`, the bf16 `lo` of every f16/bf16 tensor. Called once, before the
     /// first pass.
-    fn allocate_state(&mut self, shard: &ParamShard, buffers: usize, residual: bool)
-        -> Result<()>;
+    fn allocate_state(&mut self, shard: &ParamShard, buffers: usize, residual: bool) -> Result<()>;
     /// Runs a perturbation pass.
     fn perturb(&mut self, shard: &ParamShard, pass: &PerturbPass) -> Result<()>;
     /// Runs an update pass.

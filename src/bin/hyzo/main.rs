@@ -5,18 +5,23 @@ use std::process::ExitCode;
 
 use hyzo::direction::{fill, DirectionId, DirectionKind};
 
+mod bench;
+
 const USAGE: &str = "\
 usage:
   hyzo directions --kind gaussian|rademacher --seed S --step T --direction D --start J --count N
       prints entries J..J+N of direction (S, T, D), one per line (Gaussian: 9 significant digits)
   hyzo info
-      prints the version, the backends available and the kernel architectures embedded";
+      prints the version, the backends available and the kernel architectures embedded
+  hyzo bench [--elements N] [--reps R]
+      prints a quick throughput table of the passes on this machine";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("directions") => directions(&args[1..]),
         Some("info") => info(),
+        Some("bench") => bench::run(&args[1..]),
         Some("-h") | Some("--help") | Some("help") => {
             println!("{USAGE}");
             Ok(())
@@ -51,7 +56,12 @@ fn format_9g(v: f32) -> String {
     if (-5..9).contains(&exp) {
         trim(format!("{v:.*}", (8 - exp) as usize))
     } else {
-        format!("{}e{}{:02}", trim(mantissa.to_string()), if exp < 0 { '-' } else { '+' }, exp.abs())
+        format!(
+            "{}e{}{:02}",
+            trim(mantissa.to_string()),
+            if exp < 0 { '-' } else { '+' },
+            exp.abs()
+        )
     }
 }
 
@@ -78,9 +88,11 @@ fn directions(args: &[String]) -> Result<(), String> {
             "--kind" => {
                 kind = Some(match DirectionKind::parse(value) {
                     Some(DirectionKind::Sphere) => {
-                        return Err("--kind: a sphere direction depends on the whole model's norm; \
+                        return Err(
+                            "--kind: a sphere direction depends on the whole model's norm; \
                                     print its Gaussian with --kind gaussian"
-                            .into())
+                                .into(),
+                        )
                     }
                     Some(k) => k,
                     None => return Err(format!("--kind: gaussian or rademacher, got {value}")),
@@ -156,7 +168,7 @@ mod tests {
     #[test]
     fn nine_significant_digits() {
         assert_eq!(format_9g(1.0), "1");
-        assert_eq!(format_9g(-0.123456789), "-0.123456791");
+        assert_eq!(format_9g(-0.123_456_79), "-0.123456791");
         assert_eq!(format_9g(1.5e-7), "1.50000005e-07");
         assert_eq!(format_9g(2.25), "2.25");
     }

@@ -1,0 +1,183 @@
+// hyzo.hpp: a small C++17 RAII wrapper over the C API of hyzo.h.
+//
+// - hyzo::Optimizer owns a hyzo_optimizer (move-only; destroyed in the destructor);
+// - every failing call throws hyzo::Error, carrying the status and the library's message;
+// - zo_step(loss_fn) runs a whole zeroth-order step, aborting it (restoring the parameters)
+//   if loss_fn throws.
+// Threads: as the C API (one optimizer used by one thread at a time).
+#ifndef HYZO_HPP
+#define HYZO_HPP
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "hyzo.h"
+
+namespace hyzo {
+
+/// A failed hyzo call: status() is the C status, what() the library's message.
+class Error : public std::runtime_error {
+public:
+    Error(hyzo_status status, const std::string &message)
+        : std::runtime_error(message), status_(status) {}
+    hyzo_status status() const noexcept { return status_; }
+
+private:
+    hyzo_status status_;
+};
+
+/// Throws hyzo::Error unless status is HYZO_OK.
+inline void check(hyzo_status status) {
+    if (status != HYZO_OK) {
+        throw Error(status, std::string(hyzo_status_string(status)) + ": " + hyzo_last_error());
+    }
+}
+
+/// The library version.
+inline std::string version() { return hyzo_version(); }
+
+/// Whether CUDA optimizers can be created.
+inline bool cuda_available() { return hyzo_cuda_available() != 0; }
+
+/// The defaults of hyzo_config_default(), to adjust field by field.
+inline hyzo_config default_config() { return hyzo_config_default(); }
+
+/// The hyzo_dtype of a C++ element type (f16/bf16 have no standard C++17 type: pass the
+/// dtype explicitly with add_tensor_raw).
+template <class T> struct dtype_of;
+template <> struct dtype_of<float> {
+    static constexpr hyzo_dtype value = HYZO_F32;
+};
+
+class Optimizer {
+public:
+    /// An optimizer on `device` (`ordinal` names the CUDA device).
+    explicit Optimizer(const hyzo_config &cfg, hyzo_device device = HYZO_DEVICE_CPU,
+                       int ordinal = 0) {
+        check(hyzo_optimizer_create(&cfg, device, ordinal, &opt_));
+    }
+
+    /// A CPU optimizer with `threads` threads of its own (0: the process-wide pool).
+    static Optimizer cpu(const hyzo_config &cfg, std::uint32_t threads) {
+        hyzo_optimizer *o = nullptr;
+        check(hyzo_optimizer_create_cpu(&cfg, threads, &o));
+        return Optimizer(o);
+    }
+
+    ~Optimizer() { hyzo_optimizer_destroy(opt_); }
+    Optimizer(const Optimizer &) = delete;
+    Optimizer &operator=(const Optimizer &) = delete;
+    Optimizer(Optimizer &&other) noexcept : opt_(std::exchange(other.opt_, nullptr)) {}
+    Optimizer &operator=(Optimizer &&other) noexcept {
+        if (this != &other) {
+            hyzo_optimizer_destroy(opt_);
+            opt_ = std::exchange(other.opt_, nullptr);
+        }
+        return *this;
+    }
+
+    /// The C handle, for calls this wrapper does not cover.
+    hyzo_optimizer *get() const noexcept { return opt_; }
+
+    /// Registers `numel` elements at `data` (any dtype), with an optional gradient.
+    void add_tensor_raw(void *data, hyzo_dtype dtype, std::uint64_t numel,
+                        std::uint64_t global_offset, void *grad = nullptr,
+                        hyzo_dtype grad_dtype = HYZO_F32) {
+        check(hyzo_optimizer_add_tensor(opt_, data, dtype, numel, global_offset, grad,
+                                        grad_dtype));
+    }
+
+    /// Registers a float tensor (and its float gradient, if given). The memory must outlive
+    /// the optimizer.
+    void add_tensor(float *data, std::size_t numel, std::uint64_t global_offset,
+                    float *grad = nullptr) {
+        add_tensor_raw(data, HYZO_F32, numel, global_offset, grad, HYZO_F32);
+    }
+
+    void set_lr(float lr) { check(hyzo_optimizer_set_lr(opt_, lr)); }
+    void set_weight_decay(float wd) { check(hyzo_optimizer_set_weight_decay(opt_, wd)); }
+    void set_stream(void *stream) { check(hyzo_optimizer_set_stream(opt_, stream)); }
+
+    hyzo_config config() const {
+        hyzo_config c;
+        check(hyzo_optimizer_get_config(opt_, &c));
+        return c;
+    }
+
+    /// Starts a zeroth-order step; then feed() losses while it returns true.
+    void begin() { check(hyzo_zo_begin(opt_)); }
+    /// Feeds a loss; true when another forward pass is needed.
+    bool feed(float loss) {
+        int more = 0;
+        check(hyzo_zo_feed(opt_, loss, &more));
+        return more != 0;
+    }
+    void abort() { check(hyzo_zo_abort(opt_)); }
+
+    /// A whole zeroth-order step; `loss_fn()` evaluates the loss at the current parameters.
+    /// Returns the step's loss. If loss_fn throws, the step is aborted and the exception
+    /// propagates.
+    template <class F> float zo_step(F &&loss_fn) {
+        begin();
+        try {
+            while (feed(loss_fn())) {
+            }
+        } catch (...) {
+            hyzo_zo_abort(opt_); // best effort; the original exception wins
+            throw;
+        }
+        return last_loss();
+    }
+
+    /// The loss of the last finished zeroth-order step (NaN if it was skipped).
+    float last_loss() const {
+        float loss = 0.0f;
+        int skipped = 0;
+        check(hyzo_zo_last_loss(opt_, &loss, &skipped));
+        return loss;
+    }
+
+    void fo_step() { check(hyzo_fo_step(opt_)); }
+
+    hyzo_phase next_phase() const {
+        hyzo_phase p;
+        check(hyzo_next_phase(opt_, &p));
+        return p;
+    }
+
+    std::uint64_t steps() const {
+        std::uint64_t steps = 0, skipped = 0;
+        check(hyzo_optimizer_stats(opt_, &steps, &skipped));
+        return steps;
+    }
+
+    std::uint64_t skipped() const {
+        std::uint64_t steps = 0, skipped = 0;
+        check(hyzo_optimizer_stats(opt_, &steps, &skipped));
+        return skipped;
+    }
+
+    std::vector<unsigned char> save_state() const {
+        std::uint64_t size = 0;
+        check(hyzo_optimizer_state_size(opt_, &size));
+        std::vector<unsigned char> buf(static_cast<std::size_t>(size));
+        check(hyzo_optimizer_save_state(opt_, buf.data(), size));
+        return buf;
+    }
+
+    void load_state(const std::vector<unsigned char> &buf) {
+        check(hyzo_optimizer_load_state(opt_, buf.data(), buf.size()));
+    }
+
+private:
+    explicit Optimizer(hyzo_optimizer *o) noexcept : opt_(o) {}
+    hyzo_optimizer *opt_ = nullptr;
+};
+
+} // namespace hyzo
+
+#endif // HYZO_HPP

@@ -1,0 +1,268 @@
+"""numpy front end: :class:`Optimizer` over numpy arrays and :func:`directions`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _lib
+
+__all__ = ["Optimizer", "directions", "dtype_code"]
+
+try:  # bf16 through ml_dtypes (optional)
+    import ml_dtypes as _ml_dtypes
+
+    _BF16: Optional[np.dtype] = np.dtype(_ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes is a dependency
+    _BF16 = None
+
+
+def dtype_code(dtype: np.dtype) -> int:
+    """The ``hyzo_dtype`` of a numpy dtype (float32, float16, ml_dtypes.bfloat16)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return _lib.DTYPE_CODES["float32"]
+    if dtype == np.float16:
+        return _lib.DTYPE_CODES["float16"]
+    if _BF16 is not None and dtype == _BF16:
+        return _lib.DTYPE_CODES["bfloat16"]
+    raise TypeError(
+        f"hyzo: unsupported dtype {dtype} (expected float32, float16 or ml_dtypes.bfloat16)"
+    )
+
+
+def _check_array(a: Any, what: str) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{what}: expected a numpy.ndarray, got {type(a).__name__}")
+    dtype_code(a.dtype)
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{what}: must be C-contiguous (use numpy.ascontiguousarray and keep "
+                         "that array: the optimizer updates it in place)")
+    if not a.flags.writeable:
+        raise ValueError(f"{what}: must be writeable (it is updated in place)")
+    if a.size == 0:
+        raise ValueError(f"{what}: is empty")
+    return a
+
+
+def directions(kind: str, seed: int, step: int, direction: int, start: int,
+               count: int) -> np.ndarray:
+    """Entries ``start .. start + count`` of direction ``(seed, step, direction)`` (spec §3).
+
+    Exactly the values the optimizers perturb with, as a float32 array. ``kind`` is
+    ``"gaussian"``, ``"rademacher"`` or ``"sphere"`` (which gives the unscaled Gaussian: the
+    sphere's ``1/||z||`` depends on every element an optimizer holds).
+    """
+    for name, v, hi in (("seed", seed, 2**64), ("step", step, 2**32),
+                        ("direction", direction, 2**32), ("start", start, 2**64),
+                        ("count", count, 2**64)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < hi:
+            raise ValueError(f"{name}: expected an integer in [0, {hi}), got {v!r}")
+    out = np.empty(int(count), dtype=np.float32)
+    # A zero-length array may have no buffer: give C a valid pointer all the same.
+    buf = out if count else np.empty(1, dtype=np.float32)
+    _lib.directions_fill(kind, int(seed), int(step), int(direction), int(start), int(count),
+                         buf.ctypes.data)
+    return out
+
+
+ParamSpec = Union[np.ndarray, Tuple[np.ndarray, int]]
+
+
+class Optimizer:
+    """A hyzo optimizer over numpy arrays, updated in place (CPU backend).
+
+    Args:
+        params: arrays (float32, float16, ``ml_dtypes.bfloat16``; C-contiguous, writeable) or
+            ``(array, global_offset)`` pairs. Without offsets the arrays are laid one after
+            the other in the model's flat parameter vector, from 0.
+        grads: optional gradient arrays, one per param with the same number of elements
+            (any supported dtype); needed for :meth:`fo_step` and ``hybrid_alpha > 0``. Write
+            them in place before each first-order step.
+        lr, eps, rule, betas, adam_eps, weight_decay, directions, num_directions, estimator,
+        precision, seed, fo_steps, zo_steps, hybrid_alpha: the ``hyzo_config`` fields (see the
+            README); enums as strings (``rule="adamw"``, ``directions="rademacher"``, ...).
+        num_threads: CPU threads of this optimizer (``None``: the shared pool over all cores).
+
+    Feed style::
+
+        opt.begin()
+        while True:
+            if not opt.feed(loss_fn()):
+                break
+
+    Closure style: ``opt.step(loss_fn)``. The arrays must stay alive and must not be
+    reallocated while the optimizer exists (it keeps references to them).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[ParamSpec],
+        *,
+        grads: Optional[Sequence[np.ndarray]] = None,
+        lr: float = 1e-3,
+        eps: float = 1e-3,
+        rule: str = "sgd",
+        betas: Sequence[float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        directions: str = "gaussian",
+        num_directions: int = 1,
+        estimator: str = "two_sided",
+        precision: str = "nearest",
+        seed: int = 0,
+        fo_steps: int = 0,
+        zo_steps: int = 0,
+        hybrid_alpha: float = 0.0,
+        num_threads: Optional[int] = None,
+    ) -> None:
+        cfg = _lib.make_config(lr=lr, eps=eps, rule=rule, betas=betas, adam_eps=adam_eps,
+                               weight_decay=weight_decay, directions=directions,
+                               num_directions=num_directions, estimator=estimator,
+                               precision=precision, seed=seed, fo_steps=fo_steps,
+                               zo_steps=zo_steps, hybrid_alpha=hybrid_alpha)
+        specs: List[Tuple[np.ndarray, Optional[int]]] = []
+        for i, p in enumerate(params):
+            if isinstance(p, tuple):
+                if len(p) != 2:
+                    raise ValueError(f"params[{i}]: expected (array, global_offset)")
+                arr, off = p
+                if isinstance(off, bool) or not isinstance(off, (int, np.integer)) or off < 0:
+                    raise ValueError(f"params[{i}]: global_offset must be an int >= 0, "
+                                     f"got {off!r}")
+                specs.append((_check_array(arr, f"params[{i}]"), int(off)))
+            else:
+                specs.append((_check_array(p, f"params[{i}]"), None))
+        if not specs:
+            raise ValueError("params: no arrays given")
+        if grads is not None:
+            grads = list(grads)
+            if len(grads) != len(specs):
+                raise ValueError(f"grads: {len(grads)} arrays for {len(specs)} params")
+            for i, (g, (a, _)) in enumerate(zip(grads, specs)):
+                _check_array(g, f"grads[{i}]")
+                if g.size != a.size:
+                    raise ValueError(f"grads[{i}]: {g.size} elements, params[{i}] has {a.size}")
+        self._c = _lib.COptimizer(cfg, "cpu", num_threads=num_threads)
+        self.params: List[np.ndarray] = [a for a, _ in specs]
+        self.grads: Optional[List[np.ndarray]] = grads
+        self.offsets: List[int] = []
+        self.estimator = estimator
+        self.num_directions = num_directions
+        auto = 0
+        for i, (a, off) in enumerate(specs):
+            if off is None:
+                off = auto
+                auto += a.size
+            g = grads[i] if grads is not None else None
+            self._c.add_tensor(a.ctypes.data, dtype_code(a.dtype), a.size, off,
+                               g.ctypes.data if g is not None else None,
+                               dtype_code(g.dtype) if g is not None else 0)
+            self.offsets.append(off)
+
+    # ---- configuration ----
+    @property
+    def lr(self) -> float:
+        """The current learning rate."""
+        return float(self._c.get_config().lr)
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._c.set_lr(value)
+
+    def set_lr(self, lr: float) -> None:
+        """Sets the learning rate of later steps."""
+        self._c.set_lr(lr)
+
+    def set_weight_decay(self, weight_decay: float) -> None:
+        """Sets the decoupled weight decay of later steps."""
+        self._c.set_weight_decay(weight_decay)
+
+    def next_phase(self) -> str:
+        """``"fo"``, ``"zo"`` (hybrid schedule) or ``"any"`` (no schedule)."""
+        return self._c.next_phase()
+
+    @property
+    def steps(self) -> int:
+        """Steps taken (skipped ones included)."""
+        return self._c.stats()[0]
+
+    @property
+    def skipped(self) -> int:
+        """Zeroth-order steps skipped because a loss was not finite."""
+        return self._c.stats()[1]
+
+    # ---- zeroth-order steps ----
+    def begin(self, sq_norms: Optional[Sequence[float]] = None) -> None:
+        """Starts a zeroth-order step; the arrays now hold the first point to evaluate.
+
+        ``sq_norms`` (sphere directions over a model split across processes): the global
+        ``Σ z_d²`` per direction, the sum over processes of :meth:`local_sq_norms`.
+        """
+        self._c.begin(sq_norms)
+
+    def local_sq_norms(self) -> List[float]:
+        """This optimizer's share of ``Σ z_d²`` for each direction of the next step."""
+        return self._c.local_sq_norms()
+
+    def feed(self, loss: float) -> bool:
+        """Feeds the loss at the current point; True while another evaluation is needed."""
+        return self._c.feed(float(loss))
+
+    def abort(self) -> None:
+        """Abandons the step in progress: the arrays are restored, nothing is updated."""
+        self._c.abort()
+
+    def step(self, closure: Callable[[], float]) -> float:
+        """One zeroth-order step: calls ``closure()`` (which returns the loss) ``2q`` times
+        (two-sided) or ``q + 1`` times (one-sided). Returns the loss at the unperturbed point
+        (one-sided: ``L_0``; two-sided: the mean of the ``2q`` perturbed losses). If the
+        closure raises, the arrays are restored and the exception propagates."""
+        self._c.begin()
+        losses = []
+        try:
+            while True:
+                loss = float(closure())
+                losses.append(loss)
+                if not self._c.feed(loss):
+                    break
+        except BaseException:
+            self._c.abort()
+            raise
+        if self.estimator.lower().replace("-", "_") == "one_sided":
+            return losses[0]
+        return float(np.mean(np.asarray(losses, dtype=np.float64)))
+
+    def last_loss(self) -> Tuple[float, bool]:
+        """``(loss, skipped)`` of the last finished zeroth-order step, as the library saw it."""
+        return self._c.last_loss()
+
+    def projected_grads(self) -> List[float]:
+        """The projected gradients ``g_d`` of the last finished zeroth-order step."""
+        return self._c.last_projected_grads()
+
+    # ---- first-order steps ----
+    def fo_step(self) -> None:
+        """A first-order step on the gradient arrays (write them first)."""
+        self._c.fo_step()
+
+    # ---- state ----
+    def state_dict(self) -> bytes:
+        """The optimizer state (step count, moments, residuals; not the arrays) as bytes."""
+        return self._c.save_state()
+
+    def load_state_dict(self, state: bytes) -> None:
+        """Restores :meth:`state_dict` of an optimizer with the same configuration/arrays."""
+        self._c.load_state(state)
+
+    def close(self) -> None:
+        """Frees the C optimizer (the arrays are untouched)."""
+        self._c.close()
+
+    def __enter__(self) -> "Optimizer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

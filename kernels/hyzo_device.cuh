@@ -1,0 +1,418 @@
+/* Device primitives of hyzo: Philox4x32-10, the f32 Gaussian of src/direction.rs,
+ * Rademacher bits, the stochastic-rounding stream, dtype conversions, the rounding modes of
+ * src/dtype.rs and the update rules of src/rules.rs.
+ *
+ * Every floating-point operation that the Rust reference performs is written here as ONE
+ * correctly rounded intrinsic (__fmul_rn, __fadd_rn, __fsub_rn, __fsqrt_rn; division by hyzo_div_rn), in
+ * the same order, with the same constants (given as bit patterns), so that the compiler can
+ * neither contract a multiply-add nor reassociate: a GPU result equals the CPU result bit
+ * for bit. Integer steps (the range reductions) are the Rust ones verbatim.
+ *
+ * With HYZO_HOST_EMULATION defined, the same functions compile as plain C++ (each intrinsic
+ * becomes the IEEE operation it names); tests/device_mirror.rs builds them with the host
+ * compiler and checks them against the Rust functions, so the mirror is verified without a
+ * GPU. */
+#ifndef HYZO_DEVICE_CUH
+#define HYZO_DEVICE_CUH
+
+#include "hyzo_params.h"
+
+#ifdef HYZO_HOST_EMULATION
+#include <cmath>
+#include <cstring>
+#define HYZO_FN static inline
+static inline float hyzo_u2f(hyzo_u32 u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline hyzo_u32 hyzo_f2u(float f) { hyzo_u32 u; std::memcpy(&u, &f, 4); return u; }
+static inline float fmul_(float a, float b) { volatile float r = a * b; return r; }
+static inline float fadd_(float a, float b) { volatile float r = a + b; return r; }
+static inline float fsub_(float a, float b) { volatile float r = a - b; return r; }
+static inline float fsqrt_(float a) { return std::sqrt(a); }
+static inline float u32_to_f(hyzo_u32 x) { return (float)x; }
+static inline float i32_to_f(hyzo_i32 x) { return (float)x; }
+static inline hyzo_u32 umulhi_(hyzo_u32 a, hyzo_u32 b) {
+    return (hyzo_u32)(((hyzo_u64)a * (hyzo_u64)b) >> 32);
+}
+static inline float floor_(float x) { return std::floor(x); }
+#else
+#define HYZO_FN __device__ __forceinline__
+#define hyzo_u2f(u) __uint_as_float(u)
+#define hyzo_f2u(f) __float_as_uint(f)
+#define fmul_(a, b) __fmul_rn((a), (b))
+#define fadd_(a, b) __fadd_rn((a), (b))
+#define fsub_(a, b) __fsub_rn((a), (b))
+#define fsqrt_(a) __fsqrt_rn(a)
+#define u32_to_f(x) __uint2float_rn(x)
+#define i32_to_f(x) __int2float_rn(x)
+#define umulhi_(a, b) __umulhi((a), (b))
+#define floor_(x) floorf(x)
+
+#endif
+
+/* a / b correctly rounded (IEEE f32, subnormals kept), written out in f64 so that no
+ * subroutine is called: the compiler's __fdiv_rn calls a slow path for extreme operands,
+ * and that call's register saves show up as stack and spills. Every f32 is a normal f64,
+ * so for finite nonzero operands: Newton refines an approximate reciprocal (MUFU's, about
+ * 2^-22; the host emulation truncates 1/b to 23 bits) to ~2^-53, one Markstein correction
+ * (exact residual by fma) gives q within an ulp of a/b in f64 and exact whenever a/b is
+ * representable there; rounding q to f32 is then correct, because an f32 quotient that is
+ * not exactly a rounding midpoint lies at least 2^-49 (relatively) away from one. Zeros,
+ * infinities and NaN follow IEEE. tests/device_mirror.rs checks it against IEEE division. */
+HYZO_FN float hyzo_div_rn(float a, float b) {
+    const hyzo_u32 ua = hyzo_f2u(a), ub = hyzo_f2u(b);
+    const hyzo_u32 ea = ua & 0x7F800000u, eb = ub & 0x7F800000u;
+    const bool a_inf_nan = ea == 0x7F800000u, b_inf_nan = eb == 0x7F800000u;
+    const bool a_zero = (ua << 1) == 0u, b_zero = (ub << 1) == 0u;
+    if (a_inf_nan || b_inf_nan || a_zero || b_zero) {
+        const hyzo_u32 sign = (ua ^ ub) & 0x80000000u;
+        const bool a_nan = (ua & 0x7FFFFFFFu) > 0x7F800000u, b_nan = (ub & 0x7FFFFFFFu) > 0x7F800000u;
+        if (a_nan || b_nan) return hyzo_u2f(0x7FC00000u);
+        if ((a_inf_nan && b_inf_nan) || (a_zero && b_zero)) return hyzo_u2f(0x7FC00000u);
+        if (a_inf_nan || b_zero) return hyzo_u2f(sign | 0x7F800000u);
+        return hyzo_u2f(sign); /* a zero or b infinite */
+    }
+    const double ad = (double)a, bd = (double)b;
+    double y;
+#ifdef HYZO_HOST_EMULATION
+    {
+        const double r = 1.0 / bd;
+        hyzo_u64 u;
+        std::memcpy(&u, &r, 8);
+        u &= ~((1ull << 29) - 1); /* keep 23 fraction bits */
+        std::memcpy(&y, &u, 8);
+    }
+#define hyzo_fma_ std::fma
+#define hyzo_dmul_(a, b) ((a) * (b))
+#define hyzo_d2f_(x) ((float)(x))
+#else
+    asm("rcp.approx.ftz.f64 %0, %1;" : "=d"(y) : "d"(bd));
+#define hyzo_fma_ __fma_rn
+#define hyzo_dmul_(a, b) __dmul_rn((a), (b))
+#define hyzo_d2f_(x) __double2float_rn(x)
+#endif
+    y = hyzo_fma_(y, hyzo_fma_(-bd, y, 1.0), y);
+    y = hyzo_fma_(y, hyzo_fma_(-bd, y, 1.0), y);
+    y = hyzo_fma_(y, hyzo_fma_(-bd, y, 1.0), y);
+    double q = hyzo_dmul_(ad, y);
+    q = hyzo_fma_(hyzo_fma_(-bd, q, ad), y, q);
+    return hyzo_d2f_(q);
+}
+#define fdiv_(a, b) hyzo_div_rn((a), (b))
+
+/* ------------------------------------------------------------------------------------ */
+/* Philox4x32-10 (spec §1).                                                              */
+
+struct HyzoWords {
+    hyzo_u32 x0, x1, x2, x3;
+};
+
+HYZO_FN HyzoWords hyzo_philox(hyzo_u32 c0, hyzo_u32 c1, hyzo_u32 c2, hyzo_u32 c3, hyzo_u32 k0,
+                              hyzo_u32 k1) {
+#ifndef HYZO_HOST_EMULATION
+#pragma unroll
+#endif
+    for (int r = 0; r < 10; r++) {
+        if (r > 0) {
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        const hyzo_u32 hi0 = umulhi_(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+        const hyzo_u32 hi1 = umulhi_(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+        c0 = hi1 ^ c1 ^ k0;
+        c1 = lo1;
+        c2 = hi0 ^ c3 ^ k1;
+        c3 = lo0;
+    }
+    HyzoWords w = {c0, c1, c2, c3};
+    return w;
+}
+
+/* Block `b` of direction `(seed, step, direction)` (spec §2). */
+HYZO_FN HyzoWords hyzo_block(hyzo_u64 seed, hyzo_u32 step, hyzo_u32 direction, hyzo_u64 b) {
+    return hyzo_philox((hyzo_u32)b, (hyzo_u32)(b >> 32), step, direction, (hyzo_u32)seed,
+                       (hyzo_u32)(seed >> 32));
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* The f32 Gaussian of direction.rs (minus_two_ln_u, sin_cos_turn, gaussian_pair).       */
+
+#define HYZO_K(bits) hyzo_u2f(bits)
+#define HYZO_TWO_M33 0x2F000000u          /* 2^-33 */
+#define HYZO_TWO_M32 0x2F800000u          /* 2^-32 */
+#define HYZO_THIRD 0x3EAAAAABu            /* f32(1/3) */
+#define HYZO_LN2_HI 0x3F318000u
+#define HYZO_LN2_LO 0xB95E8083u
+#define HYZO_TWO_PI_OVER_2_32 0x30C90FDBu
+#define HYZO_SQRT_HALF 0x3F3504F3u
+#define HYZO_P0 0x3D9021BBu /* 7.0376836e-2 */
+#define HYZO_P1 0x3DEBD1B8u /* 1.1514610e-1 */
+#define HYZO_P2 0x3DEF251Bu /* 1.1676999e-1 */
+#define HYZO_P3 0x3DFE5D4Fu /* 1.2420141e-1 */
+#define HYZO_P4 0x3E11E9BFu /* 1.4249323e-1 */
+#define HYZO_P5 0x3E2AAE50u /* 1.6668058e-1 */
+#define HYZO_P6 0x3E4CCEADu /* 2.0000715e-1 */
+#define HYZO_P7 0x3E7FFFFCu /* 2.4999994e-1 */
+#define HYZO_P8 0x3EAAAAAAu /* 3.3333331e-1 */
+#define HYZO_S0 0xB94CA1F9u /* -1.9515296e-4 */
+#define HYZO_S1 0x3C08839Eu /* 8.332161e-3 */
+#define HYZO_S2 0x3E2AAAA3u /* 1.6666655e-1 */
+#define HYZO_C0 0x37CCF5CEu /* 2.4433157e-5 */
+#define HYZO_C1 0x3AB6061Au /* 1.3887316e-3 */
+#define HYZO_C2 0x3D2AAAA5u /* 4.1666646e-2 */
+#define HYZO_FIFTH 0x3E4CCCCDu /* f32(0.2) */
+#define HYZO_TWO_M24 0x33800000u /* 2^-24 */
+
+/* -2 ln u, u = (2x + 1) 2^-33: the series in t = 1 - u near 1, Cephes' logf elsewhere. */
+HYZO_FN float hyzo_minus_two_ln_u(hyzo_u32 x) {
+    const hyzo_u32 nx = ~x;
+    const float t = fmul_(u32_to_f((nx << 1) | 1u), HYZO_K(HYZO_TWO_M33));
+    const float series = fmul_(
+        t, fadd_(1.0f,
+                 fmul_(t, fadd_(0.5f, fmul_(t, fadd_(HYZO_K(HYZO_THIRD),
+                                                     fmul_(t, fadd_(0.25f,
+                                                                    fmul_(t, HYZO_K(HYZO_FIFTH))))))))));
+    const float u = fadd_(fmul_(u32_to_f(x), HYZO_K(HYZO_TWO_M32)), HYZO_K(HYZO_TWO_M33));
+    const hyzo_u32 bits = hyzo_f2u(u);
+    const hyzo_u32 m_above = (bits & 0x007FFFFFu) | 0x3F000000u;
+    const bool above = m_above > HYZO_SQRT_HALF;
+    const hyzo_i32 e_raw = (hyzo_i32)(bits >> 23) - 126;
+    const hyzo_u32 m_bits = above ? m_above : ((bits & 0x007FFFFFu) | 0x3F800000u);
+    const hyzo_i32 e = above ? e_raw : e_raw - 1;
+    const float f = fsub_(hyzo_u2f(m_bits), 1.0f);
+    const float ef = i32_to_f(e);
+    const float z = fmul_(f, f);
+    float p = fsub_(fmul_(HYZO_K(HYZO_P0), f), HYZO_K(HYZO_P1));
+    p = fadd_(fmul_(p, f), HYZO_K(HYZO_P2));
+    p = fsub_(fmul_(p, f), HYZO_K(HYZO_P3));
+    p = fadd_(fmul_(p, f), HYZO_K(HYZO_P4));
+    p = fsub_(fmul_(p, f), HYZO_K(HYZO_P5));
+    p = fadd_(fmul_(p, f), HYZO_K(HYZO_P6));
+    p = fsub_(fmul_(p, f), HYZO_K(HYZO_P7));
+    p = fadd_(fmul_(p, f), HYZO_K(HYZO_P8));
+    float y = fmul_(fmul_(f, z), p);
+    y = fadd_(y, fmul_(HYZO_K(HYZO_LN2_LO), ef));
+    y = fsub_(y, fmul_(0.5f, z));
+    const float ln_u = fadd_(fadd_(f, y), fmul_(HYZO_K(HYZO_LN2_HI), ef));
+    const float minus_ln_u = nx < (1u << 27) ? series : -ln_u;
+    return fmul_(2.0f, minus_ln_u);
+}
+
+/* (sin v, cos v), v = 2π (y + 1/2) 2^-32: exact integer reduction to a quadrant. */
+HYZO_FN void hyzo_sin_cos_turn(hyzo_u32 y, float* sin_out, float* cos_out) {
+    const hyzo_u32 k = (y >> 30) + ((y >> 29) & 1u);
+    const hyzo_i32 n = (hyzo_i32)(y - (k << 30));
+    const float a = fmul_(fadd_(i32_to_f(n), 0.5f), HYZO_K(HYZO_TWO_PI_OVER_2_32));
+    const float z = fmul_(a, a);
+    const float s = fadd_(
+        a, fmul_(fmul_(a, z), fsub_(fmul_(fadd_(fmul_(HYZO_K(HYZO_S0), z), HYZO_K(HYZO_S1)), z),
+                                    HYZO_K(HYZO_S2))));
+    const float c = fadd_(
+        fsub_(1.0f, fmul_(0.5f, z)),
+        fmul_(fmul_(z, z), fadd_(fmul_(fsub_(fmul_(HYZO_K(HYZO_C0), z), HYZO_K(HYZO_C1)), z),
+                                 HYZO_K(HYZO_C2))));
+    const hyzo_u32 q = k & 3u;
+    const float so = q == 0u ? s : q == 1u ? c : q == 2u ? -s : -c;
+    const float co = q == 0u ? c : q == 1u ? -s : q == 2u ? -c : s;
+    *sin_out = so;
+    *cos_out = co;
+}
+
+/* The Box-Muller pair (ρ sin v, ρ cos v) of Philox words (x, y). */
+HYZO_FN void hyzo_gaussian_pair(hyzo_u32 x, hyzo_u32 y, float* first, float* second) {
+    const float rho = fsqrt_(hyzo_minus_two_ln_u(x));
+    float s, c;
+    hyzo_sin_cos_turn(y, &s, &c);
+    *first = fmul_(rho, s);
+    *second = fmul_(rho, c);
+}
+
+/* Entries 8g .. 8g+7 of a direction (g a group index): Gaussian from blocks 2g and 2g+1,
+ * Rademacher from bits 8(g%4) .. 8(g%4)+7 of word (g%16)/4 of block g/16. */
+HYZO_FN void hyzo_direction8(hyzo_u32 kind, hyzo_u64 seed, hyzo_u32 step, hyzo_u32 direction,
+                             hyzo_u64 g, float z[8]) {
+    if (kind == HYZO_RADEMACHER) {
+        const HyzoWords w = hyzo_block(seed, step, direction, g >> 4);
+        const hyzo_u32 sel = (hyzo_u32)(g >> 2) & 3u;
+        const hyzo_u32 word = sel == 0u ? w.x0 : sel == 1u ? w.x1 : sel == 2u ? w.x2 : w.x3;
+        const hyzo_u32 bits = word >> (8u * ((hyzo_u32)g & 3u));
+#ifndef HYZO_HOST_EMULATION
+#pragma unroll
+#endif
+        for (int e = 0; e < 8; e++) z[e] = ((bits >> e) & 1u) ? -1.0f : 1.0f;
+    } else {
+#ifndef HYZO_HOST_EMULATION
+#pragma unroll
+#endif
+        for (int h = 0; h < 2; h++) {
+            const HyzoWords w = hyzo_block(seed, step, direction, 2 * g + (hyzo_u64)h);
+            hyzo_gaussian_pair(w.x0, w.x1, &z[4 * h + 0], &z[4 * h + 1]);
+            hyzo_gaussian_pair(w.x2, w.x3, &z[4 * h + 2], &z[4 * h + 3]);
+        }
+    }
+}
+
+/* Stochastic-rounding words of group g: element j gets word j % 4 of block j / 4 of the
+ * reserved direction 0xFFFFFFFF of the same (seed, step). */
+HYZO_FN void hyzo_rounding_words8(hyzo_u64 seed, hyzo_u32 step, hyzo_u64 g, hyzo_u32 r[8]) {
+    const HyzoWords a = hyzo_block(seed, step, 0xFFFFFFFFu, 2 * g);
+    const HyzoWords b = hyzo_block(seed, step, 0xFFFFFFFFu, 2 * g + 1);
+    r[0] = a.x0; r[1] = a.x1; r[2] = a.x2; r[3] = a.x3;
+    r[4] = b.x0; r[5] = b.x1; r[6] = b.x2; r[7] = b.x3;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Element types: exact widening, round to nearest even (the `half` crate's conversions). */
+
+HYZO_FN float hyzo_bf16_to_f32(unsigned short h) { return hyzo_u2f((hyzo_u32)h << 16); }
+
+/* bf16 nearest even, NaN kept quiet with its payload's top bits as `half` does. */
+HYZO_FN unsigned short hyzo_f32_to_bf16(float x) {
+    const hyzo_u32 u = hyzo_f2u(x);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (unsigned short)((u >> 16) | 0x0040u);
+    return (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+#ifdef HYZO_HOST_EMULATION
+/* IEEE binary16 nearest even, in integers (host emulation only; the device uses cvt). */
+static inline unsigned short hyzo_f32_to_f16(float x) {
+    const hyzo_u32 u = hyzo_f2u(x);
+    const hyzo_u32 sign = (u >> 16) & 0x8000u;
+    const hyzo_u32 a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return (unsigned short)(sign | 0x7E00u | ((a >> 13) & 0x3FFu));
+    if (a >= 0x477FF000u) return (unsigned short)(sign | 0x7C00u); /* rounds past 65504 */
+    if (a < 0x38800000u) {                                           /* f16 subnormal */
+        const float scaled = hyzo_u2f(a) * 16777216.0f;             /* exact: |x| 2^24 */
+        return (unsigned short)(sign | (hyzo_u32)std::nearbyint(scaled));
+    }
+    const hyzo_u32 r = a - 0x38000000u; /* rebias exponent by 112 */
+    return (unsigned short)(sign | ((r + 0xFFFu + ((r >> 13) & 1u)) >> 13));
+}
+static inline float hyzo_f16_to_f32(unsigned short h) {
+    const hyzo_u32 sign = ((hyzo_u32)h & 0x8000u) << 16;
+    const hyzo_u32 e = ((hyzo_u32)h >> 10) & 0x1Fu, m = (hyzo_u32)h & 0x3FFu;
+    if (e == 0) {
+        const float v = (float)m * 5.9604644775390625e-8f; /* m 2^-24, exact */
+        return hyzo_u2f(hyzo_f2u(v) | sign);
+    }
+    if (e == 31) return hyzo_u2f(sign | 0x7F800000u | (m << 13));
+    return hyzo_u2f(sign | ((e + 112) << 23) | (m << 13));
+}
+#else
+HYZO_FN unsigned short hyzo_f32_to_f16(float x) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+}
+HYZO_FN float hyzo_f16_to_f32(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+#endif
+
+/* Round x to the 16-bit dtype and widen it back (`T::from_f32(x).to_f32()`). */
+HYZO_FN float hyzo_round_nearest(hyzo_u32 dtype, float x) {
+    if (dtype == HYZO_BF16) return hyzo_bf16_to_f32(hyzo_f32_to_bf16(x));
+    if (dtype == HYZO_F16) return hyzo_f16_to_f32(hyzo_f32_to_f16(x));
+    return x;
+}
+
+/* stochastic_round_bf16 of dtype.rs. */
+HYZO_FN float hyzo_stochastic_bf16(float x, hyzo_u32 r) {
+    const hyzo_u32 bits = hyzo_f2u(x);
+    const hyzo_u32 mag = bits & 0x7FFFFFFFu;
+    if (mag >= 0x7F800000u) return x;
+    const hyzo_u32 dropped = mag & 0xFFFFu;
+    const hyzo_u32 up = (r >> 16) < dropped ? 0x10000u : 0u;
+    const hyzo_u32 out = (mag - dropped) + up;
+    if (out >= 0x7F800000u) return hyzo_bf16_to_f32(hyzo_f32_to_bf16(x));
+    return hyzo_u2f(out | (bits & 0x80000000u));
+}
+
+/* stochastic_round_f16 of dtype.rs: every step exact in f32. */
+HYZO_FN float hyzo_stochastic_f16(float x, hyzo_u32 r) {
+    const float ax = hyzo_u2f(hyzo_f2u(x) & 0x7FFFFFFFu);
+    if (!(ax <= 65504.0f)) return hyzo_f16_to_f32(hyzo_f32_to_f16(x)); /* NaN or too big */
+    hyzo_i32 e = (hyzo_i32)(hyzo_f2u(ax) >> 23) - 127;
+    e = e < -14 ? -14 : e;
+    const float inv_gap = hyzo_u2f((hyzo_u32)(10 - e + 127) << 23);
+    const float gap = hyzo_u2f((hyzo_u32)(e - 10 + 127) << 23);
+    const float scaled = fmul_(ax, inv_gap);
+    const float whole = floor_(scaled);
+    const float frac = fsub_(scaled, whole);
+    const float u = fmul_(u32_to_f(r >> 8), HYZO_K(HYZO_TWO_M24));
+    const float mag = fmul_(u < frac ? fadd_(whole, 1.0f) : whole, gap);
+    return hyzo_u2f(hyzo_f2u(mag) | (hyzo_f2u(x) & 0x80000000u));
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* The update rules (rules.rs `apply`).                                                  */
+
+HYZO_FN float hyzo_sign(float x) { return x > 0.0f ? 1.0f : x < 0.0f ? -1.0f : fmul_(x, 0.0f); }
+
+/* The rules of rules.rs `apply`, one function each; each returns the new value, unrounded,
+ * and updates the element's state m, v. */
+HYZO_FN float hyzo_rule_sgd(const HyzoRule& p, float theta, float g) {
+    return fsub_(theta, fmul_(p.lr, fadd_(g, fmul_(p.weight_decay, theta))));
+}
+HYZO_FN float hyzo_rule_momentum(const HyzoRule& p, float theta, float g, float* m) {
+    const float decay = fmul_(p.weight_decay, theta);
+    *m = fadd_(fmul_(p.beta1, *m), g);
+    return fsub_(theta, fmul_(p.lr, fadd_(*m, decay)));
+}
+HYZO_FN float hyzo_rule_sign(const HyzoRule& p, float theta, float g) {
+    return fsub_(theta, fmul_(p.lr, fadd_(hyzo_sign(g), fmul_(p.weight_decay, theta))));
+}
+HYZO_FN float hyzo_rule_signum(const HyzoRule& p, float theta, float g, float* m) {
+    const float decay = fmul_(p.weight_decay, theta);
+    *m = fadd_(fmul_(p.beta1, *m), fmul_(fsub_(1.0f, p.beta1), g));
+    return fsub_(theta, fmul_(p.lr, fadd_(hyzo_sign(*m), decay)));
+}
+/* AdamW (adazo = false) and AdaZO (second moment of the momentum). */
+HYZO_FN float hyzo_rule_adam(const HyzoRule& p, bool adazo, float theta, float g, float* m,
+                             float* v) {
+    const float decay = fmul_(p.weight_decay, theta);
+    *m = fadd_(fmul_(p.beta1, *m), fmul_(fsub_(1.0f, p.beta1), g));
+    const float second = adazo ? *m : g;
+    *v = fadd_(fmul_(p.beta2, *v), fmul_(fsub_(1.0f, p.beta2), fmul_(second, second)));
+    const float m_hat = fdiv_(*m, p.bias_correction1);
+    const float v_hat = fdiv_(*v, p.bias_correction2);
+    const float step = fadd_(fdiv_(m_hat, fadd_(fsqrt_(v_hat), p.eps)), decay);
+    return fsub_(theta, fmul_(p.lr, step));
+}
+
+/* One update of theta with estimate g (rules.rs `apply`). */
+HYZO_FN float hyzo_apply_rule(const HyzoRule& p, float theta, float g, float* m, float* v) {
+    switch (p.rule) {
+        case HYZO_SGD: return hyzo_rule_sgd(p, theta, g);
+        case HYZO_MOMENTUM: return hyzo_rule_momentum(p, theta, g, m);
+        case HYZO_SIGN: return hyzo_rule_sign(p, theta, g);
+        case HYZO_SIGNUM: return hyzo_rule_signum(p, theta, g, m);
+        default: return hyzo_rule_adam(p, p.rule == HYZO_ADAZO, theta, g, m, v);
+    }
+}
+
+/* The rule over 8 elements, the (uniform) choice of rule made once. */
+HYZO_FN void hyzo_apply_rule8(const HyzoRule& p, float x[8], const float g[8], float m[8],
+                              float v[8]) {
+    switch (p.rule) {
+        case HYZO_SGD:
+            for (int e = 0; e < 8; e++) x[e] = hyzo_rule_sgd(p, x[e], g[e]);
+            break;
+        case HYZO_MOMENTUM:
+            for (int e = 0; e < 8; e++) x[e] = hyzo_rule_momentum(p, x[e], g[e], &m[e]);
+            break;
+        case HYZO_SIGN:
+            for (int e = 0; e < 8; e++) x[e] = hyzo_rule_sign(p, x[e], g[e]);
+            break;
+        case HYZO_SIGNUM:
+            for (int e = 0; e < 8; e++) x[e] = hyzo_rule_signum(p, x[e], g[e], &m[e]);
+            break;
+        default: {
+            const bool adazo = p.rule == HYZO_ADAZO;
+            for (int e = 0; e < 8; e++) x[e] = hyzo_rule_adam(p, adazo, x[e], g[e], &m[e], &v[e]);
+            break;
+        }
+    }
+}
+
+#endif /* HYZO_DEVICE_CUH */

@@ -1,0 +1,189 @@
+/* The plain structs shared by the kernels (kernels/hyzo.cu) and the Rust backend
+ * (src/backend/cuda/abi.rs). Every field offset and struct size is pinned twice: by the
+ * HYZO_LAYOUT / HYZO_SIZE lines below, which the CUDA compilers check with static_assert,
+ * and by a Rust test that reads these same lines and compares them with `offset_of!`.
+ * Change a struct here and in abi.rs together, with its layout lines.
+ *
+ * Self-contained on purpose (no system header): NVRTC compiles it without include paths. */
+#ifndef HYZO_PARAMS_H
+#define HYZO_PARAMS_H
+
+typedef unsigned int hyzo_u32;
+typedef int hyzo_i32;
+typedef unsigned long long hyzo_u64;
+
+/* Threads per block of every element kernel (the reductions' order depends on it, so it is
+ * fixed here rather than chosen at launch). */
+#define HYZO_THREADS 256
+/* Elements per thread-step: a group of 8 consecutive GLOBAL indices starting at a multiple
+ * of 8 (two Gaussian Philox blocks, one 16-byte vector of a 16-bit dtype). */
+#define HYZO_GROUP 8
+/* Groups per chunk; a block processes one chunk of one tensor at a time. */
+#define HYZO_CHUNK_GROUPS 2048
+/* (direction, coefficient) pairs carried in the launch parameters; more go through a
+ * device array. */
+#define HYZO_MAX_TERMS 8
+
+/* Element types, as `DType` in src/dtype.rs. */
+#define HYZO_F32 0u
+#define HYZO_F16 1u
+#define HYZO_BF16 2u
+/* Direction kinds as generated (`DirectionKind`; the sphere is generated as Gaussian). */
+#define HYZO_GAUSSIAN 0u
+#define HYZO_RADEMACHER 1u
+/* Precision modes, as `Precision`. */
+#define HYZO_NEAREST 0u
+#define HYZO_STOCHASTIC 1u
+#define HYZO_COMPENSATED 2u
+/* Rules, as `Rule` in src/rules.rs. */
+#define HYZO_SGD 0u
+#define HYZO_MOMENTUM 1u
+#define HYZO_SIGN 2u
+#define HYZO_SIGNUM 3u
+#define HYZO_ADAMW 4u
+#define HYZO_ADAZO 5u
+/* Estimators, as `Estimator` in src/config.rs. */
+#define HYZO_TWO_SIDED 0u
+#define HYZO_ONE_SIDED 1u
+
+/* One tensor of a shard: its memory, its place in the global index space, and where its
+ * chunks start in the launch's chunk numbering. Addresses are 0 when absent. `m`, `v`
+ * (f32) and `lo` (bf16) are the addresses of local element 0. */
+typedef struct HyzoTensor {
+    hyzo_u64 data;
+    hyzo_u64 grad;
+    hyzo_u64 lo;
+    hyzo_u64 m;
+    hyzo_u64 v;
+    hyzo_u64 numel;
+    hyzo_u64 offset;
+    hyzo_u64 first_chunk;
+    hyzo_u32 dtype;
+    hyzo_u32 grad_dtype;
+} HyzoTensor;
+
+/* `RuleParams` of src/rules.rs, field for field. */
+typedef struct HyzoRule {
+    hyzo_u32 rule;
+    float lr;
+    float beta1;
+    float beta2;
+    float eps;
+    float weight_decay;
+    float bias_correction1;
+    float bias_correction2;
+} HyzoRule;
+
+/* `Term` of src/backend/mod.rs. */
+typedef struct HyzoTerm {
+    hyzo_u32 direction;
+    float coeff;
+} HyzoTerm;
+
+/* The launch parameters of the element kernels (perturb, update, fo_update, sq_norm). */
+typedef struct HyzoPass {
+    hyzo_u64 table;        /* device HyzoTensor[ntensors], sorted by first_chunk */
+    hyzo_u64 terms;        /* device HyzoTerm[nterms], or 0: the inline terms */
+    hyzo_u64 skip_flag;    /* device u32 written by hyzo_device_losses, or 0 */
+    hyzo_u64 partials;     /* sq_norm: device f64 per chunk */
+    hyzo_u64 seed;
+    hyzo_u64 total_chunks;
+    hyzo_u32 ntensors;
+    hyzo_u32 step;
+    hyzo_u32 kind;
+    hyzo_u32 precision;
+    hyzo_u32 nterms;       /* perturb terms, or zeroth-order terms of an update */
+    hyzo_u32 has_restore;
+    HyzoTerm restore;
+    hyzo_i32 restore_slot; /* index of a term with the restore's direction, or -1 */
+    hyzo_u32 has_grad;
+    float grad_weight;
+    hyzo_u32 direction;    /* sq_norm's direction */
+    HyzoRule rule;
+    HyzoTerm inline_terms[HYZO_MAX_TERMS];
+} HyzoPass;
+
+/* The launch parameters of hyzo_device_losses: projected gradients from losses in device
+ * memory, the finiteness check, and the skip counter. */
+typedef struct HyzoLossPass {
+    hyzo_u64 losses;       /* device f32[evaluations] */
+    hyzo_u64 base;         /* device HyzoTerm[q] (coefficients s_d / q), or 0: inline */
+    hyzo_u64 out;          /* device HyzoTerm[q]: coefficients g_d * base_d */
+    hyzo_u64 skip_flag;    /* device u32: 1 when a loss is not finite */
+    hyzo_u64 skip_count;   /* device u64: steps skipped so far */
+    hyzo_u32 q;
+    hyzo_u32 estimator;
+    float eps;
+    hyzo_u32 reserved;
+    HyzoTerm inline_base[HYZO_MAX_TERMS];
+} HyzoLossPass;
+
+/* Layout pins (parsed by the Rust test `abi_layout_matches_the_header`). */
+#ifdef __CUDACC_RTC__
+/* NVRTC has no offsetof; the nvcc build and the host compilers check these pins. */
+#define HYZO_LAYOUT(T, f, off) static_assert(sizeof(((T*)0)->f) > 0, #T "." #f)
+#else
+#define HYZO_LAYOUT(T, f, off) static_assert(__builtin_offsetof(T, f) == (off), #T "." #f)
+#endif
+#define HYZO_SIZE(T, n) static_assert(sizeof(T) == (n), "sizeof " #T)
+
+HYZO_LAYOUT(HyzoTensor, data, 0);
+HYZO_LAYOUT(HyzoTensor, grad, 8);
+HYZO_LAYOUT(HyzoTensor, lo, 16);
+HYZO_LAYOUT(HyzoTensor, m, 24);
+HYZO_LAYOUT(HyzoTensor, v, 32);
+HYZO_LAYOUT(HyzoTensor, numel, 40);
+HYZO_LAYOUT(HyzoTensor, offset, 48);
+HYZO_LAYOUT(HyzoTensor, first_chunk, 56);
+HYZO_LAYOUT(HyzoTensor, dtype, 64);
+HYZO_LAYOUT(HyzoTensor, grad_dtype, 68);
+HYZO_SIZE(HyzoTensor, 72);
+
+HYZO_LAYOUT(HyzoRule, rule, 0);
+HYZO_LAYOUT(HyzoRule, lr, 4);
+HYZO_LAYOUT(HyzoRule, beta1, 8);
+HYZO_LAYOUT(HyzoRule, beta2, 12);
+HYZO_LAYOUT(HyzoRule, eps, 16);
+HYZO_LAYOUT(HyzoRule, weight_decay, 20);
+HYZO_LAYOUT(HyzoRule, bias_correction1, 24);
+HYZO_LAYOUT(HyzoRule, bias_correction2, 28);
+HYZO_SIZE(HyzoRule, 32);
+
+HYZO_LAYOUT(HyzoTerm, direction, 0);
+HYZO_LAYOUT(HyzoTerm, coeff, 4);
+HYZO_SIZE(HyzoTerm, 8);
+
+HYZO_LAYOUT(HyzoPass, table, 0);
+HYZO_LAYOUT(HyzoPass, terms, 8);
+HYZO_LAYOUT(HyzoPass, skip_flag, 16);
+HYZO_LAYOUT(HyzoPass, partials, 24);
+HYZO_LAYOUT(HyzoPass, seed, 32);
+HYZO_LAYOUT(HyzoPass, total_chunks, 40);
+HYZO_LAYOUT(HyzoPass, ntensors, 48);
+HYZO_LAYOUT(HyzoPass, step, 52);
+HYZO_LAYOUT(HyzoPass, kind, 56);
+HYZO_LAYOUT(HyzoPass, precision, 60);
+HYZO_LAYOUT(HyzoPass, nterms, 64);
+HYZO_LAYOUT(HyzoPass, has_restore, 68);
+HYZO_LAYOUT(HyzoPass, restore, 72);
+HYZO_LAYOUT(HyzoPass, restore_slot, 80);
+HYZO_LAYOUT(HyzoPass, has_grad, 84);
+HYZO_LAYOUT(HyzoPass, grad_weight, 88);
+HYZO_LAYOUT(HyzoPass, direction, 92);
+HYZO_LAYOUT(HyzoPass, rule, 96);
+HYZO_LAYOUT(HyzoPass, inline_terms, 128);
+HYZO_SIZE(HyzoPass, 192);
+
+HYZO_LAYOUT(HyzoLossPass, losses, 0);
+HYZO_LAYOUT(HyzoLossPass, base, 8);
+HYZO_LAYOUT(HyzoLossPass, out, 16);
+HYZO_LAYOUT(HyzoLossPass, skip_flag, 24);
+HYZO_LAYOUT(HyzoLossPass, skip_count, 32);
+HYZO_LAYOUT(HyzoLossPass, q, 40);
+HYZO_LAYOUT(HyzoLossPass, estimator, 44);
+HYZO_LAYOUT(HyzoLossPass, eps, 48);
+HYZO_LAYOUT(HyzoLossPass, reserved, 52);
+HYZO_LAYOUT(HyzoLossPass, inline_base, 56);
+HYZO_SIZE(HyzoLossPass, 120);
+
+#endif /* HYZO_PARAMS_H */

@@ -1,0 +1,873 @@
+//! The CUDA backend: the kernels of `kernels/hyzo.cu` driven through the driver API
+//! (cudarc, loaded at run time, so the crate builds and runs without CUDA).
+//!
+//! - Memory: tensors of a shard with [`Location::Cuda`] are device addresses owned by the
+//!   caller (never freed here); the optimizer state (`m`, `v`, `lo`) and a little scratch
+//!   are owned by the backend. [`CudaBuffer`] is an owned device allocation for callers
+//!   without a framework of their own (tests, benchmarks, the C API).
+//! - Context and stream: the device's primary context (the one PyTorch uses, so pointers
+//!   are shared), and either a stream of the backend's own or the caller's
+//!   ([`CudaBackend::set_stream`]).
+//! - One launch per pass: the shard's tensors sit in a device-side table, uploaded once by
+//!   `allocate_state`; a pass only launches a kernel with a parameter struct.
+//! - Sync-free steps: with [`Backend::record_device_loss`] the loss is copied on the stream
+//!   into a device array; the update pass first runs `hyzo_device_losses` (projected
+//!   gradients, finiteness, skip counter, all on the device). Nothing in `begin` / `feed` /
+//!   update allocates, synchronizes or reads device memory from the host (for `q` up to
+//!   8 terms, which travel in the launch parameters), so the whole step can be captured in
+//!   a CUDA graph ([`CudaBackend::begin_capture`]).
+
+pub(crate) mod abi;
+mod device;
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::sys;
+
+use crate::backend::{Backend, Generator, PerturbPass, UpdatePass};
+use crate::direction::DirectionKind;
+use crate::dtype::{DType, Precision};
+use crate::error::{invalid, Error, Result};
+use crate::rules::{Rule, RuleParams};
+use crate::shard::{Location, ParamShard, TensorSpec};
+
+use abi::{HyzoLossPass, HyzoPass, HyzoTensor, HyzoTerm, CHUNK_GROUPS, GROUP, MAX_TERMS, THREADS};
+use device::{check, Device};
+
+pub use device::compile_ptx;
+
+/// Whether a CUDA driver and at least one device are present.
+pub fn is_available() -> bool {
+    device::device_count() > 0
+}
+
+/// Number of CUDA devices (0 without a driver).
+pub fn device_count() -> usize {
+    device::device_count().max(0) as usize
+}
+
+/// ptxas' register and spill report of the embedded kernels, one line per kernel and
+/// architecture (or a note that the kernels are compiled with NVRTC at run time).
+pub fn build_report() -> &'static str {
+    device::BUILD_REPORT
+}
+
+/// The architectures of the embedded fatbin: `sm_*` machine code, `compute_*` PTX. Empty
+/// when hyzo was built without nvcc.
+pub fn embedded_architectures() -> &'static [&'static str] {
+    device::ARCHITECTURES
+}
+
+/// The kernels' source as embedded for NVRTC (headers inlined).
+pub fn kernel_source() -> &'static str {
+    device::SOURCE
+}
+
+/// A short description of device `ordinal`: name, compute capability, SM count and how the
+/// kernels were loaded (opens the device).
+pub fn describe_device(ordinal: i32) -> Result<String> {
+    let d = Device::get(ordinal)?;
+    Ok(format!(
+        "{} (sm_{}{}, {} SMs, kernels from {})",
+        d.name, d.compute_capability.0, d.compute_capability.1, d.sm_count, d.module_source
+    ))
+}
+
+/// Prints what `hyzo info` shows about CUDA: how the kernels were built (architectures,
+/// ptxas' registers and spills per kernel) and the devices present.
+pub fn print_info() {
+    let archs = embedded_architectures();
+    if archs.is_empty() {
+        println!("backend cuda: kernels compiled with NVRTC at first use (built without nvcc)");
+    } else {
+        println!("backend cuda: embedded fatbin for {}", archs.join(", "));
+    }
+    println!("kernel build report:");
+    for line in build_report().lines() {
+        println!("  {line}");
+    }
+    let n = device_count();
+    if n == 0 {
+        println!("cuda devices: none (no driver or no GPU)");
+    }
+    for i in 0..n as i32 {
+        match describe_device(i) {
+            Ok(d) => println!("cuda:{i}: {d}"),
+            Err(e) => println!("cuda:{i}: {e}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Owned device memory.
+
+/// An owned device allocation of `bytes` bytes in the primary context of one device.
+pub struct CudaBuffer {
+    dev: Arc<Device>,
+    ptr: u64,
+    bytes: usize,
+}
+
+impl std::fmt::Debug for CudaBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaBuffer({:#x}, {} bytes, cuda:{})",
+            self.ptr, self.bytes, self.dev.ordinal
+        )
+    }
+}
+
+impl CudaBuffer {
+    /// Allocates `bytes` (at least 1) uninitialized bytes on device `ordinal`, 256-aligned.
+    pub fn new(ordinal: i32, bytes: usize) -> Result<Self> {
+        let dev = Device::get(ordinal)?;
+        Self::on(&dev, bytes)
+    }
+
+    fn on(dev: &Arc<Device>, bytes: usize) -> Result<Self> {
+        dev.bind()?;
+        let mut ptr = 0;
+        // SAFETY: the context is current.
+        check(
+            unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes.max(1)) },
+            "cuMemAlloc",
+        )?;
+        Ok(Self {
+            dev: dev.clone(),
+            ptr,
+            bytes,
+        })
+    }
+
+    /// Allocates and copies `data` in (synchronously).
+    pub fn from_slice<T: Copy>(ordinal: i32, data: &[T]) -> Result<Self> {
+        let b = Self::new(ordinal, std::mem::size_of_val(data))?;
+        b.upload(data)?;
+        Ok(b)
+    }
+
+    /// The device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Copies `data` to the start of the buffer, synchronously (after all work in the
+    /// context's legacy default stream and streams that synchronize with it).
+    pub fn upload<T: Copy>(&self, data: &[T]) -> Result<()> {
+        self.upload_at(0, data)
+    }
+
+    /// Copies `data` to byte offset `at`, synchronously.
+    pub fn upload_at<T: Copy>(&self, at: usize, data: &[T]) -> Result<()> {
+        let n = std::mem::size_of_val(data);
+        if at.checked_add(n).map_or(true, |end| end > self.bytes) {
+            return invalid(format!(
+                "upload: {n} bytes at {at} exceed the buffer's {}",
+                self.bytes
+            ));
+        }
+        self.dev.bind()?;
+        // SAFETY: bounds checked; the host slice is valid for n bytes.
+        check(
+            unsafe {
+                sys::cuMemcpyHtoD_v2(self.ptr + at as u64, data.as_ptr() as *const c_void, n)
+            },
+            "cuMemcpyHtoD",
+        )
+    }
+
+    /// Copies the start of the buffer into `out`, synchronously.
+    pub fn download<T: Copy>(&self, out: &mut [T]) -> Result<()> {
+        self.download_at(0, out)
+    }
+
+    /// Copies from byte offset `at` into `out`, synchronously.
+    pub fn download_at<T: Copy>(&self, at: usize, out: &mut [T]) -> Result<()> {
+        let n = std::mem::size_of_val(out);
+        if at.checked_add(n).map_or(true, |end| end > self.bytes) {
+            return invalid(format!(
+                "download: {n} bytes at {at} exceed the buffer's {}",
+                self.bytes
+            ));
+        }
+        self.dev.bind()?;
+        // SAFETY: bounds checked; the host slice is valid for n bytes.
+        check(
+            unsafe {
+                sys::cuMemcpyDtoH_v2(out.as_mut_ptr() as *mut c_void, self.ptr + at as u64, n)
+            },
+            "cuMemcpyDtoH",
+        )
+    }
+}
+
+impl Drop for CudaBuffer {
+    fn drop(&mut self) {
+        if self.dev.bind().is_ok() {
+            // SAFETY: allocated by cuMemAlloc in this context and freed once.
+            unsafe { sys::cuMemFree_v2(self.ptr) };
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Streams and graphs.
+
+/// The stream passes are issued on.
+#[derive(Clone, Copy)]
+enum Stream {
+    /// Created (and destroyed) by the backend.
+    Owned(sys::CUstream),
+    /// The caller's; never destroyed here.
+    Borrowed(sys::CUstream),
+}
+
+impl Stream {
+    fn raw(self) -> sys::CUstream {
+        match self {
+            Stream::Owned(s) | Stream::Borrowed(s) => s,
+        }
+    }
+}
+
+/// An instantiated CUDA graph (a captured step), replayable on any stream of its device.
+pub struct CudaGraph {
+    dev: Arc<Device>,
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+}
+
+// SAFETY: graph handles are driver objects usable from any thread with the context bound.
+unsafe impl Send for CudaGraph {}
+
+impl CudaGraph {
+    /// Launches the graph on `stream` (a raw `CUstream`; 0 is the legacy default stream).
+    pub fn launch_on(&self, stream: u64) -> Result<()> {
+        self.dev.bind()?;
+        // SAFETY: a valid executable graph; the stream belongs to the same context.
+        check(
+            unsafe { sys::cuGraphLaunch(self.exec, stream as sys::CUstream) },
+            "cuGraphLaunch",
+        )
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        if self.dev.bind().is_ok() {
+            // SAFETY: created by this object, destroyed once.
+            unsafe {
+                sys::cuGraphExecDestroy(self.exec);
+                sys::cuGraphDestroy(self.graph);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The backend.
+
+/// Where one tensor's state lives inside the backend's state buffers (byte offsets).
+#[derive(Clone, Copy, Debug, Default)]
+struct Segment {
+    m: Option<usize>,
+    v: Option<usize>,
+    lo: Option<usize>,
+}
+
+/// Scratch growth unit: the device-loss and coefficient arrays start with room for this
+/// many directions.
+const INITIAL_DIRECTIONS: usize = 64;
+
+/// Runs the passes of a shard on one CUDA device.
+pub struct CudaBackend {
+    dev: Arc<Device>,
+    stream: Stream,
+    /// The shard as registered by `allocate_state` (to refuse a different one).
+    specs: Vec<TensorSpec>,
+    table: Option<CudaBuffer>,
+    total_chunks: u64,
+    segments: Vec<Segment>,
+    m: Option<CudaBuffer>,
+    v: Option<CudaBuffer>,
+    lo: Option<CudaBuffer>,
+    state_bytes: [usize; 3],
+    /// Losses recorded on the device, f32 each.
+    losses: Option<CudaBuffer>,
+    /// Terms uploaded by the host (more than MAX_TERMS) and base coefficients.
+    terms_in: Option<CudaBuffer>,
+    /// Coefficients computed by `hyzo_device_losses`.
+    terms_out: Option<CudaBuffer>,
+    /// u32 skip flag at 0, u64 skip counter at 8.
+    flags: Option<CudaBuffer>,
+    /// sq_norm's per-chunk partials, then the total.
+    partials: Option<CudaBuffer>,
+    capacity: usize,
+}
+
+// SAFETY: the stream handle is only used with the context bound; the backend is used by one
+// thread at a time (&mut self).
+unsafe impl Send for CudaBackend {}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("device", &self.dev.ordinal)
+            .field("tensors", &self.specs.len())
+            .finish()
+    }
+}
+
+impl CudaBackend {
+    /// A backend on device `ordinal`, with a stream of its own (a blocking stream: it
+    /// orders with the legacy default stream, so synchronous copies see its results).
+    /// `Error::NoDevice` without a driver or device.
+    pub fn new(ordinal: i32) -> Result<Self> {
+        let dev = Device::get(ordinal)?;
+        dev.bind()?;
+        let mut s = std::ptr::null_mut();
+        // SAFETY: the context is current; flags 0 = CU_STREAM_DEFAULT.
+        check(unsafe { sys::cuStreamCreate(&mut s, 0) }, "cuStreamCreate")?;
+        Ok(Self {
+            dev,
+            stream: Stream::Owned(s),
+            specs: Vec::new(),
+            table: None,
+            total_chunks: 0,
+            segments: Vec::new(),
+            m: None,
+            v: None,
+            lo: None,
+            state_bytes: [0; 3],
+            losses: None,
+            terms_in: None,
+            terms_out: None,
+            flags: None,
+            partials: None,
+            capacity: 0,
+        })
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> i32 {
+        self.dev.ordinal
+    }
+
+    /// The raw `CUstream` passes are issued on.
+    pub fn stream(&self) -> u64 {
+        self.stream.raw() as u64
+    }
+
+    /// Issues all further passes on the caller's stream (e.g. PyTorch's current stream);
+    /// the backend never destroys it. Work already issued on the previous stream is waited
+    /// for first.
+    ///
+    /// # Safety
+    /// `stream` must be a valid `CUstream` of this device's primary context (or 0, the
+    /// legacy default stream) that outlives its use by this backend.
+    pub unsafe fn set_stream(&mut self, stream: u64) -> Result<()> {
+        self.synchronize()?;
+        if let Stream::Owned(s) = self.stream {
+            // SAFETY: created by us, idle after the synchronize.
+            unsafe { sys::cuStreamDestroy_v2(s) };
+        }
+        self.stream = Stream::Borrowed(stream as sys::CUstream);
+        Ok(())
+    }
+
+    /// Starts capturing every pass issued on the backend's stream into a graph (global
+    /// capture mode: no allocation or synchronization may happen until
+    /// [`CudaBackend::end_capture`]).
+    pub fn begin_capture(&mut self) -> Result<()> {
+        self.dev.bind()?;
+        // SAFETY: a valid stream of this context.
+        check(
+            unsafe {
+                sys::cuStreamBeginCapture_v2(
+                    self.stream.raw(),
+                    sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL,
+                )
+            },
+            "cuStreamBeginCapture",
+        )
+    }
+
+    /// Ends the capture begun by [`CudaBackend::begin_capture`] and instantiates the graph.
+    pub fn end_capture(&mut self) -> Result<CudaGraph> {
+        self.dev.bind()?;
+        let mut graph = std::ptr::null_mut();
+        let mut exec = std::ptr::null_mut();
+        // SAFETY: the stream is capturing; the graph is instantiated once.
+        unsafe {
+            check(
+                sys::cuStreamEndCapture(self.stream.raw(), &mut graph),
+                "cuStreamEndCapture",
+            )?;
+            if let Err(e) = check(
+                sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0),
+                "cuGraphInstantiate",
+            ) {
+                sys::cuGraphDestroy(graph);
+                return Err(e);
+            }
+        }
+        Ok(CudaGraph {
+            dev: self.dev.clone(),
+            graph,
+            exec,
+        })
+    }
+
+    /// Launches a captured graph on the backend's stream.
+    pub fn launch_graph(&mut self, graph: &CudaGraph) -> Result<()> {
+        graph.launch_on(self.stream())
+    }
+
+    fn check_shard(&self, shard: &ParamShard) -> Result<()> {
+        if shard.location() != Location::Cuda(self.dev.ordinal) {
+            return invalid(format!(
+                "the shard lives at {:?}; this backend runs on CUDA device {}",
+                shard.location(),
+                self.dev.ordinal
+            ));
+        }
+        if self.table.is_none() || shard.tensors() != self.specs.as_slice() {
+            return Err(Error::Internal(
+                "the CUDA backend's state was allocated for another shard".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn grid(&self, which: usize) -> u32 {
+        let resident = self.dev.sm_count as u64 * self.dev.blocks_per_sm[which] as u64;
+        self.total_chunks.min(resident).clamp(1, u32::MAX as u64) as u32
+    }
+
+    fn launch<P>(&self, f: sys::CUfunction, grid: u32, params: &P) -> Result<()> {
+        let mut args = [params as *const P as *mut c_void];
+        // SAFETY: `params` is the kernel's single by-value parameter, with its C layout
+        // (abi.rs, pinned against the header); the driver copies it at launch.
+        check(
+            unsafe {
+                sys::cuLaunchKernel(
+                    f,
+                    grid,
+                    1,
+                    1,
+                    THREADS,
+                    1,
+                    1,
+                    0,
+                    self.stream.raw(),
+                    args.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            },
+            "cuLaunchKernel",
+        )
+    }
+
+    fn base_pass(&self, gen: Generator, precision: Precision, rule: RuleParams) -> HyzoPass {
+        let mut p = HyzoPass::empty(rule);
+        p.table = self.table.as_ref().map_or(0, |t| t.ptr());
+        p.total_chunks = self.total_chunks;
+        p.ntensors = self.specs.len() as u32;
+        p.seed = gen.seed;
+        p.step = gen.step;
+        p.kind = match gen.kind.generated() {
+            DirectionKind::Rademacher => 1,
+            _ => 0,
+        };
+        p.precision = precision as u32;
+        p
+    }
+
+    /// Makes sure the scratch arrays hold `n` directions (2n + 1 losses). Allocates only
+    /// when they grow (never during a capture, once a step of that size has run).
+    fn ensure_capacity(&mut self, n: usize) -> Result<()> {
+        if n <= self.capacity && self.losses.is_some() {
+            return Ok(());
+        }
+        let cap = n.max(INITIAL_DIRECTIONS).next_power_of_two();
+        let losses = CudaBuffer::on(&self.dev, 4 * (2 * cap + 1))?;
+        if let Some(old) = &self.losses {
+            // Losses recorded so far in this step must survive the growth.
+            self.stream_sync()?;
+            // SAFETY: both buffers are live; the old one is the smaller.
+            check(
+                unsafe { sys::cuMemcpyDtoD_v2(losses.ptr(), old.ptr(), old.bytes()) },
+                "cuMemcpyDtoD",
+            )?;
+        }
+        self.losses = Some(losses);
+        self.terms_in = Some(CudaBuffer::on(&self.dev, 8 * cap)?);
+        self.terms_out = Some(CudaBuffer::on(&self.dev, 8 * cap)?);
+        self.capacity = cap;
+        Ok(())
+    }
+
+    fn stream_sync(&self) -> Result<()> {
+        self.dev.bind()?;
+        // SAFETY: a valid stream.
+        check(
+            unsafe { sys::cuStreamSynchronize(self.stream.raw()) },
+            "cuStreamSynchronize",
+        )
+    }
+
+    /// Puts `terms` in the launch parameters, or (more than MAX_TERMS) uploads them to the
+    /// `terms_in` array; returns its address or 0.
+    fn stage_terms(
+        &mut self,
+        terms: &[crate::backend::Term],
+        p_inline: &mut [HyzoTerm; MAX_TERMS],
+    ) -> Result<u64> {
+        let converted: Vec<HyzoTerm> = terms
+            .iter()
+            .map(|t| HyzoTerm {
+                direction: t.direction,
+                coeff: t.coeff,
+            })
+            .collect();
+        if converted.len() <= MAX_TERMS {
+            p_inline[..converted.len()].copy_from_slice(&converted);
+            return Ok(0);
+        }
+        self.ensure_capacity(converted.len())?;
+        let buf = self.terms_in.as_ref().unwrap();
+        self.dev.bind()?;
+        // SAFETY: capacity ensured; from pageable memory the driver stages the copy before
+        // returning, so the host vector may be dropped right after.
+        check(
+            unsafe {
+                sys::cuMemcpyHtoDAsync_v2(
+                    buf.ptr(),
+                    converted.as_ptr() as *const c_void,
+                    8 * converted.len(),
+                    self.stream.raw(),
+                )
+            },
+            "cuMemcpyHtoDAsync",
+        )?;
+        Ok(buf.ptr())
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        let _ = self.stream_sync();
+        if let Stream::Owned(s) = self.stream {
+            // SAFETY: created by us, idle after the synchronize.
+            unsafe { sys::cuStreamDestroy_v2(s) };
+        }
+    }
+}
+
+/// Bytes of `n` elements of 4 or 2 bytes placed so that element `j = offset + i` of the
+/// tensor is 16-byte aligned exactly when `j` is a multiple of 8 (the kernels' vector
+/// condition): the segment starts `offset mod (16 / size)` elements past a 256-byte line.
+fn place(cursor: &mut usize, numel: u64, offset: u64, size: usize) -> usize {
+    let per16 = (16 / size) as u64;
+    let start = cursor.div_ceil(256) * 256 + size * (offset % per16) as usize;
+    *cursor = start + size * numel as usize;
+    start
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> String {
+        format!("cuda:{}", self.dev.ordinal)
+    }
+
+    fn allocate_state(&mut self, shard: &ParamShard, buffers: usize, residual: bool) -> Result<()> {
+        if shard.location() != Location::Cuda(self.dev.ordinal) {
+            return invalid(format!(
+                "the shard lives at {:?}; this backend runs on CUDA device {}",
+                shard.location(),
+                self.dev.ordinal
+            ));
+        }
+        if shard.is_empty() {
+            return invalid("no tensors");
+        }
+        let tensors = shard.tensors();
+        let mut segments = Vec::with_capacity(tensors.len());
+        let mut cursors = [0usize; 3];
+        for t in tensors {
+            let mut s = Segment::default();
+            if buffers >= 1 {
+                s.m = Some(place(&mut cursors[0], t.numel, t.offset, 4));
+            }
+            if buffers >= 2 {
+                s.v = Some(place(&mut cursors[1], t.numel, t.offset, 4));
+            }
+            if residual && t.dtype != DType::F32 {
+                s.lo = Some(place(&mut cursors[2], t.numel, t.offset, 2));
+            }
+            segments.push(s);
+        }
+        self.dev.bind()?;
+        let zeroed = |bytes: usize| -> Result<Option<CudaBuffer>> {
+            if bytes == 0 {
+                return Ok(None);
+            }
+            let b = CudaBuffer::on(&self.dev, bytes)?;
+            // SAFETY: the buffer holds `bytes` bytes.
+            check(
+                unsafe { sys::cuMemsetD8_v2(b.ptr(), 0, bytes) },
+                "cuMemsetD8",
+            )?;
+            Ok(Some(b))
+        };
+        let m = zeroed(cursors[0])?;
+        let v = zeroed(cursors[1])?;
+        let lo = zeroed(cursors[2])?;
+        let mut table = Vec::with_capacity(tensors.len());
+        let mut chunk = 0u64;
+        for (t, s) in tensors.iter().zip(&segments) {
+            let first_group = t.offset / GROUP;
+            let last_group = (t.offset + t.numel - 1) / GROUP;
+            let chunks = (last_group - first_group + 1).div_ceil(CHUNK_GROUPS);
+            let at = |b: &Option<CudaBuffer>, off: Option<usize>| match (b, off) {
+                (Some(b), Some(o)) => b.ptr() + o as u64,
+                _ => 0,
+            };
+            table.push(HyzoTensor {
+                data: t.data,
+                grad: t.grad,
+                lo: at(&lo, s.lo),
+                m: at(&m, s.m),
+                v: at(&v, s.v),
+                numel: t.numel,
+                offset: t.offset,
+                first_chunk: chunk,
+                dtype: t.dtype as u32,
+                grad_dtype: t.grad_dtype as u32,
+            });
+            chunk += chunks;
+        }
+        let table_buf = CudaBuffer::on(&self.dev, std::mem::size_of_val(table.as_slice()))?;
+        table_buf.upload(&table)?;
+        let flags = zeroed(16)?;
+        let partials = CudaBuffer::on(&self.dev, 8 * (chunk as usize + 1))?;
+        self.specs = tensors.to_vec();
+        self.segments = segments;
+        self.total_chunks = chunk;
+        self.table = Some(table_buf);
+        self.m = m;
+        self.v = v;
+        self.lo = lo;
+        self.state_bytes = cursors;
+        self.flags = flags;
+        self.partials = Some(partials);
+        self.ensure_capacity(INITIAL_DIRECTIONS)?;
+        Ok(())
+    }
+
+    fn perturb(&mut self, shard: &ParamShard, pass: &PerturbPass) -> Result<()> {
+        self.check_shard(shard)?;
+        self.dev.bind()?;
+        let mut p = self.base_pass(
+            pass.gen,
+            pass.precision,
+            RuleParams::new(Rule::Sgd, 0.0, 0.0, 0.0, 1.0, 0.0, 1),
+        );
+        p.nterms = pass.terms.len() as u32;
+        p.terms = self.stage_terms(pass.terms, &mut p.inline_terms)?;
+        self.launch(self.dev.kernels.perturb, self.grid(0), &p)
+    }
+
+    fn update(&mut self, shard: &ParamShard, pass: &UpdatePass) -> Result<()> {
+        self.check_shard(shard)?;
+        if pass.grad_weight.is_some() && !shard.has_grads() {
+            return invalid("grad: a step that uses gradients needs one for every tensor");
+        }
+        self.dev.bind()?;
+        let mut p = self.base_pass(pass.gen, pass.precision, pass.rule);
+        if let Some(a) = pass.grad_weight {
+            p.has_grad = 1;
+            p.grad_weight = a;
+        }
+        let fo_only = pass.restore.is_none() && pass.zo.is_empty() && pass.device_losses.is_none();
+        if fo_only {
+            return self.launch(self.dev.kernels.fo_update, self.grid(2), &p);
+        }
+        if let Some(r) = pass.restore {
+            p.has_restore = 1;
+            p.restore = HyzoTerm {
+                direction: r.direction,
+                coeff: r.coeff,
+            };
+            p.restore_slot = pass
+                .zo
+                .iter()
+                .position(|t| t.direction == r.direction)
+                .map_or(-1, |k| k as i32);
+        }
+        p.nterms = pass.zo.len() as u32;
+        if let Some(dl) = pass.device_losses {
+            let q = pass.zo.len();
+            self.ensure_capacity(q)?;
+            let mut lp = HyzoLossPass {
+                losses: self.losses.as_ref().unwrap().ptr(),
+                base: 0,
+                out: self.terms_out.as_ref().unwrap().ptr(),
+                skip_flag: self.flags.as_ref().unwrap().ptr(),
+                skip_count: self.flags.as_ref().unwrap().ptr() + 8,
+                q: q as u32,
+                estimator: dl.estimator as u32,
+                eps: dl.eps,
+                reserved: 0,
+                inline_base: [HyzoTerm::default(); MAX_TERMS],
+            };
+            lp.base = self.stage_terms(pass.zo, &mut lp.inline_base)?;
+            self.launch(self.dev.kernels.device_losses, 1, &lp)?;
+            p.terms = lp.out;
+            p.skip_flag = lp.skip_flag;
+        } else {
+            p.terms = self.stage_terms(pass.zo, &mut p.inline_terms)?;
+        }
+        self.launch(self.dev.kernels.restore_and_update, self.grid(1), &p)
+    }
+
+    fn sq_norm(&mut self, shard: &ParamShard, gen: Generator, direction: u32) -> Result<f64> {
+        self.check_shard(shard)?;
+        self.dev.bind()?;
+        let mut p = self.base_pass(
+            gen,
+            Precision::Nearest,
+            RuleParams::new(Rule::Sgd, 0.0, 0.0, 0.0, 1.0, 0.0, 1),
+        );
+        p.direction = direction;
+        p.partials = self.partials.as_ref().unwrap().ptr();
+        self.launch(self.dev.kernels.sq_norm, self.grid(3), &p)?;
+        self.launch(self.dev.kernels.sq_norm_final, 1, &p)?;
+        let mut total = 0f64;
+        // SAFETY: partials holds total_chunks + 1 f64; the copy is ordered on the stream and
+        // waited for before `total` is read.
+        unsafe {
+            check(
+                sys::cuMemcpyDtoHAsync_v2(
+                    &mut total as *mut f64 as *mut c_void,
+                    p.partials + 8 * self.total_chunks,
+                    8,
+                    self.stream.raw(),
+                ),
+                "cuMemcpyDtoHAsync",
+            )?;
+        }
+        self.stream_sync()?;
+        Ok(total)
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>> {
+        self.stream_sync()?;
+        let download = |b: &Option<CudaBuffer>, bytes: usize| -> Result<Vec<u8>> {
+            let mut v = vec![0u8; bytes];
+            if let Some(b) = b {
+                b.download(&mut v)?;
+            }
+            Ok(v)
+        };
+        let images = [
+            download(&self.m, self.state_bytes[0])?,
+            download(&self.v, self.state_bytes[1])?,
+            download(&self.lo, self.state_bytes[2])?,
+        ];
+        let mut out = Vec::new();
+        for (t, s) in self.specs.iter().zip(&self.segments) {
+            let n = t.numel as usize;
+            if let Some(o) = s.m {
+                out.extend_from_slice(&images[0][o..o + 4 * n]);
+            }
+            if let Some(o) = s.v {
+                out.extend_from_slice(&images[1][o..o + 4 * n]);
+            }
+            if let Some(o) = s.lo {
+                out.extend_from_slice(&images[2][o..o + 2 * n]);
+            }
+        }
+        Ok(out)
+    }
+
+    fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
+        let need: usize = self
+            .specs
+            .iter()
+            .zip(&self.segments)
+            .map(|(t, s)| {
+                let n = t.numel as usize;
+                4 * n * (s.m.is_some() as usize + s.v.is_some() as usize)
+                    + 2 * n * s.lo.is_some() as usize
+            })
+            .sum();
+        if bytes.len() != need {
+            return invalid(format!("state: {} bytes, expected {need}", bytes.len()));
+        }
+        let mut images = [
+            vec![0u8; self.state_bytes[0]],
+            vec![0u8; self.state_bytes[1]],
+            vec![0u8; self.state_bytes[2]],
+        ];
+        let mut at = 0;
+        for (t, s) in self.specs.iter().zip(&self.segments) {
+            let n = t.numel as usize;
+            for (k, off, size) in [(0, s.m, 4), (1, s.v, 4), (2, s.lo, 2)] {
+                if let Some(o) = off {
+                    images[k][o..o + size * n].copy_from_slice(&bytes[at..at + size * n]);
+                    at += size * n;
+                }
+            }
+        }
+        self.stream_sync()?;
+        for (b, img) in [&self.m, &self.v, &self.lo].into_iter().zip(&images) {
+            if let Some(b) = b {
+                b.upload(img)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn record_device_loss(&mut self, index: u32, loss: u64) -> Result<()> {
+        if self.table.is_none() {
+            return Err(Error::Internal(
+                "record_device_loss before allocate_state".into(),
+            ));
+        }
+        if loss % 4 != 0 {
+            return invalid(format!(
+                "loss_on_device: address {loss:#x} is not 4-byte aligned"
+            ));
+        }
+        self.ensure_capacity((index as usize).div_ceil(2) + 1)?;
+        self.dev.bind()?;
+        let dst = self.losses.as_ref().unwrap().ptr() + 4 * index as u64;
+        // SAFETY: capacity ensured (2 cap + 1 losses); the source is the caller's device
+        // f32. The copy is ordered on the stream after the forward pass that wrote it.
+        check(
+            unsafe { sys::cuMemcpyDtoDAsync_v2(dst, loss, 4, self.stream.raw()) },
+            "cuMemcpyDtoDAsync (loss)",
+        )
+    }
+
+    fn device_skipped(&mut self) -> Result<u64> {
+        let Some(flags) = &self.flags else {
+            return Ok(0);
+        };
+        self.stream_sync()?;
+        let mut v = [0u64; 1];
+        flags.download_at(8, &mut v)?;
+        Ok(v[0])
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        self.stream_sync()
+    }
+}

@@ -1,0 +1,784 @@
+//! Validation of each entry point: every bad argument gives its status and a message naming
+//! it, and leaves the optimizer usable.
+
+use super::*;
+use std::ffi::CStr;
+use std::ptr::{null, null_mut};
+
+use hyzo_status::*;
+
+fn last_error() -> String {
+    // SAFETY: hyzo_last_error returns a NUL-terminated string valid until the next failure.
+    unsafe { CStr::from_ptr(hyzo_last_error()) }
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Asserts `status` is `want` and the thread's message mentions `needle`.
+#[track_caller]
+fn expect(status: hyzo_status, want: hyzo_status, needle: &str) {
+    assert_eq!(status, want, "message: {}", last_error());
+    let msg = last_error();
+    assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}");
+}
+
+#[track_caller]
+fn ok(status: hyzo_status) {
+    assert_eq!(status, HYZO_OK, "message: {}", last_error());
+}
+
+fn cpu(cfg: &hyzo_config) -> *mut hyzo_optimizer {
+    let mut o = null_mut();
+    // SAFETY: valid pointers.
+    ok(unsafe { hyzo_optimizer_create_cpu(cfg, 1, &mut o) });
+    o
+}
+
+/// A CPU optimizer over `data` (f32) with gradient `grad`.
+fn with_tensor(cfg: &hyzo_config, data: &mut [f32], grad: &mut [f32]) -> *mut hyzo_optimizer {
+    let o = cpu(cfg);
+    // SAFETY: the buffers outlive the optimizer in every test.
+    ok(unsafe {
+        hyzo_optimizer_add_tensor(
+            o,
+            data.as_mut_ptr().cast(),
+            0,
+            data.len() as u64,
+            0,
+            grad.as_mut_ptr().cast(),
+            0,
+        )
+    });
+    o
+}
+
+fn zo_step(o: *mut hyzo_optimizer, data: &[f32]) {
+    // SAFETY: live optimizer.
+    unsafe {
+        ok(hyzo_zo_begin(o));
+        let mut more = 1;
+        while more != 0 {
+            let loss: f32 = data.iter().map(|x| (x - 1.0) * (x - 1.0)).sum();
+            ok(hyzo_zo_feed(o, loss, &mut more));
+        }
+    }
+}
+
+#[test]
+fn library_functions() {
+    let c = hyzo_config_default();
+    assert_eq!(config_from_c(&c).unwrap(), Config::default());
+    // SAFETY: static strings.
+    let v = unsafe { CStr::from_ptr(hyzo_version()) };
+    assert_eq!(v.to_str().unwrap(), crate::VERSION);
+    let s = unsafe { CStr::from_ptr(hyzo_status_string(2)) };
+    assert_eq!(s.to_str().unwrap(), "HYZO_ERR_BAD_STATE");
+    let s = unsafe { CStr::from_ptr(hyzo_status_string(99)) };
+    assert_eq!(s.to_str().unwrap(), "unknown hyzo_status");
+    assert!(matches!(hyzo_cuda_available(), 0 | 1));
+}
+
+#[test]
+fn last_error_is_per_thread_and_kept_on_success() {
+    std::thread::spawn(|| {
+        assert_eq!(last_error(), "");
+        // SAFETY: NULL is rejected.
+        expect(
+            unsafe { hyzo_zo_begin(null_mut()) },
+            HYZO_ERR_INVALID_ARGUMENT,
+            "opt",
+        );
+        let before = last_error();
+        assert!(before.starts_with("hyzo_zo_begin: "), "{before}");
+        let _ = hyzo_config_default();
+        let o = cpu(&hyzo_config_default());
+        // SAFETY: live optimizer, valid pointer.
+        ok(unsafe { hyzo_optimizer_set_lr(o, 0.5) });
+        assert_eq!(last_error(), before);
+        std::thread::spawn(|| assert_eq!(last_error(), ""))
+            .join()
+            .unwrap();
+        unsafe { hyzo_optimizer_destroy(o) };
+    })
+    .join()
+    .unwrap();
+}
+
+/// A change to a configuration.
+type Edit = fn(&mut hyzo_config);
+
+#[test]
+fn create_validates_everything() {
+    let good = hyzo_config_default();
+    let mut o: *mut hyzo_optimizer = 1usize as *mut _;
+    unsafe {
+        expect(
+            hyzo_optimizer_create(null(), 0, 0, &mut o),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "cfg",
+        );
+        assert!(o.is_null(), "out is NULL after a failure");
+        expect(
+            hyzo_optimizer_create(&good, 0, 0, null_mut()),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "out",
+        );
+        expect(
+            hyzo_optimizer_create(&good, 7, 0, &mut o),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "device",
+        );
+        expect(
+            hyzo_optimizer_create(&good, 1, -1, &mut o),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "device_ordinal",
+        );
+        expect(
+            hyzo_optimizer_create_cpu(null(), 0, &mut o),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "cfg",
+        );
+        let misaligned = (&good as *const hyzo_config as *const u8).add(1) as *const hyzo_config;
+        expect(
+            hyzo_optimizer_create(misaligned, 0, 0, &mut o),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "cfg",
+        );
+        let cases: [(Edit, &str); 15] = [
+            (|c| c.lr = f32::NAN, "cfg->lr"),
+            (|c| c.lr = -1.0, "cfg->lr"),
+            (|c| c.eps = 0.0, "cfg->eps"),
+            (|c| c.eps = f32::NAN, "cfg->eps"),
+            (|c| c.num_directions = 0, "cfg->num_directions"),
+            (|c| c.direction = 3, "cfg->direction"),
+            (|c| c.estimator = 2, "cfg->estimator"),
+            (|c| c.rule = 6, "cfg->rule"),
+            (|c| c.rule = u32::MAX, "cfg->rule"),
+            (|c| c.precision = 3, "cfg->precision"),
+            (|c| c.beta1 = 1.0, "cfg->beta1"),
+            (|c| c.beta2 = -0.1, "cfg->beta2"),
+            (|c| c.adam_eps = 0.0, "cfg->adam_eps"),
+            (|c| c.weight_decay = f32::INFINITY, "cfg->weight_decay"),
+            (|c| c.hybrid_alpha = 1.5, "cfg->hybrid_alpha"),
+        ];
+        for (edit, name) in cases {
+            let mut c = good;
+            edit(&mut c);
+            o = 1usize as *mut _;
+            expect(
+                hyzo_optimizer_create(&c, 0, 0, &mut o),
+                HYZO_ERR_INVALID_ARGUMENT,
+                name,
+            );
+            assert!(o.is_null());
+            expect(
+                hyzo_optimizer_create_cpu(&c, 1, &mut o),
+                HYZO_ERR_INVALID_ARGUMENT,
+                name,
+            );
+        }
+        ok(hyzo_optimizer_create(&good, 0, -5, &mut o));
+        hyzo_optimizer_destroy(o);
+        hyzo_optimizer_destroy(null_mut());
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_the_feature_is_no_device() {
+    let mut o = null_mut();
+    // SAFETY: valid pointers.
+    let s = unsafe { hyzo_optimizer_create(&hyzo_config_default(), 1, 0, &mut o) };
+    expect(s, HYZO_ERR_NO_DEVICE, "CUDA");
+    assert_eq!(hyzo_cuda_available(), 0);
+}
+
+#[test]
+fn handles_are_checked() {
+    let mut c = hyzo_config_default();
+    let fake = &mut c as *mut hyzo_config as *mut hyzo_optimizer;
+    unsafe {
+        expect(
+            hyzo_zo_begin(fake),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "not a live hyzo_optimizer",
+        );
+        expect(
+            hyzo_zo_begin(3usize as *mut hyzo_optimizer),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "misaligned",
+        );
+        // destroy of a foreign pointer is refused (and does not free it).
+        hyzo_optimizer_destroy(fake);
+        assert!(last_error().contains("hyzo_optimizer_destroy"));
+    }
+}
+
+#[test]
+fn add_tensor_validates_and_registers_nothing_on_failure() {
+    let cfg = hyzo_config_default();
+    let o = cpu(&cfg);
+    let mut a = vec![0f32; 8];
+    let mut g = vec![0f32; 8];
+    let mut h = vec![half::bf16::ZERO; 8];
+    let pa = a.as_mut_ptr() as *mut c_void;
+    let pg = g.as_mut_ptr() as *mut c_void;
+    let ph = h.as_mut_ptr() as *mut c_void;
+    unsafe {
+        let add = |p, dt, n, off, g, gdt| hyzo_optimizer_add_tensor(o, p, dt, n, off, g, gdt);
+        expect(
+            add(null_mut(), 0, 8, 0, null_mut(), 0),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "data",
+        );
+        expect(
+            add(pa, 3, 8, 0, null_mut(), 0),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "dtype",
+        );
+        expect(
+            add(pa, 0, 8, 0, null_mut(), 9),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "grad_dtype",
+        );
+        expect(
+            add(pa, 0, 0, 0, null_mut(), 0),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "numel",
+        );
+        expect(
+            add(pa, 0, u64::MAX, 0, null_mut(), 0),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "numel",
+        );
+        expect(
+            add(pa, 0, 8, u64::MAX - 3, null_mut(), 0),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "global_offset",
+        );
+        let mis = (pa as *mut u8).add(2) as *mut c_void;
+        expect(
+            add(mis, 0, 4, 0, null_mut(), 0),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "aligned",
+        );
+        let mis_h = (ph as *mut u8).add(1) as *mut c_void;
+        expect(
+            add(mis_h, 2, 4, 0, null_mut(), 0),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "aligned",
+        );
+        let mis_g = (pg as *mut u8).add(1) as *mut c_void;
+        expect(
+            add(pa, 0, 4, 0, mis_g, 0),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "grad",
+        );
+        expect(add(pa, 0, 8, 0, pa, 0), HYZO_ERR_INVALID_ARGUMENT, "grad");
+        let mut n = 99;
+        ok(hyzo_optimizer_num_tensors(o, &mut n));
+        assert_eq!(n, 0, "failed adds registered nothing");
+
+        ok(add(pa, 0, 8, 0, pg, 0));
+        // Overlapping memory (even through another dtype), overlapping global elements.
+        expect(
+            add(pa, 2, 4, 100, null_mut(), 0),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "overlaps",
+        );
+        expect(
+            add(ph, 2, 8, 4, null_mut(), 0),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "global_offset",
+        );
+        expect(
+            add(ph, 2, 8, 100, pg, 0),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "overlaps",
+        );
+        ok(add(ph, 2, 8, 8, null_mut(), 0));
+        ok(hyzo_optimizer_num_tensors(o, &mut n));
+        assert_eq!(n, 2);
+        expect(
+            hyzo_optimizer_num_tensors(o, null_mut()),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "out",
+        );
+
+        // After the first step: no more tensors.
+        zo_step(o, &a);
+        let mut b = vec![0f32; 4];
+        expect(
+            add(b.as_mut_ptr().cast(), 0, 4, 100, null_mut(), 0),
+            HYZO_ERR_BAD_STATE,
+            "before the first step",
+        );
+        hyzo_optimizer_destroy(o);
+    }
+}
+
+#[test]
+fn setters_validate() {
+    let o = cpu(&hyzo_config_default());
+    unsafe {
+        for bad in [f32::NAN, -1.0, f32::INFINITY] {
+            expect(
+                hyzo_optimizer_set_lr(o, bad),
+                HYZO_ERR_INVALID_ARGUMENT,
+                "lr",
+            );
+            expect(
+                hyzo_optimizer_set_weight_decay(o, bad),
+                HYZO_ERR_INVALID_ARGUMENT,
+                "weight_decay",
+            );
+        }
+        expect(
+            hyzo_optimizer_set_lr(null_mut(), 0.1),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "opt",
+        );
+        ok(hyzo_optimizer_set_lr(o, 0.25));
+        ok(hyzo_optimizer_set_weight_decay(o, 0.01));
+        let mut c = std::mem::zeroed::<hyzo_config>();
+        ok(hyzo_optimizer_get_config(o, &mut c));
+        assert_eq!((c.lr, c.weight_decay), (0.25, 0.01));
+        expect(
+            hyzo_optimizer_get_config(o, null_mut()),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "out",
+        );
+        // The CPU has no streams; NULL (the default stream) is accepted.
+        ok(hyzo_optimizer_set_stream(o, null_mut()));
+        expect(
+            hyzo_optimizer_set_stream(o, 8usize as *mut c_void),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "stream",
+        );
+        ok(hyzo_optimizer_synchronize(o));
+        hyzo_optimizer_destroy(o);
+    }
+}
+
+#[test]
+fn zo_protocol_misuse() {
+    let mut a = vec![0.5f32; 16];
+    let mut g = vec![0f32; 16];
+    let empty = cpu(&hyzo_config_default());
+    let o = with_tensor(&hyzo_config_default(), &mut a, &mut g);
+    unsafe {
+        expect(hyzo_zo_begin(empty), HYZO_ERR_BAD_STATE, "no tensors");
+        let mut more = 1;
+        expect(hyzo_zo_feed(o, 1.0, &mut more), HYZO_ERR_BAD_STATE, "begin");
+        assert_eq!(more, 0, "needs_more cleared on failure");
+        ok(hyzo_zo_begin(o));
+        expect(hyzo_zo_begin(o), HYZO_ERR_BAD_STATE, "in progress");
+        expect(hyzo_fo_step(o), HYZO_ERR_BAD_STATE, "in progress");
+        let mut buf = vec![0u8; 4096];
+        expect(
+            hyzo_optimizer_save_state(o, buf.as_mut_ptr().cast(), 4096),
+            HYZO_ERR_BAD_STATE,
+            "in progress",
+        );
+        expect(
+            hyzo_optimizer_load_state(o, buf.as_ptr().cast(), 4096),
+            HYZO_ERR_BAD_STATE,
+            "in progress",
+        );
+        expect(
+            hyzo_zo_feed(o, 1.0, null_mut()),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "needs_more",
+        );
+        expect(
+            hyzo_zo_feed(o, 1.0, (&mut more as *mut c_int as *mut u8).add(1).cast()),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "needs_more",
+        );
+        let mut f = 0f32;
+        expect(
+            hyzo_zo_feed_device(o, null(), &mut more),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "loss_on_device",
+        );
+        expect(
+            hyzo_zo_feed_device(o, &f, &mut more),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "device",
+        );
+        let mut skipped = 0;
+        expect(
+            hyzo_zo_last_loss(o, &mut f, &mut skipped),
+            HYZO_ERR_BAD_STATE,
+            "no zeroth-order step",
+        );
+        // Abort restores the parameters (up to f32 rounding of perturb + restore).
+        ok(hyzo_zo_abort(o));
+        ok(hyzo_zo_abort(o));
+        assert!(a.iter().all(|&x| (x - 0.5).abs() < 1e-6), "{a:?}");
+        zo_step(o, &a);
+        ok(hyzo_zo_last_loss(o, &mut f, &mut skipped));
+        assert_eq!(skipped, 0);
+        assert!(f.is_finite());
+        let mut gd = [0f32; 1];
+        ok(hyzo_zo_last_projected_grads(o, gd.as_mut_ptr(), 1));
+        expect(
+            hyzo_zo_last_projected_grads(o, gd.as_mut_ptr(), 2),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "len",
+        );
+        expect(
+            hyzo_zo_last_projected_grads(o, null_mut(), 1),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "out",
+        );
+        expect(
+            hyzo_zo_last_loss(o, null_mut(), &mut skipped),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "loss",
+        );
+        expect(
+            hyzo_zo_last_loss(o, &mut f, null_mut()),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "skipped",
+        );
+
+        // A NaN loss skips the step: counted, parameters restored, nothing updated.
+        let before = a.clone();
+        ok(hyzo_zo_begin(o));
+        let mut first = true;
+        more = 1;
+        while more != 0 {
+            ok(hyzo_zo_feed(
+                o,
+                if first { f32::NAN } else { 1.0 },
+                &mut more,
+            ));
+            first = false;
+        }
+        assert!(a.iter().zip(&before).all(|(x, y)| (x - y).abs() < 1e-6));
+        ok(hyzo_zo_last_loss(o, &mut f, &mut skipped));
+        assert_eq!(skipped, 1);
+        expect(
+            hyzo_zo_last_projected_grads(o, gd.as_mut_ptr(), 1),
+            HYZO_ERR_BAD_STATE,
+            "skipped",
+        );
+        let (mut steps, mut sk) = (0, 0);
+        ok(hyzo_optimizer_stats(o, &mut steps, &mut sk));
+        assert_eq!((steps, sk), (2, 1));
+        expect(
+            hyzo_optimizer_stats(o, null_mut(), &mut sk),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "steps",
+        );
+        expect(
+            hyzo_optimizer_stats(o, &mut steps, null_mut()),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "skipped",
+        );
+        hyzo_optimizer_destroy(o);
+        hyzo_optimizer_destroy(empty);
+    }
+}
+
+#[test]
+fn hybrid_schedule_and_phases() {
+    let mut cfg = hyzo_config_default();
+    cfg.fo_steps = 1;
+    cfg.zo_steps = 2;
+    let mut a = vec![0.5f32; 16];
+    let mut g = vec![0.1f32; 16];
+    let o = with_tensor(&cfg, &mut a, &mut g);
+    let plain = cpu(&hyzo_config_default());
+    unsafe {
+        let mut p = 99u32;
+        ok(hyzo_next_phase(plain, &mut p));
+        assert_eq!(p, hyzo_phase::HYZO_PHASE_ANY as u32);
+        ok(hyzo_next_phase(o, &mut p));
+        assert_eq!(p, hyzo_phase::HYZO_PHASE_FO as u32);
+        expect(
+            hyzo_next_phase(o, null_mut()),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "out",
+        );
+        expect(hyzo_zo_begin(o), HYZO_ERR_BAD_STATE, "first-order");
+        ok(hyzo_fo_step(o));
+        ok(hyzo_next_phase(o, &mut p));
+        assert_eq!(p, hyzo_phase::HYZO_PHASE_ZO as u32);
+        expect(hyzo_fo_step(o), HYZO_ERR_BAD_STATE, "zeroth-order");
+        zo_step(o, &a);
+        zo_step(o, &a);
+        ok(hyzo_next_phase(o, &mut p));
+        assert_eq!(p, hyzo_phase::HYZO_PHASE_FO as u32);
+        hyzo_optimizer_destroy(o);
+        hyzo_optimizer_destroy(plain);
+    }
+    // A first-order step (and hybrid_alpha > 0) needs gradients on every tensor.
+    let mut b = vec![0f32; 4];
+    let mut cfg = hyzo_config_default();
+    cfg.hybrid_alpha = 0.5;
+    let o = cpu(&cfg);
+    unsafe {
+        ok(hyzo_optimizer_add_tensor(
+            o,
+            b.as_mut_ptr().cast(),
+            0,
+            4,
+            0,
+            null_mut(),
+            0,
+        ));
+        expect(hyzo_fo_step(o), HYZO_ERR_BAD_STATE, "gradient");
+        expect(hyzo_zo_begin(o), HYZO_ERR_BAD_STATE, "gradient");
+        hyzo_optimizer_destroy(o);
+    }
+}
+
+#[test]
+fn state_round_trip_and_rejections() {
+    let mut cfg = hyzo_config_default();
+    cfg.rule = hyzo_rule::HYZO_RULE_ADAMW as u32;
+    cfg.lr = 0.01;
+    let mut a = vec![0.5f32; 40];
+    let mut g = vec![0f32; 40];
+    let o = with_tensor(&cfg, &mut a, &mut g);
+    unsafe {
+        zo_step(o, &a);
+        let mut size = 0;
+        ok(hyzo_optimizer_state_size(o, &mut size));
+        expect(
+            hyzo_optimizer_state_size(o, null_mut()),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "bytes",
+        );
+        let mut buf = vec![0u8; size as usize + 8];
+        expect(
+            hyzo_optimizer_save_state(o, null_mut(), size),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "buf",
+        );
+        expect(
+            hyzo_optimizer_save_state(o, buf.as_mut_ptr().cast(), size - 1),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "len",
+        );
+        ok(hyzo_optimizer_save_state(
+            o,
+            buf.as_mut_ptr().cast(),
+            size + 8,
+        ));
+        let saved_params = a.clone();
+        let saved = buf[..size as usize].to_vec();
+        zo_step(o, &a);
+        zo_step(o, &a);
+        let after_two = a.clone();
+
+        // Garbage, truncated, other-version and other-config buffers: rejected, no change.
+        expect(
+            hyzo_optimizer_load_state(o, null(), size),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "buf",
+        );
+        expect(
+            hyzo_optimizer_load_state(o, saved.as_ptr().cast(), size - 1),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "state",
+        );
+        expect(
+            hyzo_optimizer_load_state(o, saved.as_ptr().cast(), 3),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "state",
+        );
+        let mut other = saved.clone();
+        other[8] ^= 1;
+        expect(
+            hyzo_optimizer_load_state(o, other.as_ptr().cast(), size),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "version",
+        );
+        let mut other = saved.clone();
+        other[16] ^= 1;
+        expect(
+            hyzo_optimizer_load_state(o, other.as_ptr().cast(), size),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "configuration",
+        );
+        let (mut steps, mut sk) = (0, 0);
+        ok(hyzo_optimizer_stats(o, &mut steps, &mut sk));
+        assert_eq!(steps, 3);
+
+        // Restore state and parameters: the run continues bit-identically.
+        ok(hyzo_optimizer_load_state(o, saved.as_ptr().cast(), size));
+        let mut f = 0f32;
+        let mut s = 0;
+        expect(
+            hyzo_zo_last_loss(o, &mut f, &mut s),
+            HYZO_ERR_BAD_STATE,
+            "no zeroth-order",
+        );
+        a.copy_from_slice(&saved_params);
+        zo_step(o, &a);
+        zo_step(o, &a);
+        assert_eq!(a, after_two);
+
+        // A state of another configuration.
+        let mut cfg2 = cfg;
+        cfg2.seed = 7;
+        let mut a2 = vec![0.5f32; 40];
+        let mut g2 = vec![0f32; 40];
+        let o2 = with_tensor(&cfg2, &mut a2, &mut g2);
+        expect(
+            hyzo_optimizer_load_state(o2, saved.as_ptr().cast(), size),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "configuration",
+        );
+        hyzo_optimizer_destroy(o2);
+        hyzo_optimizer_destroy(o);
+    }
+    let empty = cpu(&hyzo_config_default());
+    unsafe {
+        let mut size = 0;
+        expect(
+            hyzo_optimizer_state_size(empty, &mut size),
+            HYZO_ERR_BAD_STATE,
+            "no tensors",
+        );
+        hyzo_optimizer_destroy(empty);
+    }
+}
+
+#[test]
+fn sphere_norms() {
+    let mut cfg = hyzo_config_default();
+    cfg.direction = hyzo_direction::HYZO_DIRECTION_SPHERE as u32;
+    cfg.num_directions = 2;
+    let mut a = vec![0.5f32; 64];
+    let mut g = vec![0f32; 64];
+    let o = with_tensor(&cfg, &mut a, &mut g);
+    unsafe {
+        let mut n = [0f64; 2];
+        expect(
+            hyzo_optimizer_local_sq_norms(o, n.as_mut_ptr(), 1),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "len",
+        );
+        expect(
+            hyzo_optimizer_local_sq_norms(o, null_mut(), 2),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "out",
+        );
+        ok(hyzo_optimizer_local_sq_norms(o, n.as_mut_ptr(), 2));
+        assert!(n.iter().all(|v| *v > 0.0));
+        expect(
+            hyzo_zo_begin_with_sq_norms(o, null(), 2),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "sq_norms",
+        );
+        expect(
+            hyzo_zo_begin_with_sq_norms(o, n.as_ptr(), 1),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "sq_norms",
+        );
+        let bad = [f64::NAN, 1.0];
+        expect(
+            hyzo_zo_begin_with_sq_norms(o, bad.as_ptr(), 2),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "sq_norms",
+        );
+        ok(hyzo_zo_begin_with_sq_norms(o, n.as_ptr(), 2));
+        expect(
+            hyzo_optimizer_local_sq_norms(o, n.as_mut_ptr(), 2),
+            HYZO_ERR_BAD_STATE,
+            "in progress",
+        );
+        ok(hyzo_zo_abort(o));
+        hyzo_optimizer_destroy(o);
+    }
+}
+
+#[test]
+fn directions_fill_matches_the_core() {
+    let mut out = vec![0f32; 37];
+    unsafe {
+        for kind in [
+            DirectionKind::Gaussian,
+            DirectionKind::Rademacher,
+            DirectionKind::Sphere,
+        ] {
+            ok(hyzo_directions_fill(
+                kind as u32,
+                11,
+                3,
+                2,
+                5,
+                37,
+                out.as_mut_ptr(),
+            ));
+            let mut want = vec![0f32; 37];
+            crate::direction::fill_scalar(kind, DirectionId::new(11, 3, 2), 5, &mut want);
+            assert_eq!(out, want);
+        }
+        expect(
+            hyzo_directions_fill(3, 0, 0, 0, 0, 1, out.as_mut_ptr()),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "kind",
+        );
+        expect(
+            hyzo_directions_fill(0, 0, 0, 0, 0, 1, null_mut()),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "out",
+        );
+        let mis = (out.as_mut_ptr() as *mut u8).add(1) as *mut f32;
+        expect(
+            hyzo_directions_fill(0, 0, 0, 0, 0, 1, mis),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "out",
+        );
+        expect(
+            hyzo_directions_fill(0, 0, 0, 0, u64::MAX, 2, out.as_mut_ptr()),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "count",
+        );
+        expect(
+            hyzo_directions_fill(0, 0, 0, 0, 0, u64::MAX / 2, out.as_mut_ptr()),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "count",
+        );
+        ok(hyzo_directions_fill(0, 0, 0, 0, 0, 0, out.as_mut_ptr()));
+    }
+}
+
+#[test]
+fn a_panic_becomes_internal_and_poisons() {
+    let o = cpu(&hyzo_config_default());
+    unsafe {
+        let s = with_opt("test", o, |_| panic!("boom"));
+        expect(s, HYZO_ERR_INTERNAL, "boom");
+        expect(
+            hyzo_optimizer_set_lr(o, 0.1),
+            HYZO_ERR_INTERNAL,
+            "destroy it",
+        );
+        hyzo_optimizer_destroy(o);
+    }
+    expect(
+        guard("g", || panic!("{}", 5)),
+        HYZO_ERR_INTERNAL,
+        "panic): 5",
+    );
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_without_a_device_is_no_device() {
+    if hyzo_cuda_available() != 0 {
+        return; // tests/ffi_cuda.rs covers the device
+    }
+    let mut o = 1usize as *mut hyzo_optimizer;
+    // SAFETY: valid pointers.
+    let s = unsafe { hyzo_optimizer_create(&hyzo_config_default(), 1, 0, &mut o) };
+    assert_eq!(s, HYZO_ERR_NO_DEVICE, "{}", last_error());
+    assert!(o.is_null());
+}

@@ -1,0 +1,377 @@
+//! The device primitives of `kernels/hyzo_device.cuh`, compiled for the host (the header's
+//! `HYZO_HOST_EMULATION` mode: each intrinsic becomes the IEEE operation it names), checked
+//! bit for bit against the Rust reference: Philox, the Gaussian and Rademacher entries, the
+//! stochastic-rounding words, the rounding modes, the conversions, the rules and the
+//! division. This pins the kernels' arithmetic without a GPU; `gpu_parity.rs` then checks
+//! the kernels themselves on one. Skipped (with a message) when no C++ compiler is found.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use half::{bf16, f16};
+use hyzo::direction::{direction_at, gaussian_pair, DirectionId, DirectionKind};
+use hyzo::dtype::{stochastic_round_bf16, stochastic_round_f16};
+use hyzo::philox::philox4x32_10;
+use hyzo::rules::{apply, Rule, RuleParams};
+use rand::{Rng, SeedableRng};
+
+/// Builds the host driver; `None` (and a message) without a C++ compiler.
+fn driver() -> Option<std::path::PathBuf> {
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("hyzo_device_mirror");
+    let root = env!("CARGO_MANIFEST_DIR");
+    for cxx in [
+        std::env::var("CXX").unwrap_or_default().as_str(),
+        "c++",
+        "g++",
+        "clang++",
+    ] {
+        if cxx.is_empty() {
+            continue;
+        }
+        let status = Command::new(cxx)
+            .args([
+                "-O2",
+                "-std=c++17",
+                "-ffp-contract=off",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+            ])
+            .arg(format!("-I{root}/kernels"))
+            .arg(format!("{root}/tests/device_mirror/main.cpp"))
+            .arg("-o")
+            .arg(&out)
+            .status();
+        match status {
+            Ok(s) if s.success() => return Some(out),
+            Ok(s) => panic!("{cxx} failed to compile the host mirror ({s})"),
+            Err(_) => continue,
+        }
+    }
+    println!("skipped: no C++ compiler for the host mirror of the device code");
+    None
+}
+
+/// Runs the driver on `input`; returns its output lines.
+fn run(exe: &std::path::Path, input: &str) -> Vec<Vec<u64>> {
+    let mut child = Command::new(exe)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run the host mirror");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_string();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()).unwrap());
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(
+        out.status.success(),
+        "host mirror failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            l.split_whitespace()
+                .map(|w| u64::from_str_radix(w, 16).unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+fn special_words() -> Vec<u32> {
+    let mut v = vec![
+        0u32,
+        1,
+        2,
+        3,
+        0x7FFF_FFFF,
+        0x8000_0000,
+        u32::MAX,
+        u32::MAX - 1,
+    ];
+    for s in [27u32, 29, 30] {
+        v.extend([
+            (1 << s) - 1,
+            1 << s,
+            (1 << s) + 1,
+            u32::MAX - (1 << s),
+            u32::MAX - (1 << s) + 1,
+        ]);
+    }
+    v.extend([
+        3 << 29,
+        0xC000_0000,
+        0xE000_0000,
+        0xDFFF_FFFF,
+        0xA000_0000,
+        0x9FFF_FFFF,
+    ]);
+    v
+}
+
+#[test]
+fn philox_and_gaussian_pairs_match_bit_for_bit() {
+    let Some(exe) = driver() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut input = String::new();
+    let mut cases = Vec::new();
+    for _ in 0..2000 {
+        let c: [u32; 4] = rng.gen();
+        let k: [u32; 2] = rng.gen();
+        input += &format!(
+            "P {:x} {:x} {:x} {:x} {:x} {:x}\n",
+            c[0], c[1], c[2], c[3], k[0], k[1]
+        );
+        cases.push((c, k));
+    }
+    let out = run(&exe, &input);
+    for ((c, k), o) in cases.iter().zip(&out) {
+        let want = philox4x32_10(*c, *k);
+        assert_eq!(
+            o.iter().map(|w| *w as u32).collect::<Vec<_>>(),
+            want.to_vec()
+        );
+    }
+    let specials = special_words();
+    let mut pairs: Vec<(u32, u32)> = Vec::new();
+    for &x in &specials {
+        for &y in &specials {
+            pairs.push((x, y));
+        }
+    }
+    for _ in 0..300_000 {
+        pairs.push((rng.gen(), rng.gen()));
+    }
+    let input: String = pairs
+        .iter()
+        .map(|(x, y)| format!("G {x:x} {y:x}\n"))
+        .collect();
+    let out = run(&exe, &input);
+    assert_eq!(out.len(), pairs.len());
+    for ((x, y), o) in pairs.iter().zip(&out) {
+        let (a, b) = gaussian_pair(*x, *y);
+        assert_eq!(
+            (o[0] as u32, o[1] as u32),
+            (a.to_bits(), b.to_bits()),
+            "x={x:#x} y={y:#x}"
+        );
+    }
+}
+
+#[test]
+fn direction_groups_and_rounding_words_match() {
+    let Some(exe) = driver() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let mut input = String::new();
+    let mut cases = Vec::new();
+    for i in 0..20_000u64 {
+        let kind = (i % 2) as u32;
+        let seed: u64 = rng.gen();
+        let step: u32 = rng.gen_range(0..1000);
+        let dir: u32 = rng.gen_range(0..8);
+        let g: u64 = if i % 3 == 0 {
+            rng.gen_range(0..1 << 40)
+        } else {
+            rng.gen_range(0..100)
+        };
+        input +=
+            &format!("D {kind:x} {seed:x} {step:x} {dir:x} {g:x}\nW {seed:x} {step:x} {g:x}\n");
+        cases.push((kind, seed, step, dir, g));
+    }
+    let out = run(&exe, &input);
+    for (i, (kind, seed, step, dir, g)) in cases.iter().enumerate() {
+        let k = if *kind == 1 {
+            DirectionKind::Rademacher
+        } else {
+            DirectionKind::Gaussian
+        };
+        let id = DirectionId::new(*seed, *step, *dir);
+        let sr = DirectionId::new(*seed, *step, hyzo::direction::STOCHASTIC_ROUNDING_DIRECTION);
+        for e in 0..8u64 {
+            let j = 8 * g + e;
+            assert_eq!(
+                out[2 * i][e as usize] as u32,
+                direction_at(k, id, j).to_bits(),
+                "{k:?} j={j}"
+            );
+            assert_eq!(
+                out[2 * i + 1][e as usize] as u32,
+                sr.block(j / 4)[(j % 4) as usize],
+                "word j={j}"
+            );
+        }
+    }
+}
+
+fn interesting_floats(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
+    let mut v = vec![
+        0.0f32,
+        -0.0,
+        1.0,
+        -1.0,
+        65504.0,
+        65519.0,
+        65520.0,
+        65536.0,
+        -70000.0,
+        6.0e-8,
+        5.9e-8,
+        2.9e-8,
+        1e-40,
+        -1e-45,
+        3.0e38,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1.0 + 1.0 / 300.0,
+        6.1035e-5,
+        6.1e-5,
+        3.3895e38,
+        3.39e38,
+    ];
+    for _ in 0..n {
+        let x = match rng.gen_range(0..4) {
+            0 => f32::from_bits(rng.gen::<u32>() & 0x7F7F_FFFF | (rng.gen::<u32>() & 0x8000_0000)),
+            1 => rng.gen_range(-4.0f32..4.0),
+            2 => rng.gen_range(-1e-4f32..1e-4),
+            _ => rng.gen_range(-70000.0f32..70000.0),
+        };
+        v.push(x);
+    }
+    v
+}
+
+#[test]
+fn rounding_and_conversions_match() {
+    let Some(exe) = driver() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let xs = interesting_floats(&mut rng, 100_000);
+    let rs: Vec<u32> = (0..xs.len()).map(|_| rng.gen()).collect();
+    let mut input = String::new();
+    for (x, r) in xs.iter().zip(&rs) {
+        input += &format!("S {:x} {r:x}\nC {:x}\n", x.to_bits(), x.to_bits());
+    }
+    let out = run(&exe, &input);
+    for (i, (x, r)) in xs.iter().zip(&rs).enumerate() {
+        let s = &out[2 * i];
+        assert_eq!(
+            s[0] as u32,
+            stochastic_round_bf16(*x, *r).to_bits(),
+            "bf16 sr x={x:e} r={r:#x}"
+        );
+        assert_eq!(
+            s[1] as u32,
+            stochastic_round_f16(*x, *r).to_bits(),
+            "f16 sr x={x:e} r={r:#x}"
+        );
+        let c = &out[2 * i + 1];
+        assert_eq!(c[0] as u16, bf16::from_f32(*x).to_bits(), "bf16 x={x:e}");
+        assert_eq!(c[1] as u16, f16::from_f32(*x).to_bits(), "f16 x={x:e}");
+        assert_eq!(c[2] as u32, bf16::from_f32(*x).to_f32().to_bits());
+        assert_eq!(c[3] as u32, f16::from_f32(*x).to_f32().to_bits());
+    }
+}
+
+#[test]
+fn division_is_ieee() {
+    let Some(exe) = driver() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let mut pairs = Vec::new();
+    let xs = interesting_floats(&mut rng, 300);
+    for &a in &xs {
+        for &b in xs.iter().step_by(3) {
+            pairs.push((a, b));
+        }
+    }
+    for _ in 0..200_000 {
+        // Any bit patterns, subnormals included (NaN compared as "is NaN").
+        pairs.push((f32::from_bits(rng.gen()), f32::from_bits(rng.gen())));
+        // Quotients near the subnormal range and exact midpoints there.
+        let b = f32::from_bits(rng.gen_range(0x3F80_0000..0x4080_0000));
+        let a = f32::from_bits(rng.gen_range(0..0x0100_0000));
+        pairs.push((a, b));
+        pairs.push((a * b, b));
+    }
+    let input: String = pairs
+        .iter()
+        .map(|(a, b)| format!("V {:x} {:x}\n", a.to_bits(), b.to_bits()))
+        .collect();
+    let out = run(&exe, &input);
+    for ((a, b), o) in pairs.iter().zip(&out) {
+        let want = a / b;
+        let got = f32::from_bits(o[0] as u32);
+        if want.is_nan() {
+            assert!(got.is_nan(), "{a:e} / {b:e}: {got:e}");
+        } else {
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "{a:e} / {b:e}: {got:e} vs {want:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn rules_match() {
+    let Some(exe) = driver() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut input = String::new();
+    let mut cases = Vec::new();
+    for i in 0..60_000usize {
+        let rule = Rule::ALL[i % 6];
+        let t = rng.gen_range(1..2000);
+        let p = RuleParams::new(
+            rule,
+            rng.gen_range(0.0..0.1),
+            rng.gen_range(0.0..0.999),
+            rng.gen_range(0.9..0.99999),
+            [1e-8, 1e-6, 1e-3][i % 3],
+            if i % 4 == 0 {
+                0.0
+            } else {
+                rng.gen_range(0.0..0.1)
+            },
+            t,
+        );
+        let g = if i % 17 == 0 {
+            0.0
+        } else {
+            rng.gen_range(-10.0f32..10.0) * 10f32.powi(rng.gen_range(-6..3))
+        };
+        let theta = rng.gen_range(-3.0f32..3.0);
+        let m = rng.gen_range(-1.0f32..1.0) * 10f32.powi(rng.gen_range(-8..1));
+        let v = rng.gen_range(0.0f32..1.0) * 10f32.powi(rng.gen_range(-12..1));
+        let b = |x: f32| x.to_bits();
+        input += &format!(
+            "U {:x} {:x} {:x} {:x} {:x} {:x} {:x} {:x} {:x} {:x} {:x} {:x}\n",
+            p.rule,
+            b(p.lr),
+            b(p.beta1),
+            b(p.beta2),
+            b(p.eps),
+            b(p.weight_decay),
+            b(p.bias_correction1),
+            b(p.bias_correction2),
+            b(theta),
+            b(g),
+            b(m),
+            b(v)
+        );
+        cases.push((p, theta, g, m, v));
+    }
+    let out = run(&exe, &input);
+    for ((p, theta, g, m, v), o) in cases.iter().zip(&out) {
+        let (mut m2, mut v2) = (*m, *v);
+        let x = apply(p, *theta, *g, &mut m2, &mut v2);
+        assert_eq!(
+            (o[0] as u32, o[1] as u32, o[2] as u32),
+            (x.to_bits(), m2.to_bits(), v2.to_bits()),
+            "{:?} theta={theta} g={g} m={m} v={v}",
+            p.rule()
+        );
+    }
+}

@@ -1,0 +1,851 @@
+//! The CUDA backend against the CPU backend (the reference), on the same inputs.
+//!
+//! Mismatch bound: **none** — parameters and state must agree bit for bit. The kernels run
+//! the CPU's f32 algorithm operation for operation with correctly rounded operations (no
+//! contraction, IEEE division and square root; `tests/device_mirror.rs` checks that mirror
+//! on the host), the same conversions (round to nearest even) and the same random words, so
+//! there is no source of difference to tolerate. The only tolerance is sq_norm's (a sum in
+//! f64 in another order: relative 1e-12). A failure prints the fraction of elements that
+//! differ, the largest difference in ulps and the first few cases.
+//!
+//! Without a CUDA device every test prints "skipped: no CUDA device" and passes.
+#![cfg(feature = "cuda")]
+
+use half::{bf16, f16};
+use hyzo::backend::cuda::{is_available, CudaBackend, CudaBuffer};
+use hyzo::backend::{Backend, Generator, PerturbPass, Term, UpdatePass};
+use hyzo::rules::{Rule, RuleParams};
+use hyzo::{
+    Config, CpuBackend, DType, DirectionKind, Estimator, Feed, Location, Optimizer, ParamShard,
+    Precision, TensorSpec,
+};
+use rand::{Rng, SeedableRng};
+
+fn gpu() -> bool {
+    if is_available() {
+        true
+    } else {
+        println!("skipped: no CUDA device");
+        false
+    }
+}
+
+/// One tensor of a test layout.
+#[derive(Clone, Copy, Debug)]
+struct Spec {
+    dtype: DType,
+    grad: Option<DType>,
+    numel: u64,
+    offset: u64,
+    /// Bytes added to a 256-aligned device address (a multiple of the element size).
+    misalign: u64,
+}
+
+/// The same tensors in host memory (for the CPU backend) and device memory (for CUDA).
+struct Twin {
+    specs: Vec<Spec>,
+    host: Vec<Vec<u32>>,
+    host_grads: Vec<Vec<u32>>,
+    dev: CudaBuffer,
+    dev_at: Vec<(u64, u64)>,
+}
+
+fn random_bytes(rng: &mut rand::rngs::StdRng, dtype: DType, n: usize, scale: f32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n * dtype.size());
+    for _ in 0..n {
+        let x: f32 = rng.gen_range(-scale..scale);
+        match dtype {
+            DType::F32 => out.extend(x.to_le_bytes()),
+            DType::F16 => out.extend(f16::from_f32(x).to_le_bytes()),
+            DType::BF16 => out.extend(bf16::from_f32(x).to_le_bytes()),
+        }
+    }
+    out
+}
+
+fn words(bytes: &[u8]) -> Vec<u32> {
+    let mut w = vec![0u32; bytes.len().div_ceil(4)];
+    // SAFETY: w holds at least bytes.len() bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), w.as_mut_ptr() as *mut u8, bytes.len())
+    };
+    w
+}
+
+impl Twin {
+    fn new(specs: Vec<Spec>, seed: u64) -> Twin {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut cursor = 0u64;
+        let mut dev_at = Vec::new();
+        let mut host = Vec::new();
+        let mut host_grads = Vec::new();
+        let mut uploads = Vec::new();
+        for s in &specs {
+            let data = random_bytes(&mut rng, s.dtype, s.numel as usize, 2.0);
+            let d = cursor.div_ceil(256) * 256 + s.misalign;
+            cursor = d + data.len() as u64;
+            let g = if let Some(gd) = s.grad {
+                let gb = random_bytes(&mut rng, gd, s.numel as usize, 1.0);
+                let g = cursor.div_ceil(256) * 256 + s.misalign;
+                cursor = g + gb.len() as u64;
+                uploads.push((g, gb.clone()));
+                host_grads.push(words(&gb));
+                g
+            } else {
+                host_grads.push(Vec::new());
+                u64::MAX
+            };
+            uploads.push((d, data.clone()));
+            host.push(words(&data));
+            dev_at.push((d, g));
+        }
+        let dev = CudaBuffer::new(0, cursor as usize + 256).unwrap();
+        for (at, bytes) in uploads {
+            dev.upload_at(at as usize, &bytes).unwrap();
+        }
+        Twin {
+            specs,
+            host,
+            host_grads,
+            dev,
+            dev_at,
+        }
+    }
+
+    fn host_shard(&mut self) -> ParamShard<'static> {
+        let mut shard = ParamShard::new();
+        for (i, s) in self.specs.iter().enumerate() {
+            let spec = TensorSpec {
+                data: self.host[i].as_mut_ptr() as u64,
+                dtype: s.dtype,
+                numel: s.numel,
+                offset: s.offset,
+                grad: if s.grad.is_some() {
+                    self.host_grads[i].as_mut_ptr() as u64
+                } else {
+                    0
+                },
+                grad_dtype: s.grad.unwrap_or(DType::F32),
+            };
+            // SAFETY: the vectors live as long as the Twin, which outlives every shard in
+            // these tests; nothing else touches them during a pass.
+            unsafe { shard.add_raw(spec).unwrap() };
+        }
+        shard
+    }
+
+    fn dev_shard(&self) -> ParamShard<'static> {
+        let mut shard = ParamShard::with_location(Location::Cuda(0));
+        for (s, (d, g)) in self.specs.iter().zip(&self.dev_at) {
+            let spec = TensorSpec {
+                data: self.dev.ptr() + d,
+                dtype: s.dtype,
+                numel: s.numel,
+                offset: s.offset,
+                grad: if s.grad.is_some() {
+                    self.dev.ptr() + g
+                } else {
+                    0
+                },
+                grad_dtype: s.grad.unwrap_or(DType::F32),
+            };
+            // SAFETY: device memory owned by the Twin, alive for the test.
+            unsafe { shard.add_raw(spec).unwrap() };
+        }
+        shard
+    }
+
+    /// Compares every parameter bit for bit; panics with statistics on a difference.
+    fn assert_same(&self, what: &str) {
+        let mut differ = 0u64;
+        let mut total = 0u64;
+        let mut worst = 0i64;
+        let mut first = Vec::new();
+        for (i, s) in self.specs.iter().enumerate() {
+            let size = s.dtype.size();
+            let mut dev = vec![0u8; s.numel as usize * size];
+            self.dev
+                .download_at(self.dev_at[i].0 as usize, &mut dev)
+                .unwrap();
+            // SAFETY: host storage holds numel * size bytes.
+            let host = unsafe {
+                std::slice::from_raw_parts(self.host[i].as_ptr() as *const u8, dev.len())
+            };
+            for e in 0..s.numel as usize {
+                let (a, b) = (
+                    &host[e * size..(e + 1) * size],
+                    &dev[e * size..(e + 1) * size],
+                );
+                total += 1;
+                if a != b {
+                    differ += 1;
+                    let bits =
+                        |x: &[u8]| x.iter().rev().fold(0i64, |acc, v| (acc << 8) | *v as i64);
+                    worst = worst.max((bits(a) - bits(b)).abs());
+                    if first.len() < 5 {
+                        first.push(format!(
+                            "tensor {i} ({:?}) element {e}: cpu {a:02x?} gpu {b:02x?}",
+                            s.dtype
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(
+            differ == 0,
+            "{what}: {differ} of {total} elements differ ({:.2e}), up to {worst} ulp; {}",
+            differ as f64 / total as f64,
+            first.join("; ")
+        );
+    }
+}
+
+fn layouts(rng: &mut rand::rngs::StdRng) -> Vec<Vec<Spec>> {
+    let dtypes = [DType::F32, DType::F16, DType::BF16];
+    let mut out = Vec::new();
+    // Many small tensors, odd lengths, offsets not multiples of 4 or 128, some misaligned.
+    let mut v = Vec::new();
+    let mut off = 3u64;
+    for i in 0..40 {
+        let dtype = dtypes[i % 3];
+        let numel = [1u64, 2, 3, 5, 7, 8, 9, 15, 17, 127, 129, 1000, 4099][rng.gen_range(0..13)];
+        let misalign = if i % 5 == 0 {
+            dtype.size() as u64 * rng.gen_range(1..4)
+        } else {
+            0
+        };
+        v.push(Spec {
+            dtype,
+            grad: Some(dtypes[(i / 3) % 3]),
+            numel,
+            offset: off,
+            misalign,
+        });
+        off += numel + rng.gen_range(0..9);
+    }
+    out.push(v);
+    // Offsets above 2^32, a tensor spanning several chunks, and one with an odd start.
+    out.push(vec![
+        Spec {
+            dtype: DType::BF16,
+            grad: Some(DType::F32),
+            numel: 70_001,
+            offset: (1 << 32) + 5,
+            misalign: 0,
+        },
+        Spec {
+            dtype: DType::F16,
+            grad: Some(DType::BF16),
+            numel: 33_333,
+            offset: (1 << 33) + 130,
+            misalign: 2,
+        },
+        Spec {
+            dtype: DType::F32,
+            grad: Some(DType::F16),
+            numel: 40_000,
+            offset: (3 << 40) + 1,
+            misalign: 4,
+        },
+    ]);
+    out
+}
+
+fn configs() -> Vec<(Precision, DirectionKind, Rule)> {
+    let mut v = Vec::new();
+    let precisions = [
+        Precision::Nearest,
+        Precision::Stochastic,
+        Precision::Compensated,
+    ];
+    let kinds = [DirectionKind::Gaussian, DirectionKind::Rademacher];
+    for (i, p) in precisions.iter().enumerate() {
+        for (k, kind) in kinds.iter().enumerate() {
+            for (r, rule) in Rule::ALL.iter().enumerate() {
+                if (i + k + r) % 2 == 0 || *rule == Rule::AdamW {
+                    v.push((*p, *kind, *rule));
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Every pass of the backend interface, on both backends, compared after each pass.
+#[test]
+fn kernels_match_cpu_on_random_shards() {
+    if !gpu() {
+        return;
+    }
+    // HYZO_PARITY_QUICK=1 (used under compute-sanitizer) keeps a few configurations.
+    let quick = std::env::var_os("HYZO_PARITY_QUICK").is_some();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for (li, layout) in layouts(&mut rng).into_iter().enumerate() {
+        let take = if quick { 4 } else { usize::MAX };
+        for (ci, (precision, kind, rule)) in configs().into_iter().enumerate().take(take) {
+            let mut twin = Twin::new(layout.clone(), (li * 100 + ci) as u64);
+            let host = twin.host_shard();
+            let dev = twin.dev_shard();
+            let mut cpu = CpuBackend::new(2).unwrap();
+            let mut gpu = CudaBackend::new(0).unwrap();
+            let buffers = rule.state_buffers();
+            let residual = precision == Precision::Compensated;
+            cpu.allocate_state(&host, buffers, residual).unwrap();
+            gpu.allocate_state(&dev, buffers, residual).unwrap();
+            let tag = format!("layout {li}, {precision:?} {kind:?} {rule:?}");
+            for step in 0..3u32 {
+                let gen = Generator {
+                    seed: 0xC0FF_EE00 + ci as u64,
+                    step,
+                    kind,
+                };
+                let q = [1usize, 2, 3, 4, 10][(step as usize + ci) % 5];
+                let mu = 1e-2f32;
+                // Two perturbation passes, with one and two terms.
+                for terms in [
+                    vec![Term {
+                        direction: 0,
+                        coeff: mu,
+                    }],
+                    vec![
+                        Term {
+                            direction: 0,
+                            coeff: -mu,
+                        },
+                        Term {
+                            direction: (q as u32).min(3),
+                            coeff: mu,
+                        },
+                    ],
+                ] {
+                    let pass = PerturbPass {
+                        gen,
+                        terms: &terms,
+                        precision,
+                    };
+                    cpu.perturb(&host, &pass).unwrap();
+                    gpu.perturb(&dev, &pass).unwrap();
+                    gpu.synchronize().unwrap();
+                    twin.assert_same(&format!("{tag}: perturb step {step}"));
+                }
+                // The update: restore of the last direction fused with the rule.
+                let zo: Vec<Term> = (0..q as u32)
+                    .map(|d| Term {
+                        direction: d,
+                        coeff: rng.gen_range(-1.0..1.0),
+                    })
+                    .collect();
+                let rule_params =
+                    RuleParams::new(rule, 1e-2, 0.9, 0.999, 1e-8, 1e-3, step as u64 + 1);
+                let grad_weight = [None, Some(0.25f32), Some(1.0)][(step as usize + ci) % 3];
+                let pass = UpdatePass {
+                    gen,
+                    restore: Some(Term {
+                        direction: (q as u32).min(3),
+                        coeff: -mu,
+                    }),
+                    zo: &zo,
+                    grad_weight,
+                    rule: rule_params,
+                    precision,
+                    device_losses: None,
+                };
+                cpu.update(&host, &pass).unwrap();
+                gpu.update(&dev, &pass).unwrap();
+                gpu.synchronize().unwrap();
+                twin.assert_same(&format!(
+                    "{tag}: update step {step} q {q} grad {grad_weight:?}"
+                ));
+                // A first-order update.
+                let pass = UpdatePass {
+                    restore: None,
+                    zo: &[],
+                    grad_weight: Some(1.0),
+                    ..pass
+                };
+                cpu.update(&host, &pass).unwrap();
+                gpu.update(&dev, &pass).unwrap();
+                twin.assert_same(&format!("{tag}: fo update step {step}"));
+                assert_eq!(
+                    cpu.save_state().unwrap(),
+                    gpu.save_state().unwrap(),
+                    "{tag}: state after step {step}"
+                );
+            }
+            // sq_norm: an f64 sum in another order.
+            let gen = Generator {
+                seed: 99,
+                step: 1,
+                kind,
+            };
+            let a = cpu.sq_norm(&host, gen, 2).unwrap();
+            let b = gpu.sq_norm(&dev, gen, 2).unwrap();
+            assert!(
+                (a - b).abs() <= 1e-12 * a.abs(),
+                "{tag}: sq_norm {a} vs {b}"
+            );
+            // Deterministic: the same value again.
+            assert_eq!(b.to_bits(), gpu.sq_norm(&dev, gen, 2).unwrap().to_bits());
+            // State round trip through the backend-independent layout.
+            let saved = gpu.save_state().unwrap();
+            gpu.load_state(&saved).unwrap();
+            assert_eq!(gpu.save_state().unwrap(), saved);
+        }
+    }
+}
+
+/// One large tensor (several thousand chunks) on both backends.
+#[test]
+fn huge_tensor_matches_cpu() {
+    if !gpu() {
+        return;
+    }
+    let spec = Spec {
+        dtype: DType::BF16,
+        grad: None,
+        numel: (1 << 26) + 3,
+        offset: (1 << 34) + 6,
+        misalign: 0,
+    };
+    let mut twin = Twin::new(vec![spec], 11);
+    let host = twin.host_shard();
+    let dev = twin.dev_shard();
+    let mut cpu = CpuBackend::new(0).unwrap();
+    let mut gpu = CudaBackend::new(0).unwrap();
+    cpu.allocate_state(&host, 2, false).unwrap();
+    gpu.allocate_state(&dev, 2, false).unwrap();
+    let gen = Generator {
+        seed: 5,
+        step: 3,
+        kind: DirectionKind::Gaussian,
+    };
+    let terms = [Term {
+        direction: 0,
+        coeff: 1e-3,
+    }];
+    let pass = PerturbPass {
+        gen,
+        terms: &terms,
+        precision: Precision::Nearest,
+    };
+    cpu.perturb(&host, &pass).unwrap();
+    gpu.perturb(&dev, &pass).unwrap();
+    twin.assert_same("huge perturb");
+    let zo = [Term {
+        direction: 0,
+        coeff: 0.3,
+    }];
+    let pass = UpdatePass {
+        gen,
+        restore: Some(Term {
+            direction: 0,
+            coeff: -1e-3,
+        }),
+        zo: &zo,
+        grad_weight: None,
+        rule: RuleParams::new(Rule::AdamW, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1),
+        precision: Precision::Stochastic,
+        device_losses: None,
+    };
+    cpu.update(&host, &pass).unwrap();
+    gpu.update(&dev, &pass).unwrap();
+    twin.assert_same("huge update");
+    assert_eq!(cpu.save_state().unwrap(), gpu.save_state().unwrap());
+}
+
+fn loss_of(values: &[f32]) -> f32 {
+    // A smooth, non-trivial loss: Σ (x_i − 0.1 i)² / n in f64.
+    let n = values.len() as f64;
+    (values
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (*x as f64 - 0.001 * i as f64).powi(2))
+        .sum::<f64>()
+        / n) as f32
+}
+
+fn host_values(twin: &Twin) -> Vec<f32> {
+    let mut all = Vec::new();
+    for (i, s) in twin.specs.iter().enumerate() {
+        let n = s.numel as usize;
+        let p = twin.host[i].as_ptr();
+        // SAFETY: host storage of n elements of the dtype.
+        unsafe {
+            match s.dtype {
+                DType::F32 => all.extend_from_slice(std::slice::from_raw_parts(p as *const f32, n)),
+                DType::F16 => all.extend(
+                    std::slice::from_raw_parts(p as *const f16, n)
+                        .iter()
+                        .map(|x| x.to_f32()),
+                ),
+                DType::BF16 => all.extend(
+                    std::slice::from_raw_parts(p as *const bf16, n)
+                        .iter()
+                        .map(|x| x.to_f32()),
+                ),
+            }
+        }
+    }
+    all
+}
+
+fn device_values(twin: &Twin) -> Vec<f32> {
+    let mut all = Vec::new();
+    for (i, s) in twin.specs.iter().enumerate() {
+        let n = s.numel as usize;
+        let mut b = vec![0u8; n * s.dtype.size()];
+        twin.dev
+            .download_at(twin.dev_at[i].0 as usize, &mut b)
+            .unwrap();
+        for e in 0..n {
+            all.push(match s.dtype {
+                DType::F32 => f32::from_le_bytes(b[4 * e..4 * e + 4].try_into().unwrap()),
+                DType::F16 => f16::from_le_bytes([b[2 * e], b[2 * e + 1]]).to_f32(),
+                DType::BF16 => bf16::from_le_bytes([b[2 * e], b[2 * e + 1]]).to_f32(),
+            });
+        }
+    }
+    all
+}
+
+fn small_layout() -> Vec<Spec> {
+    vec![
+        Spec {
+            dtype: DType::BF16,
+            grad: Some(DType::BF16),
+            numel: 3001,
+            offset: 7,
+            misalign: 0,
+        },
+        Spec {
+            dtype: DType::F16,
+            grad: Some(DType::F32),
+            numel: 129,
+            offset: 5000,
+            misalign: 2,
+        },
+        Spec {
+            dtype: DType::F32,
+            grad: Some(DType::F16),
+            numel: 1000,
+            offset: (1 << 32) + 1,
+            misalign: 0,
+        },
+    ]
+}
+
+/// Whole optimizer steps (the step protocol of optimizer.rs) on both backends: two- and
+/// one-sided, q = 1..4, every direction kind (the sphere included), hybrid schedules.
+#[test]
+fn optimizer_steps_match_cpu() {
+    if !gpu() {
+        return;
+    }
+    let mut case = 0;
+    for estimator in [Estimator::TwoSided, Estimator::OneSided] {
+        for q in 1..=4u32 {
+            for direction in [
+                DirectionKind::Gaussian,
+                DirectionKind::Rademacher,
+                DirectionKind::Sphere,
+            ] {
+                case += 1;
+                let rule = Rule::ALL[case % 6];
+                let precision = [
+                    Precision::Nearest,
+                    Precision::Stochastic,
+                    Precision::Compensated,
+                ][case % 3];
+                let hybrid = case % 4 == 0;
+                let config = Config {
+                    seed: 1234 + case as u64,
+                    lr: 1e-2,
+                    eps: 1e-2,
+                    num_directions: q,
+                    direction,
+                    estimator,
+                    rule,
+                    weight_decay: 1e-3,
+                    precision,
+                    fo_steps: if hybrid { 1 } else { 0 },
+                    zo_steps: if hybrid { 2 } else { 0 },
+                    hybrid_alpha: if case % 5 == 0 { 0.5 } else { 0.0 },
+                    ..Config::default()
+                };
+                let mut twin = Twin::new(small_layout(), case as u64);
+                let host = twin.host_shard();
+                let dev = twin.dev_shard();
+                let twin_ptr: *const Twin = &twin;
+                let mut cpu = Optimizer::with_backend(
+                    config.clone(),
+                    host,
+                    Box::new(CpuBackend::new(2).unwrap()),
+                )
+                .unwrap();
+                let mut gpu = Optimizer::with_backend(
+                    config.clone(),
+                    dev,
+                    Box::new(CudaBackend::new(0).unwrap()),
+                )
+                .unwrap();
+                for s in 0..5 {
+                    if cpu.next_phase() == Some(hyzo::Phase::FirstOrder) {
+                        cpu.fo_step().unwrap();
+                        gpu.fo_step().unwrap();
+                    } else {
+                        // SAFETY: the twin outlives both optimizers; the loss only reads.
+                        let a = cpu
+                            .zo_step(|_| loss_of(&host_values(unsafe { &*twin_ptr })))
+                            .unwrap();
+                        let b = gpu
+                            .zo_step(|_| loss_of(&device_values(unsafe { &*twin_ptr })))
+                            .unwrap();
+                        assert_eq!(a, b, "case {case} step {s}: reports");
+                    }
+                    twin.assert_same(&format!("case {case} {config:?} step {s}"));
+                }
+                assert_eq!(
+                    cpu.save_state().unwrap(),
+                    gpu.save_state().unwrap(),
+                    "case {case}: state"
+                );
+            }
+        }
+    }
+}
+
+/// Runs one zeroth-order step feeding losses from device memory; `nan_at` poisons one.
+fn device_loss_step(opt: &mut Optimizer, twin: &Twin, loss_buf: &CudaBuffer, nan_at: Option<u32>) {
+    opt.begin().unwrap();
+    let mut e = 0;
+    loop {
+        opt.synchronize().unwrap();
+        let l = if nan_at == Some(e) {
+            f32::NAN
+        } else {
+            loss_of(&device_values(twin))
+        };
+        let slot = (e % 8) as usize * 4;
+        loss_buf.upload_at(slot, &[l]).unwrap();
+        e += 1;
+        match opt.feed_device(loss_buf.ptr() + slot as u64).unwrap() {
+            Feed::NeedsForward => {}
+            Feed::Done(r) => {
+                assert!(r.loss.is_none());
+                return;
+            }
+        }
+    }
+}
+
+/// Losses fed from device memory (projected gradients and the finiteness check on the
+/// device) give the host path's result; a NaN loss skips the step on the device.
+#[test]
+fn device_losses_match_host_losses() {
+    if !gpu() {
+        return;
+    }
+    // q = 1, 2, 4: the device's g_d · (1/q) equals the host's g_d / q exactly.
+    for (case, q) in [1u32, 2, 4].into_iter().enumerate() {
+        for estimator in [Estimator::TwoSided, Estimator::OneSided] {
+            let config = Config {
+                seed: 77,
+                lr: 1e-2,
+                eps: 1e-2,
+                num_directions: q,
+                estimator,
+                rule: Rule::AdamW,
+                precision: Precision::Compensated,
+                ..Config::default()
+            };
+            let mut twin = Twin::new(small_layout(), 500 + case as u64);
+            let host = twin.host_shard();
+            let dev = twin.dev_shard();
+            let twin_ptr: *const Twin = &twin;
+            let loss_buf = CudaBuffer::new(0, 64).unwrap();
+            let mut cpu = Optimizer::with_backend(
+                config.clone(),
+                host,
+                Box::new(CpuBackend::new(2).unwrap()),
+            )
+            .unwrap();
+            let mut gpu = Optimizer::with_backend(
+                config.clone(),
+                dev,
+                Box::new(CudaBackend::new(0).unwrap()),
+            )
+            .unwrap();
+            for s in 0..3 {
+                cpu.zo_step(|_| {
+                    // SAFETY: the twin outlives the optimizers.
+                    loss_of(&host_values(unsafe { &*twin_ptr }))
+                })
+                .unwrap();
+                // SAFETY: as above.
+                device_loss_step(&mut gpu, unsafe { &*twin_ptr }, &loss_buf, None);
+                twin.assert_same(&format!("device losses q {q} {estimator:?} step {s}"));
+            }
+            assert_eq!(cpu.save_state().unwrap(), gpu.save_state().unwrap());
+        }
+    }
+}
+
+/// A skipped step on the device restores exactly like the host's skipped step.
+#[test]
+fn device_skip_restores_like_the_host() {
+    if !gpu() {
+        return;
+    }
+    for precision in [
+        Precision::Nearest,
+        Precision::Stochastic,
+        Precision::Compensated,
+    ] {
+        let config = Config {
+            seed: 3,
+            num_directions: 2,
+            rule: Rule::Momentum,
+            precision,
+            ..Config::default()
+        };
+        let mut twin = Twin::new(small_layout(), 900);
+        let host = twin.host_shard();
+        let dev = twin.dev_shard();
+        let twin_ptr: *const Twin = &twin;
+        let loss_buf = CudaBuffer::new(0, 64).unwrap();
+        let mut cpu =
+            Optimizer::with_backend(config.clone(), host, Box::new(CpuBackend::new(2).unwrap()))
+                .unwrap();
+        let mut gpu =
+            Optimizer::with_backend(config.clone(), dev, Box::new(CudaBackend::new(0).unwrap()))
+                .unwrap();
+        let mut e = 0;
+        let report = cpu
+            .zo_step(|_| {
+                e += 1;
+                if e == 2 {
+                    f32::INFINITY
+                } else {
+                    1.0
+                }
+            })
+            .unwrap();
+        assert!(report.skipped);
+        // SAFETY: the twin outlives the optimizers.
+        device_loss_step(&mut gpu, unsafe { &*twin_ptr }, &loss_buf, Some(1));
+        assert_eq!(gpu.skipped().unwrap(), 1);
+        twin.assert_same(&format!("skipped step, {precision:?}"));
+        assert_eq!(
+            cpu.save_state().unwrap()[48..],
+            gpu.save_state().unwrap()[48..]
+        );
+    }
+}
+
+/// A whole zeroth-order step with device losses, captured in a CUDA graph and replayed,
+/// gives exactly the eager step's result.
+#[test]
+fn graph_replay_equals_eager() {
+    if !gpu() {
+        return;
+    }
+    let config = Config {
+        seed: 21,
+        num_directions: 3,
+        rule: Rule::AdamW,
+        precision: Precision::Stochastic,
+        ..Config::default()
+    };
+    let layout = vec![Spec {
+        dtype: DType::F32,
+        grad: None,
+        numel: 10_007,
+        offset: 3,
+        misalign: 0,
+    }];
+    let run = |capture: bool| -> Vec<u8> {
+        let twin = Twin::new(layout.clone(), 42);
+        let dev = twin.dev_shard();
+        let backend = CudaBackend::new(0).unwrap();
+        let stream = backend.stream();
+        let mut opt = Optimizer::with_backend(config.clone(), dev, Box::new(backend)).unwrap();
+        // Warm-up: allocate state and scratch outside the capture (an eager step on the
+        // zeroed losses would change parameters, so only prepare through local_sq_norms).
+        opt.local_sq_norms().unwrap();
+        // The "forward pass": the loss is parameter 0, copied on the stream by the driver.
+        let loss_src = twin.dev.ptr() + twin.dev_at[0].0;
+        let step = |opt: &mut Optimizer| {
+            opt.begin().unwrap();
+            while let Feed::NeedsForward = opt.feed_device(loss_src).unwrap() {}
+        };
+        if capture {
+            let mut be = CudaBackend::new(0).unwrap();
+            // SAFETY: capture on the optimizer's stream through a second handle that borrows it.
+            unsafe { be.set_stream(stream).unwrap() };
+            be.begin_capture().unwrap();
+            step(&mut opt);
+            let graph = be.end_capture().unwrap();
+            graph.launch_on(stream).unwrap();
+        } else {
+            step(&mut opt);
+        }
+        opt.synchronize().unwrap();
+        let mut out = vec![0u8; 4 * 10_007];
+        twin.dev
+            .download_at(twin.dev_at[0].0 as usize, &mut out)
+            .unwrap();
+        out.extend(opt.save_state().unwrap());
+        out
+    };
+    let eager = run(false);
+    let replay = run(true);
+    assert!(eager == replay, "graph replay differs from the eager step");
+}
+
+/// The backend on the caller's stream and memory: nothing borrowed is freed, and passes
+/// run in the caller's stream order.
+#[test]
+fn borrowed_stream_runs_passes() {
+    if !gpu() {
+        return;
+    }
+    let mut twin = Twin::new(small_layout(), 3);
+    let host = twin.host_shard();
+    let dev = twin.dev_shard();
+    let owner = CudaBackend::new(0).unwrap();
+    let mut gpu = CudaBackend::new(0).unwrap();
+    // SAFETY: `owner`'s stream outlives `gpu` (dropped first).
+    unsafe { gpu.set_stream(owner.stream()).unwrap() };
+    let mut cpu = CpuBackend::new(1).unwrap();
+    cpu.allocate_state(&host, 0, false).unwrap();
+    gpu.allocate_state(&dev, 0, false).unwrap();
+    let terms = [Term {
+        direction: 1,
+        coeff: 0.5,
+    }];
+    let pass = PerturbPass {
+        gen: Generator {
+            seed: 1,
+            step: 2,
+            kind: DirectionKind::Gaussian,
+        },
+        terms: &terms,
+        precision: Precision::Nearest,
+    };
+    cpu.perturb(&host, &pass).unwrap();
+    gpu.perturb(&dev, &pass).unwrap();
+    gpu.synchronize().unwrap();
+    twin.assert_same("borrowed stream");
+    drop(gpu);
+    drop(owner);
+}
+
+/// Without a driver or with a wrong ordinal the backend reports `NoDevice`, never panics.
+#[test]
+fn missing_device_is_an_error() {
+    let ordinal = if is_available() { 1 << 20 } else { 0 };
+    match CudaBackend::new(ordinal) {
+        Err(hyzo::Error::NoDevice(msg)) => println!("as expected: {msg}"),
+        other => panic!("expected NoDevice, got {other:?}"),
+    }
+}
