@@ -8,13 +8,17 @@ PY := $(VENV)/bin/python
 # The CUDA 13.0 compiler as pinned wheels (the H100 driver is CUDA 13.0: newer PTX would not load).
 CUDA_WHEELS := nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
 	nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88
-# Environment that points build.rs at the wheels' nvcc (empty when they are absent).
+# Points build.rs at the wheels' nvcc (a no-op when they are absent).
 CUDA_ENV = eval "$$(scripts/cuda-env)"
+DEMO_ARGS ?=
 
-.PHONY: demo test setup venv build lint test-rust check-kernels test-ffi test-python bench clean
+.PHONY: demo test setup build lint test-rust check-kernels test-ffi test-python demo-quick \
+	bench bench-compare gpu-pack clean
 
+# The main job: the paper's unlearning-robustness experiment in miniature (CPU, minutes).
 demo: setup
-	$(CUDA_ENV); cargo run --release --example quickstart
+	scripts/test-python --setup-only
+	$(PY) -m hyzo.demo $(DEMO_ARGS)
 
 setup: $(VENV)/.cuda-stamp
 
@@ -33,21 +37,36 @@ lint: setup
 test-rust: setup
 	$(CUDA_ENV); cargo test --release
 
+# Every kernel for every architecture (warnings and spills are errors), and the NVRTC path.
 check-kernels: setup
 	scripts/check-kernels
 
+# The C ABI: header, property tests, C and C++ examples (CMake, pkg-config, valgrind).
 test-ffi: build
 	scripts/test-ffi
 
+# The Python package: pytest, and the 2-process distributed example.
 test-python: build
 	scripts/test-python
 
-test: lint test-rust check-kernels test-ffi test-python
+demo-quick: test-python
+	$(PY) -m hyzo.demo --quick --out out/demo-quick
+
+test: lint test-rust check-kernels test-ffi test-python demo-quick
 	@echo "make test: all checks passed"
 
+# Benchmarks (not tests): criterion suites, and the side-by-side comparison with PyTorch.
 bench: setup
 	$(CUDA_ENV); cargo bench --bench cpu
 
+bench-compare: setup
+	scripts/test-python --setup-only
+	$(PY) benches/compare/compare.py --device cpu --json out/compare-cpu.json
+
+# The device check kit (.gpu-kit/), for a machine with a GPU: see scripts/gpu-check.
+gpu-pack: setup
+	scripts/gpu-pack
+
 clean:
 	cargo clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) out .gpu-kit

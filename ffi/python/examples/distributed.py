@@ -20,6 +20,7 @@ Run: ``python ffi/python/examples/distributed.py [--world-size 2] [--steps 30]``
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 import tempfile
@@ -120,33 +121,48 @@ def data_parallel(rank: int, world: int, steps: int, out_dir: str) -> None:
     torch.save(flat, os.path.join(out_dir, f"dp-{rank}.pt"))
 
 
+def sharded(rank: int, world: int, kind: str, steps: int, out_dir: str) -> None:
+    """A flat shard per rank, its global offset given to the optimizer."""
+    template = make_model()
+    full = nn.utils.parameters_to_vector(template.parameters()).detach()
+    bounds = shard_bounds(full.numel(), world)
+    lo, hi = bounds[rank], bounds[rank + 1]
+    shard = full[lo:hi].clone().requires_grad_(True)
+    x, y = make_data()
+    # The shard knows its place in the flat parameter vector of the whole model.
+    opt = make_optimizer(kind, [{"params": [shard], "global_offset": lo}],
+                         process_group=dist.group.WORLD)
+
+    def closure() -> torch.Tensor:
+        params = unflatten(template, GatherFlat.apply(shard, bounds))
+        return nn.functional.mse_loss(functional_call(template, params, (x,)), y)
+
+    for _ in range(steps):
+        opt.step(closure)
+    torch.save(shard.detach().clone(), os.path.join(out_dir, f"{kind}-{rank}.pt"))
+
+
 def worker(rank: int, world: int, init_file: str, kind: str, steps: int, out_dir: str) -> None:
     torch.set_num_threads(1)
+    # A rank that fails makes the others time out instead of waiting forever.
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         if kind == "dp":
             data_parallel(rank, world, steps, out_dir)
-            return
-        template = make_model()
-        full = nn.utils.parameters_to_vector(template.parameters()).detach()
-        bounds = shard_bounds(full.numel(), world)
-        lo, hi = bounds[rank], bounds[rank + 1]
-        shard = full[lo:hi].clone().requires_grad_(True)
-        x, y = make_data()
-        # The shard knows its place in the flat parameter vector of the whole model.
-        opt = make_optimizer(kind, [{"params": [shard], "global_offset": lo}],
-                             process_group=dist.group.WORLD)
-
-        def closure() -> torch.Tensor:
-            params = unflatten(template, GatherFlat.apply(shard, bounds))
-            return nn.functional.mse_loss(functional_call(template, params, (x,)), y)
-
-        for _ in range(steps):
-            opt.step(closure)
-        torch.save(shard.detach().clone(), os.path.join(out_dir, f"{kind}-{rank}.pt"))
-    finally:
+        else:
+            sharded(rank, world, kind, steps, out_dir)
+        dist.barrier()
+    except BaseException:
         dist.destroy_process_group()
+        raise  # the process fails, and mp.spawn reports it
+    # Success, every result on disk: leave the group, then exit without interpreter
+    # finalization, where gloo's worker threads can abort a process torn down around them
+    # (a torch shutdown race, not a training failure).
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def distributed(kind: str, steps: int, world: int) -> List[torch.Tensor]:

@@ -16,7 +16,26 @@ usage:
   hyzo bench [--elements N] [--reps R]
       prints a quick throughput table of the passes on this machine";
 
+/// Dies quietly on a closed pipe (`hyzo directions ... | head`), as command-line tools do,
+/// instead of panicking in `println!`.
+#[cfg(unix)]
+fn default_sigpipe() {
+    extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    const SIGPIPE: i32 = 13;
+    const SIG_DFL: usize = 0;
+    // SAFETY: restores the default disposition of one signal; no handler code runs.
+    unsafe {
+        signal(SIGPIPE, SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn default_sigpipe() {}
+
 fn main() -> ExitCode {
+    default_sigpipe();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("directions") => directions(&args[1..]),
