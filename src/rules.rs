@@ -123,21 +123,41 @@ pub fn sign(x: f32) -> f32 {
 /// element's state (ignored by rules that keep none). Returns the new value, unrounded.
 #[inline(always)]
 pub fn apply(p: &RuleParams, theta: f32, g: f32, m: &mut f32, v: &mut f32) -> f32 {
+    match p.rule {
+        0 => apply_rule::<0>(p, theta, g, m, v),
+        1 => apply_rule::<1>(p, theta, g, m, v),
+        2 => apply_rule::<2>(p, theta, g, m, v),
+        3 => apply_rule::<3>(p, theta, g, m, v),
+        4 => apply_rule::<4>(p, theta, g, m, v),
+        _ => apply_rule::<5>(p, theta, g, m, v),
+    }
+}
+
+/// [`apply`] for the rule with ABI value `RULE`, fixed at compile time so that a loop over
+/// elements has no per-element dispatch (and vectorises); `p.rule` is not read.
+#[inline(always)]
+pub fn apply_rule<const RULE: u32>(
+    p: &RuleParams,
+    theta: f32,
+    g: f32,
+    m: &mut f32,
+    v: &mut f32,
+) -> f32 {
     let decay = p.weight_decay * theta;
-    let step = match p.rule() {
-        Rule::Sgd => g + decay,
-        Rule::Momentum => {
+    let step = match RULE {
+        0 => g + decay,
+        1 => {
             *m = p.beta1 * *m + g;
             *m + decay
         }
-        Rule::Sign => sign(g) + decay,
-        Rule::Signum => {
+        2 => sign(g) + decay,
+        3 => {
             *m = p.beta1 * *m + (1.0 - p.beta1) * g;
             sign(*m) + decay
         }
-        Rule::AdamW | Rule::AdaZo => {
+        _ => {
             *m = p.beta1 * *m + (1.0 - p.beta1) * g;
-            let second = if p.rule == Rule::AdamW as u32 { g } else { *m };
+            let second = if RULE == Rule::AdamW as u32 { g } else { *m };
             *v = p.beta2 * *v + (1.0 - p.beta2) * (second * second);
             let m_hat = *m / p.bias_correction1;
             let v_hat = *v / p.bias_correction2;

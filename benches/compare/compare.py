@@ -201,6 +201,23 @@ def main() -> int:
         secs = timeit(lambda: dst.copy_(src), args.reps, dev)
         record("ceiling", "device-to-device copy", secs, numel, 2 * numel * 2)
 
+    # --- One perturbation pass (+eps z) over every tensor, bf16.
+    if dev == "cpu":
+        import ml_dtypes
+
+        group = "perturb pass, bf16"
+        arrays = [np.asarray(torch.randn(s) * 0.02, dtype=ml_dtypes.bfloat16) for s in shapes]
+        opt = hyzo.Optimizer(arrays, lr=0.0, eps=1e-3, seed=1)
+        # begin() is the first pass of a two-sided step, abort() the pass that undoes it.
+        secs = timeit(lambda: (opt.begin(), opt.abort()), args.reps, dev)
+        record(group, "hyzo", secs / 2, numel, 4 * numel)
+        opt.close()
+        del arrays
+        params = make_params(shapes, dev, dtype)
+        secs = timeit(lambda: mezo_perturb(params, 7, 1.0, 1e-3), args.reps, dev)
+        record(group, "MeZO eager (PyTorch)", secs, numel)
+        del params
+
     # --- Full ZO step without forwards.
     for q in (1, 4):
         group = f"ZO step, two-sided, q={q}"

@@ -174,25 +174,13 @@ unsafe fn load<T: Element>(c: &ChunkMem, k: usize, out: &mut [f32], compensated:
 
 /// Reads `n` gradient entries at `k` as f32.
 unsafe fn load_grad(c: &ChunkMem, k: usize, out: &mut [f32]) {
+    unsafe fn widen<G: Element>(p: *const u8, k: usize, out: &mut [f32]) {
+        G::load_slice(std::slice::from_raw_parts((p as *const G).add(k), out.len()), out);
+    }
     match c.grad_dtype {
-        DType::F32 => {
-            let p = (c.grad as *const f32).add(k);
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = *p.add(i);
-            }
-        }
-        DType::F16 => {
-            let p = (c.grad as *const f16).add(k);
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = (*p.add(i)).to_f32();
-            }
-        }
-        DType::BF16 => {
-            let p = (c.grad as *const bf16).add(k);
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = (*p.add(i)).to_f32();
-            }
-        }
+        DType::F32 => widen::<f32>(c.grad, k, out),
+        DType::F16 => widen::<f16>(c.grad, k, out),
+        DType::BF16 => widen::<bf16>(c.grad, k, out),
     }
 }
 
@@ -258,6 +246,18 @@ unsafe fn perturb_chunk<T: Element>(c: &ChunkMem, pass: &PerturbPass) {
 }
 
 unsafe fn update_chunk<T: Element>(c: &ChunkMem, pass: &UpdatePass) {
+    // One monomorphised loop per rule: no dispatch per element.
+    match pass.rule.rule {
+        0 => update_chunk_rule::<T, 0>(c, pass),
+        1 => update_chunk_rule::<T, 1>(c, pass),
+        2 => update_chunk_rule::<T, 2>(c, pass),
+        3 => update_chunk_rule::<T, 3>(c, pass),
+        4 => update_chunk_rule::<T, 4>(c, pass),
+        _ => update_chunk_rule::<T, 5>(c, pass),
+    }
+}
+
+unsafe fn update_chunk_rule<T: Element, const RULE: u32>(c: &ChunkMem, pass: &UpdatePass) {
     let compensated = pass.precision == Precision::Compensated;
     let gen = pass.gen;
     let mut x = [0f32; SUB];
@@ -265,6 +265,8 @@ unsafe fn update_chunk<T: Element>(c: &ChunkMem, pass: &UpdatePass) {
     let mut z = [0f32; SUB];
     let mut z2 = [0f32; SUB];
     let mut grad = [0f32; SUB];
+    let mut m = [0f32; SUB];
+    let mut v = [0f32; SUB];
     let mut bits = [0u32; SUB];
     let mut k = 0;
     while k < c.len {
@@ -282,13 +284,7 @@ unsafe fn update_chunk<T: Element>(c: &ChunkMem, pass: &UpdatePass) {
                     *a += t.coeff * *zi;
                 }
             } else {
-                add_terms(
-                    gen,
-                    std::slice::from_ref(t),
-                    global,
-                    &mut g[..n],
-                    &mut z2[..n],
-                );
+                add_terms(gen, std::slice::from_ref(t), global, &mut g[..n], &mut z2[..n]);
             }
         }
         if let Some(alpha) = pass.grad_weight {
@@ -297,16 +293,20 @@ unsafe fn update_chunk<T: Element>(c: &ChunkMem, pass: &UpdatePass) {
                 g[i] = alpha * grad[i] + (1.0 - alpha) * g[i];
             }
         }
+        if !c.m.is_null() {
+            m[..n].copy_from_slice(std::slice::from_raw_parts(c.m.add(k), n));
+        }
+        if !c.v.is_null() {
+            v[..n].copy_from_slice(std::slice::from_raw_parts(c.v.add(k), n));
+        }
         for i in 0..n {
-            let mut m = if c.m.is_null() { 0.0 } else { *c.m.add(k + i) };
-            let mut v = if c.v.is_null() { 0.0 } else { *c.v.add(k + i) };
-            x[i] = rules::apply(&pass.rule, x[i], g[i], &mut m, &mut v);
-            if !c.m.is_null() {
-                *c.m.add(k + i) = m;
-            }
-            if !c.v.is_null() {
-                *c.v.add(k + i) = v;
-            }
+            x[i] = rules::apply_rule::<RULE>(&pass.rule, x[i], g[i], &mut m[i], &mut v[i]);
+        }
+        if !c.m.is_null() {
+            std::slice::from_raw_parts_mut(c.m.add(k), n).copy_from_slice(&m[..n]);
+        }
+        if !c.v.is_null() {
+            std::slice::from_raw_parts_mut(c.v.add(k), n).copy_from_slice(&v[..n]);
         }
         let sr = if pass.precision == Precision::Stochastic {
             let id = DirectionId::new(gen.seed, gen.step, STOCHASTIC_ROUNDING_DIRECTION);

@@ -227,7 +227,7 @@ def optimizer_specs(q: int, seed: int, block: int) -> list[OptimizerSpec]:
         ),
         OptimizerSpec(
             f"ZO AdaZO (q={q})",
-            [1e-3, 3e-3, 1e-2],
+            [1e-4, 3e-4, 1e-3, 3e-3],
             lambda p, lr: hzt.ZO(
                 p, lr=lr, eps=1e-3, rule="adazo", num_directions=q, seed=seed
             ),
@@ -235,7 +235,7 @@ def optimizer_specs(q: int, seed: int, block: int) -> list[OptimizerSpec]:
         ),
         OptimizerSpec(
             f"Hybrid AdamW {block}FO/{block}ZO",
-            [3e-4, 1e-3, 3e-3],
+            [1e-4, 3e-4, 1e-3, 3e-3],
             lambda p, lr: hzt.Hybrid(
                 p,
                 lr=lr,
@@ -440,17 +440,17 @@ def _print_tables(results: dict, ks: list[int]) -> None:
     for obj, rows in results["methods"].items():
         print(f"\n{obj}  (before unlearning: forget {pre['forget']:.2f}, retain {pre['retain']:.2f};"
               f" {results['config']['unlearning_steps']} optimizer steps each)")
-        kcols = "".join(f"  K={k:<4}" for k in ks if k > 0)
+        kcols = "".join(f"  {'K=' + str(k):<9}" for k in ks if k > 0)
         print(f"  {'optimizer':<26} {'lr':>7}  forget retain   q8 fgt  q4 fgt {kcols}  fwd/bwd    time")
         for name, r in rows.items():
-            rel = "".join(f"  {e['all']:.2f}  " for e in r["relearn"] if e["k"] > 0)
+            rel = "".join(f"  {e['held_out']:.2f}/{e['all']:.2f}" for e in r["relearn"] if e["k"] > 0)
             b = r["budget"]
             print(f"  {name:<26} {r['lr']:>7.0e}  {r['forget_acc']:.2f}   {r['retain_acc']:.2f}"
                   f"     {r['forget_acc_q8']:.2f}    {r['forget_acc_q4']:.2f} {rel}"
                   f"  {b['forwards']}/{b['backwards']}  {b['seconds']:5.1f}s")
     print("\n  forget/retain: answer accuracy after unlearning; q8/q4 fgt: forget accuracy after"
-          " 8-/4-bit quantization;\n  K=...: forget accuracy (whole forget set) after K AdamW"
-          " relearning steps on half of it.")
+          " 8-/4-bit quantization;\n  K=...: forget accuracy after K AdamW relearning steps on"
+          " half of the forget set, as held-out half / whole forget set.")
 
 
 def _verdict(results: dict, ks: list[int]) -> None:
@@ -478,10 +478,13 @@ def _verdict(results: dict, ks: list[int]) -> None:
             verdict = ("more robust than AdamW to " + " and ".join(
                 w for w, b in (("quantization", better_q), ("relearning", better_r)) if b)
                 if better_q or better_r else "not more robust than AdamW")
+            caveats = []
             if worse_unlearn:
-                verdict += " (but it also forgot less before any attack)"
+                caveats.append("it also forgot less before any attack")
             if v[3] < fo[3] - 0.1:
-                verdict += " (but it kept less of the retain set, which makes forgetting easier)"
+                caveats.append(f"it kept less of the retain set ({v[3]:.2f} against {fo[3]:.2f})")
+            if caveats:
+                verdict += " (" + "; ".join(caveats) + ")"
             print(f"  -> {n}: {verdict}")
     results["summary"] = {n: {"forget": v[0], "forget_q4": v[1], "forget_relearn": v[2],
                               "retain": v[3]} for n, v in summary.items()}
@@ -499,9 +502,13 @@ def _plot(results: dict, path: str) -> str | None:
     objs = list(results["methods"])
     fig, axes = plt.subplots(1, len(objs), figsize=(6 * len(objs), 4.2), sharey=True)
     for ax, obj in zip(axes, objs):
-        for name, r in results["methods"][obj].items():
+        for i, (name, r) in enumerate(results["methods"][obj].items()):
             ks = [e["k"] for e in r["relearn"]]
-            ax.plot(ks, [e["all"] for e in r["relearn"]], marker="o", label=name)
+            color = f"C{i}"
+            ax.plot(ks, [e["held_out"] for e in r["relearn"]], marker="o", color=color,
+                    label=f"{name}: held-out half")
+            ax.plot(ks, [e["all"] for e in r["relearn"]], ls="--", color=color, alpha=0.6,
+                    label=f"{name}: whole forget set")
         ax.axhline(results["pretrained"]["forget"], color="gray", ls=":", lw=1,
                    label="before unlearning")
         ax.set_title(f"{obj}: relearning attack")
@@ -509,7 +516,7 @@ def _plot(results: dict, path: str) -> str | None:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("forget-set accuracy")
-    axes[-1].legend(fontsize=8, loc="lower right")
+    axes[-1].legend(fontsize=7, loc="lower right", ncol=2)
     fig.suptitle("hyzo demo: forget accuracy under relearning, per unlearning optimizer")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
