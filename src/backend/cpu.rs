@@ -175,7 +175,10 @@ unsafe fn load<T: Element>(c: &ChunkMem, k: usize, out: &mut [f32], compensated:
 /// Reads `n` gradient entries at `k` as f32.
 unsafe fn load_grad(c: &ChunkMem, k: usize, out: &mut [f32]) {
     unsafe fn widen<G: Element>(p: *const u8, k: usize, out: &mut [f32]) {
-        G::load_slice(std::slice::from_raw_parts((p as *const G).add(k), out.len()), out);
+        G::load_slice(
+            std::slice::from_raw_parts((p as *const G).add(k), out.len()),
+            out,
+        );
     }
     match c.grad_dtype {
         DType::F32 => widen::<f32>(c.grad, k, out),
@@ -284,7 +287,13 @@ unsafe fn update_chunk_rule<T: Element, const RULE: u32>(c: &ChunkMem, pass: &Up
                     *a += t.coeff * *zi;
                 }
             } else {
-                add_terms(gen, std::slice::from_ref(t), global, &mut g[..n], &mut z2[..n]);
+                add_terms(
+                    gen,
+                    std::slice::from_ref(t),
+                    global,
+                    &mut g[..n],
+                    &mut z2[..n],
+                );
             }
         }
         if let Some(alpha) = pass.grad_weight {
