@@ -15,8 +15,15 @@ use hyzo::philox::philox4x32_10;
 use hyzo::rules::{apply, Rule, RuleParams};
 use rand::{Rng, SeedableRng};
 
-/// Builds the host driver; `None` (and a message) without a C++ compiler.
+/// The host driver, built once for all tests (they run in parallel and would otherwise
+/// rewrite the executable while another runs it); `None` (and a message) without a C++
+/// compiler.
 fn driver() -> Option<std::path::PathBuf> {
+    static DRIVER: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    DRIVER.get_or_init(build_driver).clone()
+}
+
+fn build_driver() -> Option<std::path::PathBuf> {
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("hyzo_device_mirror");
     let root = env!("CARGO_MANIFEST_DIR");
     for cxx in [
