@@ -6,7 +6,7 @@ use crate::backend::{Backend, DeviceLosses, Generator, PerturbPass, Term, Update
 use crate::config::{Config, Estimator, Phase};
 use crate::direction::DirectionKind;
 use crate::dtype::Precision;
-use crate::error::{bad_state, invalid, Error, Result};
+use crate::error::{bad_state, invalid, Result};
 use crate::rules::RuleParams;
 use crate::shard::{GradMut, ParamShard, TensorSpec};
 
@@ -687,11 +687,5 @@ impl<'a> Optimizer<'a> {
         let device = self.backend.device_skipped()?;
         self.skipped = u64_at(40).saturating_sub(device);
         Ok(())
-    }
-}
-
-impl From<std::collections::TryReserveError> for Error {
-    fn from(e: std::collections::TryReserveError) -> Self {
-        Error::OutOfMemory(e.to_string())
     }
 }

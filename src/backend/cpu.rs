@@ -357,6 +357,15 @@ impl CpuBackend {
     }
 }
 
+/// `n` copies of `zero`, or an out-of-memory error instead of an abort.
+fn zeroed<T: Clone>(n: usize, zero: T, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| Error::OutOfMemory(format!("{what} of {n} elements")))?;
+    v.resize(n, zero);
+    Ok(v)
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> String {
         format!("cpu ({} threads)", self.threads())
@@ -367,24 +376,15 @@ impl Backend for CpuBackend {
         for t in shard.tensors() {
             let n = usize::try_from(t.numel)
                 .map_err(|_| Error::OutOfMemory(format!("{} elements", t.numel)))?;
-            let buf = || {
-                let mut v = Vec::new();
-                v.try_reserve_exact(n)
-                    .map(|_| {
-                        v.resize(n, 0f32);
-                        v
-                    })
-                    .map_err(|_| Error::OutOfMemory(format!("state buffer of {n} floats")))
-            };
             let mut s = TensorState::default();
             if buffers >= 1 {
-                s.m = buf()?;
+                s.m = zeroed(n, 0f32, "momentum buffer")?;
             }
             if buffers >= 2 {
-                s.v = buf()?;
+                s.v = zeroed(n, 0f32, "second-moment buffer")?;
             }
             if residual && t.dtype != DType::F32 {
-                s.lo = vec![bf16::ZERO; n];
+                s.lo = zeroed(n, bf16::ZERO, "compensation buffer")?;
             }
             state.push(s);
         }
