@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import hyzo
 import hyzo.torch as hzt
 
 FIRST = (
@@ -69,7 +70,7 @@ class World:
     index: dict[str, int] = field(default_factory=dict)
 
 
-def make_world(n_people: int, seed: int) -> World:
+def make_world(n_people: int, seed: int, device: str = "cpu") -> World:
     g = torch.Generator().manual_seed(seed)
     vocab = ["<bos>"] + FIRST + LAST + list(RELATIONS)
     for values in RELATIONS.values():
@@ -88,7 +89,9 @@ def make_world(n_people: int, seed: int) -> World:
     person_t = torch.tensor(person)
     forget_people = torch.randperm(n_people, generator=g)[: max(2, n_people // 10)]
     forget = torch.isin(person_t, forget_people)
-    return World(vocab, facts, person_t, forget, n_people, index)
+    # Drawn on the CPU (the same world on any device), then moved.
+    return World(vocab, facts.to(device), person_t.to(device), forget.to(device), n_people,
+                 index)
 
 
 class TinyLM(nn.Module):
@@ -165,7 +168,7 @@ class Progress:
 def pretrain(world: World, max_steps: int, seed: int) -> tuple[TinyLM, float, int]:
     """AdamW on every token until every fact is reproduced, then as many steps again."""
     torch.manual_seed(seed)
-    model = TinyLM(len(world.vocab))
+    model = TinyLM(len(world.vocab)).to(world.facts.device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     bar = Progress(max_steps, "pretraining (AdamW)")
     acc, stop, s = 0.0, max_steps, 0
@@ -354,16 +357,19 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if args.device != "cpu":
-        print("note: this demo's tiny model runs on the CPU; --device is accepted for larger runs",
+    if args.device not in ("cpu", "cuda"):
+        ap.error(f"--device: cpu or cuda, got {args.device}")
+    if args.device == "cuda" and not (torch.cuda.is_available() and hyzo.cuda_available()):
+        print("hyzo.demo: --device cuda needs a CUDA device and a hyzo built with CUDA",
               file=sys.stderr)
+        return 2
     quick = args.quick
     n_people = 60 if quick else 150
     pre_steps = 300 if quick else 600
     steps = 30 if quick else 80
     ks = [0, 10, 30] if quick else [0, 10, 25, 50, 100, 200]
     q = 4
-    world = make_world(n_people, args.seed)
+    world = make_world(n_people, args.seed, args.device)
     n_forget = int(world.forget.sum())
     print(f"world: {n_people} invented people, {len(world.facts)} facts, vocabulary "
           f"{len(world.vocab)} words; forget set {n_forget} facts "
@@ -381,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             s.lrs = s.lrs[1:2]
     results: dict = {
         "machine": {"cpu": _cpu_name(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+                    "torch": torch.__version__, "device": args.device,
+                    "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
         "config": {"people": n_people, "facts": len(world.facts), "forget_facts": n_forget,
                    "unlearning_steps": steps, "num_directions": q, "relearn_ks": ks,
                    "quick": quick, "seed": args.seed},
