@@ -15,6 +15,11 @@ pub enum Estimator {
     OneSided = 1,
 }
 
+impl Estimator {
+    /// Both estimators, in ABI order.
+    pub const ALL: [Estimator; 2] = [Estimator::TwoSided, Estimator::OneSided];
+}
+
 /// The kind of a step.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -22,6 +22,13 @@ pub enum DirectionKind {
 }
 
 impl DirectionKind {
+    /// All kinds, in ABI order.
+    pub const ALL: [DirectionKind; 3] = [
+        DirectionKind::Gaussian,
+        DirectionKind::Rademacher,
+        DirectionKind::Sphere,
+    ];
+
     /// The kind whose raw entries are generated: the sphere is a scaled Gaussian.
     pub fn generated(self) -> DirectionKind {
         match self {

@@ -23,11 +23,12 @@ impl DType {
         }
     }
 
+    /// All types, in ABI order.
+    pub const ALL: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
     /// From the ABI value.
     pub fn from_u32(v: u32) -> Option<Self> {
-        [DType::F32, DType::F16, DType::BF16]
-            .get(v as usize)
-            .copied()
+        Self::ALL.get(v as usize).copied()
     }
 }
 
@@ -44,6 +45,13 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// All modes, in ABI order.
+    pub const ALL: [Precision; 3] = [
+        Precision::Nearest,
+        Precision::Stochastic,
+        Precision::Compensated,
+    ];
+
     /// Parses `nearest`, `stochastic` or `compensated`.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {

@@ -335,48 +335,37 @@ fn byte_len(len: u64, name: &str) -> Result<usize> {
         .ok_or_else(|| invalid_arg(format!("{name}: {len} exceeds the address space")))
 }
 
+/// A C enum value as the core enum, or an error naming the argument and the valid range.
+fn enum_from<T>(v: u32, all: &[T], c_type: &str, name: &str) -> Result<T>
+where
+    T: Copy,
+{
+    all.get(v as usize).copied().ok_or_else(|| {
+        invalid_arg(format!(
+            "{name}: {v} is not a {c_type} (0..={})",
+            all.len() - 1
+        ))
+    })
+}
+
 fn dtype_from(v: RawDType, name: &str) -> Result<DType> {
-    DType::from_u32(v)
-        .ok_or_else(|| invalid_arg(format!("{name}: {v} is not a hyzo_dtype (0..=2)")))
+    enum_from(v, &DType::ALL, "hyzo_dtype", name)
 }
 
 fn direction_from(v: RawDirection, name: &str) -> Result<DirectionKind> {
-    match v {
-        0 => Ok(DirectionKind::Gaussian),
-        1 => Ok(DirectionKind::Rademacher),
-        2 => Ok(DirectionKind::Sphere),
-        _ => Err(invalid_arg(format!(
-            "{name}: {v} is not a hyzo_direction (0..=2)"
-        ))),
-    }
+    enum_from(v, &DirectionKind::ALL, "hyzo_direction", name)
 }
 
 fn estimator_from(v: RawEstimator, name: &str) -> Result<Estimator> {
-    match v {
-        0 => Ok(Estimator::TwoSided),
-        1 => Ok(Estimator::OneSided),
-        _ => Err(invalid_arg(format!(
-            "{name}: {v} is not a hyzo_estimator (0..=1)"
-        ))),
-    }
+    enum_from(v, &Estimator::ALL, "hyzo_estimator", name)
 }
 
 fn rule_from(v: RawRule, name: &str) -> Result<Rule> {
-    Rule::ALL
-        .get(v as usize)
-        .copied()
-        .ok_or_else(|| invalid_arg(format!("{name}: {v} is not a hyzo_rule (0..=5)")))
+    enum_from(v, &Rule::ALL, "hyzo_rule", name)
 }
 
 fn precision_from(v: RawPrecision, name: &str) -> Result<Precision> {
-    match v {
-        0 => Ok(Precision::Nearest),
-        1 => Ok(Precision::Stochastic),
-        2 => Ok(Precision::Compensated),
-        _ => Err(invalid_arg(format!(
-            "{name}: {v} is not a hyzo_precision (0..=2)"
-        ))),
-    }
+    enum_from(v, &Precision::ALL, "hyzo_precision", name)
 }
 
 /// The core configuration of a C one; every field checked, the message naming it.
