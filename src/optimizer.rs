@@ -427,83 +427,67 @@ impl<'a> Optimizer<'a> {
     }
 
     fn finish(&mut self, step: &ZoStep, restore: Term) -> Result<StepReport> {
-        let q = self.config.num_directions;
-        let alpha = self.config.hybrid_alpha;
-        let grad_weight = (alpha > 0.0).then_some(alpha);
-        if step.on_device == Some(true) {
-            let zo: Vec<Term> = (0..q)
-                .map(|d| Term {
-                    direction: d,
-                    coeff: step.scales[d as usize] / q as f32,
-                })
-                .collect();
-            let pass = UpdatePass {
-                gen: step.gen,
-                restore: Some(restore),
-                zo: &zo,
-                grad_weight,
-                rule: self.rule_params(self.updates + 1),
-                precision: self.config.precision,
-                device_losses: Some(DeviceLosses {
-                    estimator: self.config.estimator,
-                    eps: self.config.eps,
-                }),
+        let on_device = step.on_device == Some(true);
+        // Host losses: the loss, the skip decision and g_d are known here. Device losses:
+        // the device computes g_d, checks finiteness and skips (see `DeviceLosses`).
+        let (loss, g) = if on_device {
+            (None, None)
+        } else {
+            let loss = match self.config.estimator {
+                Estimator::TwoSided => {
+                    (step.losses.iter().map(|l| *l as f64).sum::<f64>() / step.losses.len() as f64)
+                        as f32
+                }
+                Estimator::OneSided => step.losses[0],
             };
-            self.backend.update(&self.shard, &pass)?;
-            // Whether the device skipped is known only there; `t` counts attempted updates.
-            self.updates += 1;
-            return Ok(StepReport {
-                skipped: false,
-                loss: None,
-                projected_grads: Vec::new(),
-            });
-        }
-        let loss = match self.config.estimator {
-            Estimator::TwoSided => {
-                (step.losses.iter().map(|l| *l as f64).sum::<f64>() / step.losses.len() as f64)
-                    as f32
+            if step.losses.iter().any(|l| !l.is_finite()) {
+                let pass = PerturbPass {
+                    gen: step.gen,
+                    terms: &[restore],
+                    precision: self.config.precision,
+                };
+                self.backend.perturb(&self.shard, &pass)?;
+                self.skipped += 1;
+                return Ok(StepReport {
+                    skipped: true,
+                    loss: Some(loss),
+                    projected_grads: Vec::new(),
+                });
             }
-            Estimator::OneSided => step.losses[0],
+            (Some(loss), Some(self.projected_grads(&step.losses)))
         };
-        if step.losses.iter().any(|l| !l.is_finite()) {
-            let pass = PerturbPass {
-                gen: step.gen,
-                terms: &[restore],
-                precision: self.config.precision,
-            };
-            self.backend.perturb(&self.shard, &pass)?;
-            self.skipped += 1;
-            return Ok(StepReport {
-                skipped: true,
-                loss: Some(loss),
-                projected_grads: Vec::new(),
-            });
-        }
-        let g = self.projected_grads(&step.losses);
-        let zo: Vec<Term> = g
-            .iter()
-            .enumerate()
-            .map(|(d, gd)| Term {
-                direction: d as u32,
-                // g_d · (s_d / q): the device path forms the same product (bit-equal).
-                coeff: gd * (step.scales[d] / q as f32),
+        let q = self.config.num_directions;
+        let zo: Vec<Term> = (0..q as usize)
+            .map(|d| {
+                let scale = step.scales[d] / q as f32;
+                Term {
+                    direction: d as u32,
+                    // g_d · (s_d / q); on the device the kernel forms the same product.
+                    coeff: g.as_ref().map_or(scale, |g| g[d] * scale),
+                }
             })
             .collect();
+        let alpha = self.config.hybrid_alpha;
         let pass = UpdatePass {
             gen: step.gen,
             restore: Some(restore),
             zo: &zo,
-            grad_weight,
+            grad_weight: (alpha > 0.0).then_some(alpha),
             rule: self.rule_params(self.updates + 1),
             precision: self.config.precision,
-            device_losses: None,
+            device_losses: on_device.then_some(DeviceLosses {
+                estimator: self.config.estimator,
+                eps: self.config.eps,
+            }),
         };
         self.backend.update(&self.shard, &pass)?;
+        // With device losses, whether the device skipped is known only there: `t` counts
+        // attempted updates.
         self.updates += 1;
         Ok(StepReport {
             skipped: false,
-            loss: Some(loss),
-            projected_grads: g,
+            loss,
+            projected_grads: g.unwrap_or_default(),
         })
     }
 
