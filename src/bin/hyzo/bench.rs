@@ -4,12 +4,69 @@
 
 use std::time::Instant;
 
+use clap::error::ErrorKind;
+use clap::Args;
 use half::bf16;
 use hyzo::backend::{Backend, Generator, PerturbPass, Term, UpdatePass};
 use hyzo::direction::{fill, DirectionId, DirectionKind};
 use hyzo::rules::{Rule, RuleParams};
 use hyzo::{CpuBackend, DType, ParamShard, Precision, TensorSpec};
 use rayon::prelude::*;
+
+use crate::{usage_error, MAX_THREADS};
+
+/// Bytes per element the bench holds at its peak: the bf16 parameters, their f32 gradient
+/// and AdamW's two f32 state buffers (the f32 directions of the first passes are freed
+/// before these are allocated).
+const PEAK_BYTES_PER_ELEMENT: u64 = 2 + 4 + 2 * 4;
+
+/// Most elements per pass: 2^30, whose buffers take 14 GiB at the peak. More measures
+/// nothing new (throughput is flat well below it) and would not fit most machines.
+const MAX_ELEMENTS: u64 = 1 << 30;
+
+/// Most timed runs per pass (the median of more is no steadier).
+const MAX_REPS: u32 = 1000;
+
+/// Most thread counts one run measures (each repeats every pass).
+const MAX_THREAD_COUNTS: usize = 16;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Elements per pass, 1..=1073741824 (2^30). The buffers take 14 bytes per element at
+    /// the peak (2^30: 14 GiB); a size this machine cannot hold is an error, not an abort
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1 << 24,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_ELEMENTS),
+    )]
+    elements: u64,
+    /// Timed runs per pass, after one warm-up; the table shows their median. 1..=1000
+    #[arg(
+        long,
+        value_name = "R",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_REPS)),
+    )]
+    reps: u32,
+    /// Thread counts to measure, comma-separated: at most 16 counts, each 1..=1024
+    #[arg(
+        long,
+        value_name = "T,...",
+        value_delimiter = ',',
+        default_values_t = [1u16, 2],
+        value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_THREADS)),
+    )]
+    threads: Vec<u16>,
+}
+
+/// Why `hyzo bench` stopped.
+pub enum Error {
+    /// A bad combination of flags, reported as clap reports its own (exit status 2).
+    Usage(clap::Error),
+    /// A valid request that failed, such as a buffer this machine cannot hold (exit status 1).
+    Failed(String),
+}
 
 /// Median seconds of `reps` runs of `f` after one warm-up.
 fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
@@ -21,7 +78,7 @@ fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
             s.elapsed().as_secs_f64()
         })
         .collect();
-    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    t.sort_by(f64::total_cmp);
     t[reps / 2]
 }
 
@@ -33,32 +90,81 @@ struct Row {
     bytes: usize,
 }
 
-pub fn run(args: &[String]) -> Result<(), String> {
-    let mut n: usize = 1 << 24;
-    let mut reps = 5;
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let v = it.next().ok_or_else(|| format!("{flag}: missing value"))?;
-        match flag.as_str() {
-            "--elements" => n = v.parse().map_err(|_| format!("--elements: {v}"))?,
-            "--reps" => reps = v.parse().map_err(|_| format!("--reps: {v}"))?,
-            _ => {
-                return Err(format!(
-                    "unknown flag {flag} (bench takes --elements N --reps R)"
-                ))
-            }
-        }
+/// `n` values from `value`, or an error saying what could not be allocated: the buffers
+/// are sized by `--elements`, so running out of memory is the user's to fix, not an abort.
+fn try_vec<T>(n: usize, what: &str, value: impl FnMut(usize) -> T) -> Result<Vec<T>, Error> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        let mib = (n as u64 * std::mem::size_of::<T>() as u64) >> 20;
+        Error::Failed(format!(
+            "cannot allocate {what}: {mib} MiB for --elements {n}; try a smaller --elements"
+        ))
+    })?;
+    v.extend((0..n).map(value));
+    Ok(v)
+}
+
+/// Bytes of physical memory, where the system says.
+#[cfg(any(target_os = "linux", target_os = "macos"))]
+fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf only reads the system's configuration.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let pages = u64::try_from(pages).ok()?;
+    let page_size = u64::try_from(page_size).ok()?;
+    pages.checked_mul(page_size)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+fn physical_memory() -> Option<u64> {
+    None
+}
+
+/// Refuses a size whose buffers exceed this machine's physical memory. An allocation that
+/// large can still succeed (Linux overcommits), and the process would then be killed when
+/// the pages are touched; this says so up front instead.
+fn check_fits_in_memory(n: u64) -> Result<(), Error> {
+    let need = n * PEAK_BYTES_PER_ELEMENT;
+    match physical_memory() {
+        Some(have) if need > have => Err(Error::Failed(format!(
+            "--elements {n} needs {} MiB at the peak; this machine has {} MiB of memory",
+            need >> 20,
+            have >> 20
+        ))),
+        _ => Ok(()),
     }
-    if n == 0 || reps == 0 {
-        return Err("--elements and --reps must be positive".into());
+}
+
+pub fn run(args: &BenchArgs) -> Result<(), Error> {
+    let failed = |e: &dyn std::fmt::Display| Error::Failed(e.to_string());
+    if args.threads.len() > MAX_THREAD_COUNTS {
+        return Err(Error::Usage(usage_error(
+            Some("bench"),
+            ErrorKind::TooManyValues,
+            format!("--threads: at most {MAX_THREAD_COUNTS} thread counts"),
+        )));
     }
+    let thread_counts: Vec<usize> = args.threads.iter().map(|&t| usize::from(t)).collect();
+    let reps = args.reps as usize;
+    check_fits_in_memory(args.elements)?;
+    // Fits: the range bound keeps it far below usize::MAX on a 64-bit target.
+    let n = usize::try_from(args.elements).map_err(|_| {
+        Error::Failed(format!(
+            "--elements {}: too many for this platform",
+            args.elements
+        ))
+    })?;
     let mut rows = Vec::new();
-    let mut z = vec![0f32; n];
-    for threads in [1usize, 2] {
+    let mut z = try_vec(n, "the f32 directions", |_| 0f32)?;
+    for &threads in &thread_counts {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failed(&e))?;
         for kind in [DirectionKind::Gaussian, DirectionKind::Rademacher] {
             let secs = median_secs(reps, || {
                 pool.install(|| {
@@ -77,10 +183,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
         }
     }
     drop(z);
-    let mut theta: Vec<bf16> = (0..n)
-        .map(|i| bf16::from_f32((i % 251) as f32 * 1e-3))
-        .collect();
-    let mut grad: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 1e-3).collect();
+    let mut theta = try_vec(n, "the bf16 parameters", |i| {
+        bf16::from_f32((i % 251) as f32 * 1e-3)
+    })?;
+    let mut grad = try_vec(n, "the f32 gradient", |i| (i % 13) as f32 * 1e-3)?;
     let mut shard = ParamShard::new();
     // SAFETY: theta and grad outlive the shard and are not touched while it lives.
     unsafe {
@@ -93,17 +199,18 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 grad: grad.as_mut_ptr() as u64,
                 grad_dtype: DType::F32,
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failed(&e))?;
     }
     let gen = Generator {
         seed: 1,
         step: 0,
         kind: DirectionKind::Gaussian,
     };
-    for threads in [1usize, 2] {
-        let mut be = CpuBackend::new(threads).map_err(|e| e.to_string())?;
+    for &threads in &thread_counts {
+        let mut be = CpuBackend::new(threads).map_err(|e| failed(&e))?;
+        // The library reports a state it cannot allocate as OutOfMemory, not an abort.
         be.allocate_state(&shard, 2, false)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failed(&format_args!("{e}; try a smaller --elements")))?;
         let one = [Term {
             direction: 0,
             coeff: 1e-3,
