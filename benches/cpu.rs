@@ -5,10 +5,10 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::{bf16, f16};
-use hyzo::backend::{Backend, Generator, PerturbPass, Term, UpdatePass};
+use hyzo::backend::{Backend, Generator, PerturbPass, StateLayout, Term, UpdatePass};
 use hyzo::direction::{fill, DirectionId, DirectionKind};
 use hyzo::rules::{Rule, RuleParams};
-use hyzo::{CpuBackend, DType, ParamShard, Precision};
+use hyzo::{CpuBackend, DType, ParamShard, Precision, StateSet};
 use rayon::prelude::*;
 
 fn sizes() -> Vec<usize> {
@@ -105,8 +105,12 @@ fn passes(c: &mut Criterion) {
                 };
                 for &precision in precisions {
                     let mut be = CpuBackend::new(threads).unwrap();
-                    be.allocate_state(&shard, 2, precision == Precision::Compensated)
-                        .unwrap();
+                    let state = StateLayout {
+                        main_buffers: 2,
+                        fo_buffers: 2,
+                        residual: precision == Precision::Compensated,
+                    };
+                    be.allocate_state(&shard, state).unwrap();
                     let tag = format!("{dtype:?}/{precision:?}/{threads}t");
                     let one = [Term {
                         direction: 0,
@@ -146,6 +150,8 @@ fn passes(c: &mut Criterion) {
                             zo: &zo,
                             grad_weight: None,
                             rule: RuleParams::new(rule, 1e-6, 0.9, 0.999, 1e-8, 0.0, 1),
+                            state: StateSet::Main,
+                            t: 1,
                             precision,
                             device_losses: None,
                         };
@@ -161,6 +167,8 @@ fn passes(c: &mut Criterion) {
                         zo: &[],
                         grad_weight: Some(1.0),
                         rule: RuleParams::new(Rule::AdamW, 1e-6, 0.9, 0.999, 1e-8, 0.0, 1),
+                        state: StateSet::FirstOrder,
+                        t: 1,
                         precision,
                         device_losses: None,
                     };

@@ -45,6 +45,8 @@ typedef enum {
   HYZO_ERR_OUT_OF_MEMORY = 5,
   // A bug in hyzo (a caught panic); the optimizer involved is unusable afterwards.
   HYZO_ERR_INTERNAL = 6,
+  // Reading or writing a file failed (the message has the path and the system's reason).
+  HYZO_ERR_IO = 7,
 } hyzo_status;
 
 // Element type of a parameter or gradient tensor.
@@ -79,6 +81,9 @@ typedef enum {
   HYZO_RULE_ADAMW = 4,
   // AdamW whose second moment tracks the momentum.
   HYZO_RULE_ADAZO = 5,
+  // Only for `hyzo_config.fo_rule`: no first-order rule of its own (first-order steps
+  // apply `rule` to its state, as in spec version 1).
+  HYZO_RULE_NONE = 255,
 } hyzo_rule;
 
 // Distribution of the random directions (spec §3).
@@ -157,6 +162,16 @@ typedef struct {
   // `α` in [0, 1] of the mixed estimate `α ∇ + (1 − α) ĝ` of zeroth-order steps; > 0
   // needs a gradient on every tensor.
   float hybrid_alpha;
+  // Rule of first-order steps, with a state of its own that zeroth-order steps never
+  // touch (spec v2 §5; the paper's hybrid: `HYZO_RULE_ADAMW` here, `HYZO_RULE_ADAZO` in
+  // `rule`). `HYZO_RULE_NONE` (the default): first-order steps apply `rule` to the one
+  // shared state. Separate AdamW + AdaZO states cost 16 bytes per parameter.
+  hyzo_rule fo_rule;
+  // Learning rate of first-order steps (finite, >= 0), or NaN (the default): `lr`.
+  float fo_lr;
+  // Weight decay of first-order steps (finite, >= 0), or NaN (the default):
+  // `weight_decay`.
+  float fo_weight_decay;
 } hyzo_config;
 
 #ifdef __cplusplus
@@ -165,7 +180,8 @@ extern "C" {
 
 // The defaults: ZO-SGD, one Gaussian direction, two-sided, `lr = eps = 1e-3`, seed 0,
 // `beta1 = 0.9`, `beta2 = 0.999`, `adam_eps = 1e-8`, no weight decay, nearest rounding,
-// no hybrid schedule, `hybrid_alpha = 0`.
+// no hybrid schedule, `hybrid_alpha = 0`, no first-order rule of its own
+// (`fo_rule = HYZO_RULE_NONE`, `fo_lr = fo_weight_decay = NaN`: as `lr`, `weight_decay`).
 hyzo_config hyzo_config_default(void);
 
 // The library version (`"MAJOR.MINOR.PATCH"`), a static string.
@@ -204,9 +220,9 @@ hyzo_status hyzo_directions_fill(hyzo_direction kind, uint64_t seed, uint32_t st
 // `cfg` must point to a `hyzo_config`, `out` to a writable pointer.
 hyzo_status hyzo_optimizer_create(const hyzo_config *cfg, hyzo_device device, int device_ordinal, hyzo_optimizer **out);
 
-// Creates a CPU optimizer whose passes run on `num_threads` threads of its own (0: the
-// process-wide pool over every core). Otherwise as `hyzo_optimizer_create`. Results do
-// not depend on the number of threads.
+// Creates a CPU optimizer whose passes run on `num_threads` threads of its own (at most
+// 1024; 0: the process-wide pool over every core). Otherwise as `hyzo_optimizer_create`.
+// Results do not depend on the number of threads.
 //
 // # Safety
 // As `hyzo_optimizer_create`.
@@ -258,6 +274,19 @@ hyzo_status hyzo_optimizer_set_lr(hyzo_optimizer *opt, float lr);
 // # Safety
 // `opt` must be NULL or a live optimizer.
 hyzo_status hyzo_optimizer_set_weight_decay(hyzo_optimizer *opt, float weight_decay);
+
+// Sets the learning rate of first-order steps (finite, >= 0), or NaN: follow `lr` again.
+//
+// # Safety
+// `opt` must be NULL or a live optimizer.
+hyzo_status hyzo_optimizer_set_fo_lr(hyzo_optimizer *opt, float fo_lr);
+
+// Sets the weight decay of first-order steps (finite, >= 0), or NaN: follow
+// `weight_decay` again.
+//
+// # Safety
+// `opt` must be NULL or a live optimizer.
+hyzo_status hyzo_optimizer_set_fo_weight_decay(hyzo_optimizer *opt, float fo_weight_decay);
 
 // Writes the optimizer's current configuration (with the latest lr and weight decay).
 //
@@ -362,6 +391,14 @@ hyzo_status hyzo_next_phase(const hyzo_optimizer *opt, hyzo_phase *out);
 // `opt` must be NULL or a live optimizer; `steps` and `skipped` NULL or writable.
 hyzo_status hyzo_optimizer_stats(const hyzo_optimizer *opt, uint64_t *steps, uint64_t *skipped);
 
+// The updates applied to each rule state: `updates` to the main rule's (its `t`),
+// `fo_updates` to the first-order rule's (0 without `fo_rule`). On CUDA this
+// synchronizes the optimizer's stream (steps skipped on the device are not updates).
+//
+// # Safety
+// `opt` must be NULL or a live optimizer; `updates` and `fo_updates` NULL or writable.
+hyzo_status hyzo_optimizer_updates(const hyzo_optimizer *opt, uint64_t *updates, uint64_t *fo_updates);
+
 // Waits until every pass issued so far has finished (a no-op on the CPU).
 //
 // # Safety
@@ -375,24 +412,44 @@ hyzo_status hyzo_optimizer_synchronize(hyzo_optimizer *opt);
 // `opt` must be NULL or a live optimizer; `bytes` NULL or writable.
 hyzo_status hyzo_optimizer_state_size(const hyzo_optimizer *opt, uint64_t *bytes);
 
-// Saves the optimizer state (step counts, moment buffers, residuals; not the parameters,
-// which are the caller's) into `buf`: exactly `hyzo_optimizer_state_size` bytes are
-// written, `len` must be at least that. Not during a zeroth-order step. On CUDA this
-// synchronizes.
+// Saves the optimizer state (step counts, moment buffers of each rule, residuals and a
+// CRC32C checksum; not the parameters, which are the caller's) into `buf`: exactly
+// `hyzo_optimizer_state_size` bytes are written, `len` must be at least that. Not during a
+// zeroth-order step. On CUDA this synchronizes. The state is written straight into `buf`
+// (no second copy in memory).
 //
 // # Safety
 // `opt` must be NULL or a live optimizer; `buf` valid for writes of `len` bytes.
 hyzo_status hyzo_optimizer_save_state(const hyzo_optimizer *opt, void *buf, uint64_t len);
 
+// Saves the optimizer state, as `hyzo_optimizer_save_state`, to the file `path`, streaming
+// (memory use does not grow with the state) and atomically: the file is written beside
+// `path` and renamed over it once complete, so `path` never holds a partial state.
+// `HYZO_ERR_IO` when the file cannot be written.
+//
+// # Safety
+// `opt` must be NULL or a live optimizer; `path` NULL or a NUL-terminated string.
+hyzo_status hyzo_optimizer_save_state_file(const hyzo_optimizer *opt, const char *path);
+
 // Restores a state saved by `hyzo_optimizer_save_state` of an optimizer with the same
-// configuration (rule, precision, directions, seed, schedule) and the same tensors (dtypes,
-// sizes, offsets), from this or another device; the run then continues bit-identically
-// (restore the parameters too). `len` must be the exact size. A buffer of another version,
-// configuration or size is rejected and nothing changes. Not during a zeroth-order step.
+// configuration (rule, fo_rule, precision, directions, seed, schedule) and the same tensors
+// (dtypes, sizes, offsets), from this or another device; the run then continues
+// bit-identically (restore the parameters too). `len` must be the exact size. A state that
+// is truncated, corrupted (checksum), of another configuration or size, or of an unknown
+// format version is rejected and nothing changes. States of hyzo 0.1 (format 1) load into
+// optimizers without `fo_rule`. Not during a zeroth-order step.
 //
 // # Safety
 // `opt` must be NULL or a live optimizer; `buf` valid for reads of `len` bytes.
 hyzo_status hyzo_optimizer_load_state(hyzo_optimizer *opt, const void *buf, uint64_t len);
+
+// Restores a state from the file `path`, as `hyzo_optimizer_load_state`. The file is read
+// twice, streaming: once to check it whole, then to load it. `HYZO_ERR_IO` when it cannot
+// be read.
+//
+// # Safety
+// `opt` must be NULL or a live optimizer; `path` NULL or a NUL-terminated string.
+hyzo_status hyzo_optimizer_load_state_file(hyzo_optimizer *opt, const char *path);
 
 #ifdef __cplusplus
 }  // extern "C"

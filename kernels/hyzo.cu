@@ -27,13 +27,14 @@ struct Tensor {
     hyzo_u32 dtype, grad_dtype;
 };
 
-__device__ __forceinline__ Tensor load_tensor(const HyzoTensor* t) {
+/* A table entry, with the moments of state set `set` as m and v. */
+__device__ __forceinline__ Tensor load_tensor(const HyzoTensor* t, hyzo_u32 set) {
     Tensor r;
     r.data = __ldg(&t->data);
     r.grad = __ldg(&t->grad);
     r.lo = __ldg(&t->lo);
-    r.m = __ldg(&t->m);
-    r.v = __ldg(&t->v);
+    r.m = set == HYZO_STATE_FIRST_ORDER ? __ldg(&t->fo_m) : __ldg(&t->m);
+    r.v = set == HYZO_STATE_FIRST_ORDER ? __ldg(&t->fo_v) : __ldg(&t->v);
     r.numel = __ldg(&t->numel);
     r.offset = __ldg(&t->offset);
     r.first_chunk = __ldg(&t->first_chunk);
@@ -231,7 +232,7 @@ template <class Body>
 __device__ __forceinline__ void for_each_chunk(const HyzoPass& p, Body& body) {
     const HyzoTensor* table = (const HyzoTensor*)p.table;
     for (hyzo_u64 c = blockIdx.x; c < p.total_chunks; c += gridDim.x) {
-        const Tensor t = load_tensor(table + find_tensor(table, p.ntensors, c));
+        const Tensor t = load_tensor(table + find_tensor(table, p.ntensors, c), p.state_set);
         const hyzo_u64 last = (t.offset + t.numel - 1) >> 3;
         const hyzo_u64 g0 = (t.offset >> 3) + (c - t.first_chunk) * HYZO_CHUNK_GROUPS;
         const hyzo_u64 g1 = min(g0 + (HYZO_CHUNK_GROUPS - 1), last);
@@ -270,6 +271,7 @@ template <bool ZO>
 struct UpdateBody {
     const HyzoPass& p;
     bool skip;
+    HyzoRule rule;
     __device__ void group(const Tensor& t, const Group& gr) {
         const bool comp = p.precision == HYZO_COMPENSATED;
         float x[8];
@@ -312,7 +314,7 @@ struct UpdateBody {
         else
 #pragma unroll
             for (int e = 0; e < 8; e++) v[e] = 0.0f;
-        hyzo_apply_rule8(p.rule, x, g, m, v);
+        hyzo_apply_rule8(rule, x, g, m, v);
         if (t.m != 0) store8_f32(t.m, t, gr, m);
         if (t.v != 0) store8_f32(t.v, t, gr, v);
         store_param(t, gr, p.precision, true, p.seed, p.step, x);
@@ -324,13 +326,26 @@ __device__ __forceinline__ bool read_skip(const HyzoPass& p) {
     return p.skip_flag != 0 && *(const volatile hyzo_u32*)p.skip_flag != 0u;
 }
 
+/* The rule of an update pass. When steps may have been skipped on the device (skip_count
+ * set), the host's t counts them and the bias corrections are redone here for the true t:
+ * the host cannot know it without a synchronization. */
+__device__ __forceinline__ HyzoRule update_rule(const HyzoPass& p) {
+    HyzoRule r = p.rule;
+    if (p.skip_count != 0 && (r.rule == HYZO_ADAMW || r.rule == HYZO_ADAZO)) {
+        const hyzo_u64 t = p.t - *(const volatile hyzo_u64*)p.skip_count;
+        r.bias_correction1 = hyzo_bias_correction(r.beta1, t);
+        r.bias_correction2 = hyzo_bias_correction(r.beta2, t);
+    }
+    return r;
+}
+
 extern "C" __global__ void __launch_bounds__(HYZO_THREADS, 2) hyzo_restore_and_update(const __grid_constant__ HyzoPass p) {
-    UpdateBody<true> body{p, read_skip(p)};
+    UpdateBody<true> body{p, read_skip(p), update_rule(p)};
     for_each_chunk(p, body);
 }
 
 extern "C" __global__ void __launch_bounds__(HYZO_THREADS, 2) hyzo_fo_update(const __grid_constant__ HyzoPass p) {
-    UpdateBody<false> body{p, false};
+    UpdateBody<false> body{p, false, update_rule(p)};
     for_each_chunk(p, body);
 }
 
@@ -389,13 +404,13 @@ extern "C" __global__ void __launch_bounds__(HYZO_THREADS, 2) hyzo_sq_norm_final
 /* ---- device losses: g_d, the finiteness check and the skip counter -----------------------
  * Mirrors Optimizer::projected_grads: two-sided g_d = (L[2d] − L[2d+1]) / (2μ), one-sided
  * g_d = (L[d+1] − L[0]) / μ; the coefficient is g_d · base_d. A step with a non-finite
- * loss sets *skip_flag (the update pass then only restores) and counts in *skip_count. */
+ * loss, g_d or coefficient (spec v2 §4) sets *skip_flag (the update pass then only
+ * restores) and counts in *skip_count. */
 extern "C" __global__ void __launch_bounds__(HYZO_THREADS, 2) hyzo_device_losses(const __grid_constant__ HyzoLossPass p) {
     const float* losses = (const float*)p.losses;
     const hyzo_u32 n = p.estimator == HYZO_TWO_SIDED ? 2 * p.q : p.q + 1;
     int bad = 0;
     for (hyzo_u32 i = threadIdx.x; i < n; i += HYZO_THREADS) bad |= !isfinite(losses[i]);
-    const int any_bad = __syncthreads_or(bad);
     HyzoTerm* out = (HyzoTerm*)p.out;
     for (hyzo_u32 d = threadIdx.x; d < p.q; d += HYZO_THREADS) {
         HyzoTerm base;
@@ -407,8 +422,10 @@ extern "C" __global__ void __launch_bounds__(HYZO_THREADS, 2) hyzo_device_losses
         HyzoTerm t;
         t.direction = base.direction;
         t.coeff = fmul_(gd, base.coeff);
+        bad |= !isfinite(gd) || !isfinite(t.coeff);
         out[d] = t;
     }
+    const int any_bad = __syncthreads_or(bad);
     if (threadIdx.x == 0) {
         *(hyzo_u32*)p.skip_flag = any_bad ? 1u : 0u;
         if (any_bad) *(hyzo_u64*)p.skip_count += 1;

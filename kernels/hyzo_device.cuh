@@ -391,6 +391,23 @@ HYZO_FN float hyzo_apply_rule(const HyzoRule& p, float theta, float g, float* m,
     }
 }
 
+/* 1 − β^t rounded to f32 (rules.rs `bias_correction`): β^t by square and multiply in f64,
+ * each product one correctly rounded operation, so CPU and GPU agree to the bit. */
+HYZO_FN float hyzo_bias_correction(float beta, hyzo_u64 t) {
+    double base = (double)beta, power = 1.0;
+    while (t != 0) {
+        if (t & 1) power = hyzo_dmul_(power, base);
+        t >>= 1;
+        if (t != 0) base = hyzo_dmul_(base, base);
+    }
+#ifdef HYZO_HOST_EMULATION
+    volatile double r = 1.0 - power;
+    return (float)r;
+#else
+    return __double2float_rn(__dsub_rn(1.0, power));
+#endif
+}
+
 /* The rule over 8 elements, the (uniform) choice of rule made once. */
 HYZO_FN void hyzo_apply_rule8(const HyzoRule& p, float x[8], const float g[8], float m[8],
                               float v[8]) {

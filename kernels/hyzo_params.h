@@ -42,19 +42,25 @@ typedef unsigned long long hyzo_u64;
 #define HYZO_SIGNUM 3u
 #define HYZO_ADAMW 4u
 #define HYZO_ADAZO 5u
+/* State sets, as `StateSet` in src/config.rs. */
+#define HYZO_STATE_MAIN 0u
+#define HYZO_STATE_FIRST_ORDER 1u
 /* Estimators, as `Estimator` in src/config.rs. */
 #define HYZO_TWO_SIDED 0u
 #define HYZO_ONE_SIDED 1u
 
 /* One tensor of a shard: its memory, its place in the global index space, and where its
  * chunks start in the launch's chunk numbering. Addresses are 0 when absent. `m`, `v`
- * (f32) and `lo` (bf16) are the addresses of local element 0. */
+ * (f32, the main rule's state), `fo_m`, `fo_v` (f32, the first-order rule's state, spec v2
+ * §5) and `lo` (bf16) are the addresses of local element 0. */
 typedef struct HyzoTensor {
     hyzo_u64 data;
     hyzo_u64 grad;
     hyzo_u64 lo;
     hyzo_u64 m;
     hyzo_u64 v;
+    hyzo_u64 fo_m;
+    hyzo_u64 fo_v;
     hyzo_u64 numel;
     hyzo_u64 offset;
     hyzo_u64 first_chunk;
@@ -101,6 +107,11 @@ typedef struct HyzoPass {
     hyzo_u32 direction;    /* sq_norm's direction */
     HyzoRule rule;
     HyzoTerm inline_terms[HYZO_MAX_TERMS];
+    hyzo_u64 t;            /* update passes: the host's count of attempted updates of the state */
+    hyzo_u64 skip_count;   /* device u64 of steps skipped on the device, or 0: when set, the
+                              bias corrections are those of t - *skip_count */
+    hyzo_u32 state_set;    /* HYZO_STATE_*: the m, v an update reads and writes */
+    hyzo_u32 reserved;
 } HyzoPass;
 
 /* The launch parameters of hyzo_device_losses: projected gradients from losses in device
@@ -132,12 +143,14 @@ HYZO_LAYOUT(HyzoTensor, grad, 8);
 HYZO_LAYOUT(HyzoTensor, lo, 16);
 HYZO_LAYOUT(HyzoTensor, m, 24);
 HYZO_LAYOUT(HyzoTensor, v, 32);
-HYZO_LAYOUT(HyzoTensor, numel, 40);
-HYZO_LAYOUT(HyzoTensor, offset, 48);
-HYZO_LAYOUT(HyzoTensor, first_chunk, 56);
-HYZO_LAYOUT(HyzoTensor, dtype, 64);
-HYZO_LAYOUT(HyzoTensor, grad_dtype, 68);
-HYZO_SIZE(HyzoTensor, 72);
+HYZO_LAYOUT(HyzoTensor, fo_m, 40);
+HYZO_LAYOUT(HyzoTensor, fo_v, 48);
+HYZO_LAYOUT(HyzoTensor, numel, 56);
+HYZO_LAYOUT(HyzoTensor, offset, 64);
+HYZO_LAYOUT(HyzoTensor, first_chunk, 72);
+HYZO_LAYOUT(HyzoTensor, dtype, 80);
+HYZO_LAYOUT(HyzoTensor, grad_dtype, 84);
+HYZO_SIZE(HyzoTensor, 88);
 
 HYZO_LAYOUT(HyzoRule, rule, 0);
 HYZO_LAYOUT(HyzoRule, lr, 4);
@@ -172,7 +185,11 @@ HYZO_LAYOUT(HyzoPass, grad_weight, 88);
 HYZO_LAYOUT(HyzoPass, direction, 92);
 HYZO_LAYOUT(HyzoPass, rule, 96);
 HYZO_LAYOUT(HyzoPass, inline_terms, 128);
-HYZO_SIZE(HyzoPass, 192);
+HYZO_LAYOUT(HyzoPass, t, 192);
+HYZO_LAYOUT(HyzoPass, skip_count, 200);
+HYZO_LAYOUT(HyzoPass, state_set, 208);
+HYZO_LAYOUT(HyzoPass, reserved, 212);
+HYZO_SIZE(HyzoPass, 216);
 
 HYZO_LAYOUT(HyzoLossPass, losses, 0);
 HYZO_LAYOUT(HyzoLossPass, base, 8);

@@ -1,6 +1,12 @@
 //! The optimizer's configuration: every choice of the spec in one plain struct.
 
 use crate::direction::{DirectionKind, FIRST_RESERVED_DIRECTION};
+
+/// The most directions a zeroth-order step may use (`num_directions`): far more than any
+/// use of ZO (q is 1 to 64 in practice), and small enough that a step's per-direction
+/// bookkeeping is a few hundred kilobytes.
+pub const MAX_DIRECTIONS: u32 = 1 << 16;
+const _: () = assert!(MAX_DIRECTIONS < FIRST_RESERVED_DIRECTION);
 use crate::dtype::Precision;
 use crate::error::{invalid, Result};
 use crate::rules::Rule;
@@ -30,6 +36,29 @@ pub enum Phase {
     ZerothOrder = 1,
 }
 
+/// Which of an optimizer's two rule states an update reads and writes (spec v2 §5).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StateSet {
+    /// The state of [`Config::rule`]: zeroth-order steps, and every step without `fo_rule`.
+    Main = 0,
+    /// The state of [`Config::fo_rule`]: first-order steps of an optimizer that has one.
+    FirstOrder = 1,
+}
+
+/// What one kind of step applies: see [`Config::phase_rule`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PhaseRule {
+    /// The rule.
+    pub rule: Rule,
+    /// Its learning rate.
+    pub lr: f32,
+    /// Its decoupled weight decay.
+    pub weight_decay: f32,
+    /// The state it updates.
+    pub state: StateSet,
+}
+
 /// Optimizer configuration. [`Config::default`] is ZO-SGD with one Gaussian direction.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -39,14 +68,22 @@ pub struct Config {
     pub lr: f32,
     /// Smoothing radius `μ` of the finite differences.
     pub eps: f32,
-    /// Directions per zeroth-order step, `q ≥ 1`.
+    /// Directions per zeroth-order step, `1 ≤ q ≤` [`MAX_DIRECTIONS`].
     pub num_directions: u32,
     /// Distribution of the directions.
     pub direction: DirectionKind,
     /// One- or two-sided differences.
     pub estimator: Estimator,
-    /// Update rule.
+    /// Update rule of zeroth-order steps, and of every step when `fo_rule` is `None`.
     pub rule: Rule,
+    /// First-order rule with a state of its own (spec §5): first-order steps apply it and
+    /// never touch `rule`'s state, zeroth-order steps never touch its state. `None`: one
+    /// rule and one state for every step (spec v1).
+    pub fo_rule: Option<Rule>,
+    /// Learning rate of first-order steps; `None`: `lr`.
+    pub fo_lr: Option<f32>,
+    /// Weight decay of first-order steps; `None`: `weight_decay`.
+    pub fo_weight_decay: Option<f32>,
     /// `β1` (momentum, signum, AdamW, AdaZO).
     pub beta1: f32,
     /// `β2` (AdamW, AdaZO).
@@ -76,6 +113,9 @@ impl Default for Config {
             direction: DirectionKind::Gaussian,
             estimator: Estimator::TwoSided,
             rule: Rule::Sgd,
+            fo_rule: None,
+            fo_lr: None,
+            fo_weight_decay: None,
             beta1: 0.9,
             beta2: 0.999,
             adam_eps: 1e-8,
@@ -106,9 +146,9 @@ impl Config {
         if self.num_directions == 0 {
             return invalid("num_directions: must be at least 1");
         }
-        if self.num_directions > FIRST_RESERVED_DIRECTION {
+        if self.num_directions > MAX_DIRECTIONS {
             return invalid(format!(
-                "num_directions: {} reaches the reserved directions",
+                "num_directions: {} exceeds the maximum of {MAX_DIRECTIONS}",
                 self.num_directions
             ));
         }
@@ -124,6 +164,12 @@ impl Config {
             ));
         }
         finite_nonneg("weight_decay", self.weight_decay)?;
+        if let Some(lr) = self.fo_lr {
+            finite_nonneg("fo_lr", lr)?;
+        }
+        if let Some(wd) = self.fo_weight_decay {
+            finite_nonneg("fo_weight_decay", wd)?;
+        }
         if !(self.hybrid_alpha.is_finite() && (0.0..=1.0).contains(&self.hybrid_alpha)) {
             return invalid(format!(
                 "hybrid_alpha: must be in [0, 1], got {}",
@@ -131,6 +177,42 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The paper's hybrid (spec v2 §5): AdamW for first-order steps and AdaZO for
+    /// zeroth-order steps, each with its own state, in blocks of `fo_steps` and `zo_steps`.
+    pub fn hybrid(fo_steps: u32, zo_steps: u32) -> Self {
+        Self {
+            rule: Rule::AdaZo,
+            fo_rule: Some(Rule::AdamW),
+            fo_steps,
+            zo_steps,
+            ..Self::default()
+        }
+    }
+
+    /// The rule, learning rate, weight decay and state of a step of kind `phase`.
+    pub fn phase_rule(&self, phase: Phase) -> PhaseRule {
+        match (phase, self.fo_rule) {
+            (Phase::FirstOrder, Some(rule)) => PhaseRule {
+                rule,
+                lr: self.fo_lr.unwrap_or(self.lr),
+                weight_decay: self.fo_weight_decay.unwrap_or(self.weight_decay),
+                state: StateSet::FirstOrder,
+            },
+            (Phase::FirstOrder, None) => PhaseRule {
+                rule: self.rule,
+                lr: self.fo_lr.unwrap_or(self.lr),
+                weight_decay: self.fo_weight_decay.unwrap_or(self.weight_decay),
+                state: StateSet::Main,
+            },
+            (Phase::ZerothOrder, _) => PhaseRule {
+                rule: self.rule,
+                lr: self.lr,
+                weight_decay: self.weight_decay,
+                state: StateSet::Main,
+            },
+        }
     }
 
     /// Loss evaluations of one zeroth-order step.

@@ -15,6 +15,8 @@ pub enum Error {
     Cuda(String),
     /// An allocation failed.
     OutOfMemory(String),
+    /// Reading or writing a file failed.
+    Io(String),
     /// A bug in hyzo (a caught panic, a broken invariant).
     Internal(String),
 }
@@ -28,6 +30,7 @@ impl Error {
             | Error::NoDevice(m)
             | Error::Cuda(m)
             | Error::OutOfMemory(m)
+            | Error::Io(m)
             | Error::Internal(m) => m,
         }
     }
@@ -41,6 +44,7 @@ impl fmt::Display for Error {
             Error::NoDevice(_) => "no device",
             Error::Cuda(_) => "CUDA error",
             Error::OutOfMemory(_) => "out of memory",
+            Error::Io(_) => "I/O error",
             Error::Internal(_) => "internal error",
         };
         write!(f, "{kind}: {}", self.message())

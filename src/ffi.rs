@@ -50,6 +50,8 @@ pub enum hyzo_status {
     HYZO_ERR_OUT_OF_MEMORY = 5,
     /// A bug in hyzo (a caught panic); the optimizer involved is unusable afterwards.
     HYZO_ERR_INTERNAL = 6,
+    /// Reading or writing a file failed (the message has the path and the system's reason).
+    HYZO_ERR_IO = 7,
 }
 
 /// Element type of a parameter or gradient tensor.
@@ -90,6 +92,9 @@ pub enum hyzo_rule {
     HYZO_RULE_ADAMW = 4,
     /// AdamW whose second moment tracks the momentum.
     HYZO_RULE_ADAZO = 5,
+    /// Only for `hyzo_config.fo_rule`: no first-order rule of its own (first-order steps
+    /// apply `rule` to its state, as in spec version 1).
+    HYZO_RULE_NONE = 255,
 }
 
 /// Distribution of the random directions (spec §3).
@@ -191,6 +196,16 @@ pub struct hyzo_config {
     /// `α` in [0, 1] of the mixed estimate `α ∇ + (1 − α) ĝ` of zeroth-order steps; > 0
     /// needs a gradient on every tensor.
     pub hybrid_alpha: f32,
+    /// Rule of first-order steps, with a state of its own that zeroth-order steps never
+    /// touch (spec v2 §5; the paper's hybrid: `HYZO_RULE_ADAMW` here, `HYZO_RULE_ADAZO` in
+    /// `rule`). `HYZO_RULE_NONE` (the default): first-order steps apply `rule` to the one
+    /// shared state. Separate AdamW + AdaZO states cost 16 bytes per parameter.
+    pub fo_rule: RawRule,
+    /// Learning rate of first-order steps (finite, >= 0), or NaN (the default): `lr`.
+    pub fo_lr: f32,
+    /// Weight decay of first-order steps (finite, >= 0), or NaN (the default):
+    /// `weight_decay`.
+    pub fo_weight_decay: f32,
 }
 
 /// An optimizer over a set of registered tensors (opaque). Create it with
@@ -223,6 +238,7 @@ fn status_of(e: &Error) -> hyzo_status {
         Error::NoDevice(_) => hyzo_status::HYZO_ERR_NO_DEVICE,
         Error::Cuda(_) => hyzo_status::HYZO_ERR_CUDA,
         Error::OutOfMemory(_) => hyzo_status::HYZO_ERR_OUT_OF_MEMORY,
+        Error::Io(_) => hyzo_status::HYZO_ERR_IO,
         Error::Internal(_) => hyzo_status::HYZO_ERR_INTERNAL,
     }
 }
@@ -364,6 +380,21 @@ fn rule_from(v: RawRule, name: &str) -> Result<Rule> {
     enum_from(v, &Rule::ALL, "hyzo_rule", name)
 }
 
+/// `fo_rule`: a rule, or `HYZO_RULE_NONE`.
+fn fo_rule_from(v: RawRule, name: &str) -> Result<Option<Rule>> {
+    if v == hyzo_rule::HYZO_RULE_NONE as u32 {
+        return Ok(None);
+    }
+    rule_from(v, name)
+        .map(Some)
+        .map_err(|e| invalid_arg(format!("{} or HYZO_RULE_NONE", e.message())))
+}
+
+/// An optional f32 of the C API: NaN means "not set".
+fn unset_if_nan(v: f32) -> Option<f32> {
+    (!v.is_nan()).then_some(v)
+}
+
 fn precision_from(v: RawPrecision, name: &str) -> Result<Precision> {
     enum_from(v, &Precision::ALL, "hyzo_precision", name)
 }
@@ -386,6 +417,9 @@ fn config_from_c(c: &hyzo_config) -> Result<Config> {
         fo_steps: c.fo_steps,
         zo_steps: c.zo_steps,
         hybrid_alpha: c.hybrid_alpha,
+        fo_rule: fo_rule_from(c.fo_rule, "cfg->fo_rule")?,
+        fo_lr: unset_if_nan(c.fo_lr),
+        fo_weight_decay: unset_if_nan(c.fo_weight_decay),
     };
     // The core names the field; prefix it with the argument.
     config.validate().map_err(|e| match e {
@@ -412,6 +446,11 @@ fn config_to_c(c: &Config) -> hyzo_config {
         fo_steps: c.fo_steps,
         zo_steps: c.zo_steps,
         hybrid_alpha: c.hybrid_alpha,
+        fo_rule: c
+            .fo_rule
+            .map_or(hyzo_rule::HYZO_RULE_NONE as u32, |r| r as u32),
+        fo_lr: c.fo_lr.unwrap_or(f32::NAN),
+        fo_weight_decay: c.fo_weight_decay.unwrap_or(f32::NAN),
     }
 }
 
@@ -458,7 +497,8 @@ fn cuda_optimizer(_config: Config, _ordinal: c_int) -> Result<Optimizer<'static>
 
 /// The defaults: ZO-SGD, one Gaussian direction, two-sided, `lr = eps = 1e-3`, seed 0,
 /// `beta1 = 0.9`, `beta2 = 0.999`, `adam_eps = 1e-8`, no weight decay, nearest rounding,
-/// no hybrid schedule, `hybrid_alpha = 0`.
+/// no hybrid schedule, `hybrid_alpha = 0`, no first-order rule of its own
+/// (`fo_rule = HYZO_RULE_NONE`, `fo_lr = fo_weight_decay = NaN`: as `lr`, `weight_decay`).
 #[no_mangle]
 pub extern "C" fn hyzo_config_default() -> hyzo_config {
     catch_unwind(|| config_to_c(&Config::default())).unwrap_or(hyzo_config {
@@ -478,6 +518,9 @@ pub extern "C" fn hyzo_config_default() -> hyzo_config {
         fo_steps: 0,
         zo_steps: 0,
         hybrid_alpha: 0.0,
+        fo_rule: hyzo_rule::HYZO_RULE_NONE as u32,
+        fo_lr: f32::NAN,
+        fo_weight_decay: f32::NAN,
     })
 }
 
@@ -512,6 +555,7 @@ pub extern "C" fn hyzo_status_string(status: RawStatus) -> *const c_char {
         4 => c"HYZO_ERR_CUDA",
         5 => c"HYZO_ERR_OUT_OF_MEMORY",
         6 => c"HYZO_ERR_INTERNAL",
+        7 => c"HYZO_ERR_IO",
         _ => c"unknown hyzo_status",
     };
     s.as_ptr()
@@ -608,9 +652,9 @@ pub unsafe extern "C" fn hyzo_optimizer_create(
     })
 }
 
-/// Creates a CPU optimizer whose passes run on `num_threads` threads of its own (0: the
-/// process-wide pool over every core). Otherwise as `hyzo_optimizer_create`. Results do
-/// not depend on the number of threads.
+/// Creates a CPU optimizer whose passes run on `num_threads` threads of its own (at most
+/// 1024; 0: the process-wide pool over every core). Otherwise as `hyzo_optimizer_create`.
+/// Results do not depend on the number of threads.
 ///
 /// # Safety
 /// As `hyzo_optimizer_create`.
@@ -735,6 +779,35 @@ pub unsafe extern "C" fn hyzo_optimizer_set_weight_decay(
 ) -> hyzo_status {
     with_opt("hyzo_optimizer_set_weight_decay", opt, |o| {
         o.inner.set_weight_decay(weight_decay)
+    })
+}
+
+/// Sets the learning rate of first-order steps (finite, >= 0), or NaN: follow `lr` again.
+///
+/// # Safety
+/// `opt` must be NULL or a live optimizer.
+#[no_mangle]
+pub unsafe extern "C" fn hyzo_optimizer_set_fo_lr(
+    opt: *mut hyzo_optimizer,
+    fo_lr: f32,
+) -> hyzo_status {
+    with_opt("hyzo_optimizer_set_fo_lr", opt, |o| {
+        o.inner.set_fo_lr(unset_if_nan(fo_lr))
+    })
+}
+
+/// Sets the weight decay of first-order steps (finite, >= 0), or NaN: follow
+/// `weight_decay` again.
+///
+/// # Safety
+/// `opt` must be NULL or a live optimizer.
+#[no_mangle]
+pub unsafe extern "C" fn hyzo_optimizer_set_fo_weight_decay(
+    opt: *mut hyzo_optimizer,
+    fo_weight_decay: f32,
+) -> hyzo_status {
+    with_opt("hyzo_optimizer_set_fo_weight_decay", opt, |o| {
+        o.inner.set_fo_weight_decay(unset_if_nan(fo_weight_decay))
     })
 }
 
@@ -1027,6 +1100,28 @@ pub unsafe extern "C" fn hyzo_optimizer_stats(
     })
 }
 
+/// The updates applied to each rule state: `updates` to the main rule's (its `t`),
+/// `fo_updates` to the first-order rule's (0 without `fo_rule`). On CUDA this
+/// synchronizes the optimizer's stream (steps skipped on the device are not updates).
+///
+/// # Safety
+/// `opt` must be NULL or a live optimizer; `updates` and `fo_updates` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn hyzo_optimizer_updates(
+    opt: *const hyzo_optimizer,
+    updates: *mut u64,
+    fo_updates: *mut u64,
+) -> hyzo_status {
+    with_opt("hyzo_optimizer_updates", opt as *mut _, |o| {
+        let updates = out_arg(updates, "updates")?;
+        let fo_updates = out_arg(fo_updates, "fo_updates")?;
+        let u = o.inner.updates()?;
+        *updates = u;
+        *fo_updates = o.inner.fo_updates();
+        Ok(())
+    })
+}
+
 /// Waits until every pass issued so far has finished (a no-op on the CPU).
 ///
 /// # Safety
@@ -1051,15 +1146,16 @@ pub unsafe extern "C" fn hyzo_optimizer_state_size(
 ) -> hyzo_status {
     with_opt("hyzo_optimizer_state_size", opt as *mut _, |o| {
         let bytes = out_arg(bytes, "bytes")?;
-        *bytes = o.inner.state_size()? as u64;
+        *bytes = o.inner.state_size()?;
         Ok(())
     })
 }
 
-/// Saves the optimizer state (step counts, moment buffers, residuals; not the parameters,
-/// which are the caller's) into `buf`: exactly `hyzo_optimizer_state_size` bytes are
-/// written, `len` must be at least that. Not during a zeroth-order step. On CUDA this
-/// synchronizes.
+/// Saves the optimizer state (step counts, moment buffers of each rule, residuals and a
+/// CRC32C checksum; not the parameters, which are the caller's) into `buf`: exactly
+/// `hyzo_optimizer_state_size` bytes are written, `len` must be at least that. Not during a
+/// zeroth-order step. On CUDA this synchronizes. The state is written straight into `buf`
+/// (no second copy in memory).
 ///
 /// # Safety
 /// `opt` must be NULL or a live optimizer; `buf` valid for writes of `len` bytes.
@@ -1078,22 +1174,65 @@ pub unsafe extern "C" fn hyzo_optimizer_save_state(
             return Err(Error::BadState("a zeroth-order step is in progress".into()));
         }
         let need = o.inner.state_size()?;
-        if len < need {
+        if (len as u64) < need {
             return Err(invalid_arg(format!(
                 "len: {len} bytes, the state needs {need}"
             )));
         }
-        let state = o.inner.save_state()?;
-        std::slice::from_raw_parts_mut(buf as *mut u8, state.len()).copy_from_slice(&state);
-        Ok(())
+        let mut out = std::slice::from_raw_parts_mut(buf as *mut u8, need as usize);
+        o.inner.save_state_to(&mut out)
+    })
+}
+
+/// A path argument: a non-NULL, NUL-terminated string.
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string.
+unsafe fn path_arg<'a>(path: *const c_char) -> Result<&'a std::path::Path> {
+    if path.is_null() {
+        return Err(invalid_arg("path: null pointer"));
+    }
+    let s = std::ffi::CStr::from_ptr(path);
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        Ok(std::path::Path::new(std::ffi::OsStr::from_bytes(
+            s.to_bytes(),
+        )))
+    }
+    #[cfg(not(unix))]
+    {
+        s.to_str()
+            .map(std::path::Path::new)
+            .map_err(|_| invalid_arg("path: not UTF-8"))
+    }
+}
+
+/// Saves the optimizer state, as `hyzo_optimizer_save_state`, to the file `path`, streaming
+/// (memory use does not grow with the state) and atomically: the file is written beside
+/// `path` and renamed over it once complete, so `path` never holds a partial state.
+/// `HYZO_ERR_IO` when the file cannot be written.
+///
+/// # Safety
+/// `opt` must be NULL or a live optimizer; `path` NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn hyzo_optimizer_save_state_file(
+    opt: *const hyzo_optimizer,
+    path: *const c_char,
+) -> hyzo_status {
+    with_opt("hyzo_optimizer_save_state_file", opt as *mut _, |o| {
+        let path = path_arg(path)?;
+        o.inner.save_state_file(path)
     })
 }
 
 /// Restores a state saved by `hyzo_optimizer_save_state` of an optimizer with the same
-/// configuration (rule, precision, directions, seed, schedule) and the same tensors (dtypes,
-/// sizes, offsets), from this or another device; the run then continues bit-identically
-/// (restore the parameters too). `len` must be the exact size. A buffer of another version,
-/// configuration or size is rejected and nothing changes. Not during a zeroth-order step.
+/// configuration (rule, fo_rule, precision, directions, seed, schedule) and the same tensors
+/// (dtypes, sizes, offsets), from this or another device; the run then continues
+/// bit-identically (restore the parameters too). `len` must be the exact size. A state that
+/// is truncated, corrupted (checksum), of another configuration or size, or of an unknown
+/// format version is rejected and nothing changes. States of hyzo 0.1 (format 1) load into
+/// optimizers without `fo_rule`. Not during a zeroth-order step.
 ///
 /// # Safety
 /// `opt` must be NULL or a live optimizer; `buf` valid for reads of `len` bytes.
@@ -1110,6 +1249,25 @@ pub unsafe extern "C" fn hyzo_optimizer_load_state(
         let len = byte_len(len, "len")?;
         let bytes = std::slice::from_raw_parts(buf as *const u8, len);
         o.inner.load_state(bytes)?;
+        o.last = None;
+        Ok(())
+    })
+}
+
+/// Restores a state from the file `path`, as `hyzo_optimizer_load_state`. The file is read
+/// twice, streaming: once to check it whole, then to load it. `HYZO_ERR_IO` when it cannot
+/// be read.
+///
+/// # Safety
+/// `opt` must be NULL or a live optimizer; `path` NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn hyzo_optimizer_load_state_file(
+    opt: *mut hyzo_optimizer,
+    path: *const c_char,
+) -> hyzo_status {
+    with_opt("hyzo_optimizer_load_state_file", opt, |o| {
+        let path = path_arg(path)?;
+        o.inner.load_state_file(path)?;
         o.last = None;
         Ok(())
     })

@@ -12,9 +12,10 @@ pub mod optimizer;
 pub mod philox;
 pub mod rules;
 pub mod shard;
+mod state;
 
 pub use backend::cpu::CpuBackend;
-pub use config::{Config, Estimator, Phase};
+pub use config::{Config, Estimator, Phase, PhaseRule, StateSet};
 pub use direction::{DirectionId, DirectionKind};
 pub use dtype::{DType, Element, Precision};
 pub use error::{Error, Result};

@@ -2,13 +2,16 @@
 //! optimizer carries between steps. Backends execute the passes; this file decides them.
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, DeviceLosses, Generator, PerturbPass, Term, UpdatePass};
-use crate::config::{Config, Estimator, Phase};
+use crate::backend::{
+    Backend, DeviceLosses, Generator, PerturbPass, StateLayout, Term, UpdatePass,
+};
+use crate::config::{Config, Estimator, Phase, PhaseRule, StateSet};
 use crate::direction::DirectionKind;
 use crate::dtype::Precision;
 use crate::error::{bad_state, invalid, Result};
 use crate::rules::RuleParams;
 use crate::shard::{GradMut, ParamShard, TensorSpec};
+use crate::state::{self, Counters};
 
 /// What [`Optimizer::feed`] asks for next.
 #[derive(Clone, Debug, PartialEq)]
@@ -22,7 +25,9 @@ pub enum Feed {
 /// The outcome of a finished zeroth-order step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepReport {
-    /// A loss was not finite: parameters were restored and nothing was updated.
+    /// A loss or a projected gradient was not finite (spec §4): parameters were restored
+    /// and nothing was updated. Always `false` when the losses stayed on the device, where
+    /// the device decides ([`Optimizer::skipped`] counts those skips).
     pub skipped: bool,
     /// The loss at the unperturbed point: `L_0` for the one-sided estimator, the mean of the
     /// `2q` perturbed losses for the two-sided one (equal to `f(θ)` up to `O(μ²)`). `None`
@@ -45,22 +50,20 @@ struct ZoStep {
     carried: Vec<Term>,
 }
 
-/// Magic bytes and version of the state format.
-const STATE_MAGIC: &[u8; 8] = b"HYZOSTAT";
-const STATE_FORMAT: u32 = 1;
-
 /// A zeroth-order / first-order / hybrid optimizer over one [`ParamShard`].
 ///
-/// Steps are numbered from 0; step `n` uses directions `(seed, n, 0..q)`, and the rule's
-/// bias-correction count `t` is the number of updates applied including the current one
+/// Steps are numbered from 0; step `n` uses directions `(seed, n, 0..q)`. Each rule state
+/// (spec v2 §5: the main rule's, and the first-order rule's when there is one) has its own
+/// bias-correction count `t`: the number of updates it received, the current one included
 /// (a skipped step advances the step number, not `t`).
 pub struct Optimizer<'a> {
     config: Config,
     shard: ParamShard<'a>,
     backend: Box<dyn Backend + 'a>,
-    step: u64,
-    updates: u64,
-    skipped: u64,
+    /// Steps, updates of each state and host-side skips. `updates[Main]` counts attempted
+    /// updates: those of steps that the device skipped are subtracted where they are known
+    /// (on the device, and by [`Optimizer::updates`]).
+    counters: Counters,
     prepared: bool,
     zo: Option<ZoStep>,
 }
@@ -71,7 +74,7 @@ impl std::fmt::Debug for Optimizer<'_> {
             .field("config", &self.config)
             .field("backend", &self.backend.name())
             .field("tensors", &self.shard.len())
-            .field("step", &self.step)
+            .field("step", &self.counters.step)
             .finish()
     }
 }
@@ -98,9 +101,7 @@ impl<'a> Optimizer<'a> {
             config,
             shard,
             backend,
-            step: 0,
-            updates: 0,
-            skipped: 0,
+            counters: Counters::default(),
             prepared: false,
             zo: None,
         })
@@ -116,23 +117,33 @@ impl<'a> Optimizer<'a> {
         self.backend.name()
     }
 
-    /// Changes the learning rate (for schedulers); allowed between steps.
+    /// Changes the learning rate (for schedulers); allowed between steps. First-order steps
+    /// follow it too unless `fo_lr` is set.
     pub fn set_lr(&mut self, lr: f32) -> Result<()> {
-        if !(lr.is_finite() && lr >= 0.0) {
-            return invalid(format!("lr: must be finite and >= 0, got {lr}"));
-        }
-        self.config.lr = lr;
-        Ok(())
+        self.set_config(|c| c.lr = lr)
     }
 
     /// Changes the weight decay; allowed between steps.
     pub fn set_weight_decay(&mut self, weight_decay: f32) -> Result<()> {
-        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
-            return invalid(format!(
-                "weight_decay: must be finite and >= 0, got {weight_decay}"
-            ));
-        }
-        self.config.weight_decay = weight_decay;
+        self.set_config(|c| c.weight_decay = weight_decay)
+    }
+
+    /// Changes the learning rate of first-order steps (`None`: follow `lr`).
+    pub fn set_fo_lr(&mut self, lr: Option<f32>) -> Result<()> {
+        self.set_config(|c| c.fo_lr = lr)
+    }
+
+    /// Changes the weight decay of first-order steps (`None`: follow `weight_decay`).
+    pub fn set_fo_weight_decay(&mut self, weight_decay: Option<f32>) -> Result<()> {
+        self.set_config(|c| c.fo_weight_decay = weight_decay)
+    }
+
+    /// Applies `change` to a copy of the configuration and keeps it if it validates.
+    fn set_config(&mut self, change: impl FnOnce(&mut Config)) -> Result<()> {
+        let mut c = self.config.clone();
+        change(&mut c);
+        c.validate()?;
+        self.config = c;
         Ok(())
     }
 
@@ -160,17 +171,23 @@ impl<'a> Optimizer<'a> {
 
     /// Steps taken (first- and zeroth-order, skipped ones included).
     pub fn steps(&self) -> u64 {
-        self.step
+        self.counters.step
     }
 
-    /// Updates applied (the rules' `t`).
-    pub fn updates(&self) -> u64 {
-        self.updates
+    /// Updates applied to the main rule's state (its `t`); reads the device's skip counter.
+    pub fn updates(&mut self) -> Result<u64> {
+        Ok(self.counters.updates[StateSet::Main as usize] - self.backend.device_skipped()?)
     }
 
-    /// Zeroth-order steps skipped because a loss was not finite (reads the device counter).
+    /// Updates applied to the first-order rule's state (its `t`; 0 without `fo_rule`).
+    pub fn fo_updates(&self) -> u64 {
+        self.counters.updates[StateSet::FirstOrder as usize]
+    }
+
+    /// Zeroth-order steps skipped because a loss or a projected gradient was not finite
+    /// (reads the device counter).
     pub fn skipped(&mut self) -> Result<u64> {
-        Ok(self.skipped + self.backend.device_skipped()?)
+        Ok(self.counters.skipped + self.backend.device_skipped()?)
     }
 
     /// Whether a zeroth-order step is in progress.
@@ -181,7 +198,7 @@ impl<'a> Optimizer<'a> {
     /// The kind of the next step under the hybrid schedule, `None` without a schedule (the
     /// caller chooses each step's kind).
     pub fn next_phase(&self) -> Option<Phase> {
-        self.config.scheduled_phase(self.step)
+        self.config.scheduled_phase(self.counters.step)
     }
 
     fn check_phase(&self, want: Phase, what: &str) -> Result<()> {
@@ -193,7 +210,7 @@ impl<'a> Optimizer<'a> {
         match self.next_phase() {
             Some(p) if p != want => bad_state(format!(
                 "{what}: step {} of the hybrid schedule is {}",
-                self.step,
+                self.counters.step,
                 match p {
                     Phase::FirstOrder => "first-order (call fo_step)",
                     Phase::ZerothOrder => "zeroth-order (call begin/feed or zo_step)",
@@ -210,32 +227,49 @@ impl<'a> Optimizer<'a> {
         if self.shard.is_empty() {
             return bad_state("no tensors: add at least one tensor before the first step");
         }
-        let residual = self.config.precision == Precision::Compensated;
         self.backend
-            .allocate_state(&self.shard, self.config.rule.state_buffers(), residual)?;
+            .allocate_state(&self.shard, self.state_layout())?;
         self.prepared = true;
         Ok(())
+    }
+
+    fn state_layout(&self) -> StateLayout {
+        StateLayout {
+            main_buffers: self.config.rule.state_buffers(),
+            fo_buffers: self.config.fo_rule.map_or(0, |r| r.state_buffers()),
+            residual: self.config.precision == Precision::Compensated,
+        }
     }
 
     fn generator(&self) -> Generator {
         Generator {
             seed: self.config.seed,
-            step: self.step as u32,
+            step: self.counters.step as u32,
             kind: self.config.direction.generated(),
         }
     }
 
-    fn rule_params(&self, t: u64) -> RuleParams {
+    /// The update pass of the rule of `phase` (its next `t`), with every other field empty.
+    fn update_pass<'p>(&self, phase: Phase, gen: Generator) -> UpdatePass<'p> {
         let c = &self.config;
-        RuleParams::new(
-            c.rule,
-            c.lr,
-            c.beta1,
-            c.beta2,
-            c.adam_eps,
-            c.weight_decay,
+        let PhaseRule {
+            rule,
+            lr,
+            weight_decay,
+            state,
+        } = c.phase_rule(phase);
+        let t = self.counters.updates[state as usize] + 1;
+        UpdatePass {
+            gen,
+            restore: None,
+            zo: &[],
+            grad_weight: None,
+            rule: RuleParams::new(rule, lr, c.beta1, c.beta2, c.adam_eps, weight_decay, t),
+            state,
             t,
-        )
+            precision: c.precision,
+            device_losses: None,
+        }
     }
 
     /// This shard's `Σ z_d²` for each direction of the next step, for a sphere over a model
@@ -287,7 +321,15 @@ impl<'a> Optimizer<'a> {
                 Some(n) => n.to_vec(),
                 None => self.local_sq_norms()?,
             };
-            norms.iter().map(|n| (1.0 / n.sqrt()) as f32).collect()
+            let scales: Vec<f32> = norms.iter().map(|n| (1.0 / n.sqrt()) as f32).collect();
+            // A norm so small that 1/||z|| overflows f32 would write Inf into every weight.
+            if let Some(d) = scales.iter().position(|s| !s.is_finite()) {
+                return invalid(format!(
+                    "sq_norms: direction {d}'s squared norm {} is too small (1/sqrt overflows f32)",
+                    norms[d]
+                ));
+            }
+            scales
         } else {
             vec![1.0; q]
         };
@@ -404,7 +446,7 @@ impl<'a> Optimizer<'a> {
                 Ok(Feed::NeedsForward)
             }
             Ok(Some(report)) => {
-                self.step += 1;
+                self.counters.step += 1;
                 Ok(Feed::Done(report))
             }
             Err(e) => {
@@ -428,10 +470,24 @@ impl<'a> Optimizer<'a> {
 
     fn finish(&mut self, step: &ZoStep, restore: Term) -> Result<StepReport> {
         let on_device = step.on_device == Some(true);
+        let q = self.config.num_directions;
+        // The coefficient of direction d: g_d · (s_d / q). With device losses the kernel
+        // forms the same product with g_d computed there.
+        let coefficients = |g: Option<&[f32]>| -> Vec<Term> {
+            (0..q as usize)
+                .map(|d| {
+                    let scale = step.scales[d] / q as f32;
+                    Term {
+                        direction: d as u32,
+                        coeff: g.map_or(scale, |g| g[d] * scale),
+                    }
+                })
+                .collect()
+        };
         // Host losses: the loss, the skip decision and g_d are known here. Device losses:
         // the device computes g_d, checks finiteness and skips (see `DeviceLosses`).
-        let (loss, g) = if on_device {
-            (None, None)
+        let (loss, g, zo) = if on_device {
+            (None, None, coefficients(None))
         } else {
             let loss = match self.config.estimator {
                 Estimator::TwoSided => {
@@ -440,50 +496,43 @@ impl<'a> Optimizer<'a> {
                 }
                 Estimator::OneSided => step.losses[0],
             };
-            if step.losses.iter().any(|l| !l.is_finite()) {
+            let g = self.projected_grads(&step.losses);
+            let zo = coefficients(Some(&g));
+            // Spec v2 §4: non-finite losses or projected gradients skip the step; so does a
+            // coefficient that overflows (it would write Inf into every parameter).
+            let finite = step.losses.iter().all(|l| l.is_finite())
+                && g.iter().all(|v| v.is_finite())
+                && zo.iter().all(|t| t.coeff.is_finite());
+            if !finite {
                 let pass = PerturbPass {
                     gen: step.gen,
                     terms: &[restore],
                     precision: self.config.precision,
                 };
                 self.backend.perturb(&self.shard, &pass)?;
-                self.skipped += 1;
+                self.counters.skipped += 1;
                 return Ok(StepReport {
                     skipped: true,
                     loss: Some(loss),
                     projected_grads: Vec::new(),
                 });
             }
-            (Some(loss), Some(self.projected_grads(&step.losses)))
+            (Some(loss), Some(g), zo)
         };
-        let q = self.config.num_directions;
-        let zo: Vec<Term> = (0..q as usize)
-            .map(|d| {
-                let scale = step.scales[d] / q as f32;
-                Term {
-                    direction: d as u32,
-                    // g_d · (s_d / q); on the device the kernel forms the same product.
-                    coeff: g.as_ref().map_or(scale, |g| g[d] * scale),
-                }
-            })
-            .collect();
         let alpha = self.config.hybrid_alpha;
         let pass = UpdatePass {
-            gen: step.gen,
             restore: Some(restore),
             zo: &zo,
             grad_weight: (alpha > 0.0).then_some(alpha),
-            rule: self.rule_params(self.updates + 1),
-            precision: self.config.precision,
             device_losses: on_device.then_some(DeviceLosses {
                 estimator: self.config.estimator,
                 eps: self.config.eps,
             }),
+            ..self.update_pass(Phase::ZerothOrder, step.gen)
         };
         self.backend.update(&self.shard, &pass)?;
-        // With device losses, whether the device skipped is known only there: `t` counts
-        // attempted updates.
-        self.updates += 1;
+        // With device losses this counts an attempt; the device subtracts its skips.
+        self.counters.updates[pass.state as usize] += 1;
         Ok(StepReport {
             skipped: false,
             loss,
@@ -532,7 +581,8 @@ impl<'a> Optimizer<'a> {
         }
     }
 
-    /// A first-order step on the registered gradients.
+    /// A first-order step on the registered gradients: the first-order rule with its own
+    /// state when the configuration has one (spec v2 §5), the main rule otherwise.
     pub fn fo_step(&mut self) -> Result<()> {
         self.check_phase(Phase::FirstOrder, "fo_step")?;
         if !self.shard.has_grads() {
@@ -540,17 +590,12 @@ impl<'a> Optimizer<'a> {
         }
         self.prepare()?;
         let pass = UpdatePass {
-            gen: self.generator(),
-            restore: None,
-            zo: &[],
             grad_weight: Some(1.0),
-            rule: self.rule_params(self.updates + 1),
-            precision: self.config.precision,
-            device_losses: None,
+            ..self.update_pass(Phase::FirstOrder, self.generator())
         };
         self.backend.update(&self.shard, &pass)?;
-        self.updates += 1;
-        self.step += 1;
+        self.counters.updates[pass.state as usize] += 1;
+        self.counters.step += 1;
         Ok(())
     }
 
@@ -565,111 +610,111 @@ impl<'a> Optimizer<'a> {
     }
 
     fn fingerprint(&self) -> u64 {
-        // FNV-1a over what fixes the state's layout and meaning.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |v: u64| {
-            for b in v.to_le_bytes() {
-                h ^= b as u64;
-                h = h.wrapping_mul(0x100_0000_01b3);
-            }
-        };
-        eat(self.config.rule as u64);
-        eat(self.config.precision as u64);
-        eat(self.config.direction as u64);
-        eat(self.config.estimator as u64);
-        eat(self.config.num_directions as u64);
-        eat(self.config.seed);
-        eat(self.config.fo_steps as u64);
-        eat(self.config.zo_steps as u64);
-        for t in self.shard.tensors() {
-            eat(t.dtype as u64);
-            eat(t.numel);
-            eat(t.offset);
-        }
-        h
+        state::fingerprint(&self.config, self.shard.tensors())
     }
 
-    const HEADER: usize = 8 + 4 + 4 + 8 + 8 + 8 + 8;
-
-    /// Saves the optimizer state (step counts, buffers); the parameters are the caller's.
-    pub fn save_state(&mut self) -> Result<Vec<u8>> {
-        if self.zo.is_some() {
-            return bad_state("save_state: a zeroth-order step is in progress");
-        }
+    /// Size in bytes of a saved state ([`Optimizer::save_state`]).
+    pub fn state_size(&mut self) -> Result<u64> {
         self.prepare()?;
-        let body = self.backend.save_state()?;
-        let skipped = self.skipped()?;
-        let mut out = Vec::with_capacity(Self::HEADER + body.len());
-        out.extend_from_slice(STATE_MAGIC);
-        out.extend_from_slice(&STATE_FORMAT.to_le_bytes());
-        out.extend_from_slice(&(body.len() as u32 ^ 0x5a5a_5a5a).to_le_bytes());
-        out.extend_from_slice(&self.fingerprint().to_le_bytes());
-        out.extend_from_slice(&self.step.to_le_bytes());
-        out.extend_from_slice(&self.updates.to_le_bytes());
-        out.extend_from_slice(&skipped.to_le_bytes());
-        out.extend_from_slice(&body);
+        Ok(state::saved_size(
+            self.state_layout().bytes(self.shard.tensors()),
+        ))
+    }
+
+    fn check_not_in_step(&self, what: &str) -> Result<()> {
+        if self.zo.is_some() {
+            return bad_state(format!("{what}: a zeroth-order step is in progress"));
+        }
+        Ok(())
+    }
+
+    /// The counters as saved: device skips folded in.
+    fn saved_counters(&mut self) -> Result<Counters> {
+        let device = self.backend.device_skipped()?;
+        let mut c = self.counters;
+        c.updates[StateSet::Main as usize] -= device;
+        c.skipped += device;
+        Ok(c)
+    }
+
+    /// Streams the optimizer state (step counts, buffers, checksum; the parameters are the
+    /// caller's) to `out`, in [`Optimizer::state_size`] bytes. Memory used on the way is
+    /// bounded whatever the state's size.
+    pub fn save_state_to(&mut self, out: &mut dyn std::io::Write) -> Result<()> {
+        self.check_not_in_step("save_state")?;
+        self.prepare()?;
+        let counters = self.saved_counters()?;
+        let body = self.state_layout().bytes(self.shard.tensors());
+        let fingerprint = self.fingerprint();
+        let backend = &mut self.backend;
+        state::write(out, fingerprint, counters, body, &mut |sink| {
+            backend.save_state(sink)
+        })
+    }
+
+    /// The optimizer state as bytes ([`Optimizer::save_state_to`] into memory).
+    pub fn save_state(&mut self) -> Result<Vec<u8>> {
+        let size = self.state_size()?;
+        let mut out = state::buffer(size)?;
+        self.save_state_to(&mut out)?;
         Ok(out)
     }
 
-    /// Size in bytes of [`Optimizer::save_state`]'s output.
-    pub fn state_size(&mut self) -> Result<usize> {
-        self.prepare()?;
-        let buffers = self.config.rule.state_buffers() as u64;
-        let residual = self.config.precision == Precision::Compensated;
-        let body: u64 = self
-            .shard
-            .tensors()
-            .iter()
-            .map(|t| {
-                4 * buffers * t.numel
-                    + if residual && t.dtype != crate::dtype::DType::F32 {
-                        2 * t.numel
-                    } else {
-                        0
-                    }
-            })
-            .sum();
-        Ok(Self::HEADER + body as usize)
+    /// Saves the state to the file `path`, atomically: it is written beside it and renamed
+    /// over it once complete, so a crash never leaves a truncated state under `path`.
+    pub fn save_state_file(&mut self, path: &std::path::Path) -> Result<()> {
+        self.check_not_in_step("save_state")?;
+        state::write_file_atomically(path, |out| self.save_state_to(out))
     }
 
     /// Restores a state saved by an optimizer of the same configuration and tensors; the
-    /// run then continues as the saved one would have.
+    /// run then continues as the saved one would have. A state that is truncated,
+    /// corrupted (checksum), of another configuration, or of an unknown format is refused
+    /// and nothing changes. States of format 1 (hyzo 0.1, no checksum) load into
+    /// optimizers without a first-order rule.
     pub fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
-        if self.zo.is_some() {
-            return bad_state("load_state: a zeroth-order step is in progress");
-        }
-        if bytes.len() < Self::HEADER || &bytes[..8] != STATE_MAGIC {
-            return invalid("state: not a hyzo optimizer state");
-        }
-        let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
-        let u64_at = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap());
-        if u32_at(8) != STATE_FORMAT {
-            return invalid(format!(
-                "state: format version {} (this hyzo reads {STATE_FORMAT})",
-                u32_at(8)
-            ));
-        }
+        self.check_not_in_step("load_state")?;
         self.prepare()?;
-        let expected = self.state_size()?;
-        if bytes.len() != expected || (u32_at(12) ^ 0x5a5a_5a5a) as usize != expected - Self::HEADER
-        {
-            return invalid(format!(
-                "state: {} bytes, this optimizer's state has {expected}",
-                bytes.len()
-            ));
-        }
-        if u64_at(16) != self.fingerprint() {
-            return invalid(
-                "state: saved by an optimizer of another configuration (rule, precision, \
-                 directions, seed, schedule) or other tensors",
-            );
-        }
-        self.backend.load_state(&bytes[Self::HEADER..])?;
-        self.step = u64_at(24);
-        self.updates = u64_at(32);
-        // The device counter restarts from zero; keep the total in the host counter.
-        let device = self.backend.device_skipped()?;
-        self.skipped = u64_at(40).saturating_sub(device);
+        let saved = state::check(
+            bytes,
+            self.fingerprint(),
+            self.state_layout().bytes(self.shard.tensors()),
+            self.config.fo_rule.is_some(),
+        )?;
+        let mut body = &bytes[saved.body_start..];
+        self.backend.load_state(&mut |buf: &mut [u8]| {
+            let (now, rest) = body.split_at(buf.len());
+            buf.copy_from_slice(now);
+            body = rest;
+            Ok(())
+        })?;
+        self.finish_load(saved.counters)
+    }
+
+    /// [`Optimizer::load_state`] from the file `path`. The file is read twice: once to check
+    /// it whole (checksum), then to load it, so nothing changes unless it is intact (a
+    /// read error in the second pass, after a successful first, is reported as such).
+    pub fn load_state_file(&mut self, path: &std::path::Path) -> Result<()> {
+        self.check_not_in_step("load_state")?;
+        self.prepare()?;
+        let saved = state::check_file(
+            path,
+            self.fingerprint(),
+            self.state_layout().bytes(self.shard.tensors()),
+            self.config.fo_rule.is_some(),
+        )?;
+        let mut reader = state::open_body(path, saved.body_start)?;
+        self.backend.load_state(&mut |buf: &mut [u8]| {
+            std::io::Read::read_exact(&mut reader, buf)
+                .map_err(|e| state::io_error("load_state", path, e))
+        })?;
+        self.finish_load(saved.counters)
+    }
+
+    fn finish_load(&mut self, counters: Counters) -> Result<()> {
+        // The device counter restarts from zero; the loaded counters hold every skip.
+        self.backend.reset_device_skipped()?;
+        self.counters = counters;
         Ok(())
     }
 }

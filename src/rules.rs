@@ -79,6 +79,7 @@ pub struct RuleParams {
 
 impl RuleParams {
     /// The parameters of update number `t` (1-based).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         rule: Rule,
         lr: f32,
@@ -88,7 +89,6 @@ impl RuleParams {
         weight_decay: f32,
         t: u64,
     ) -> Self {
-        let t = t.min(i32::MAX as u64) as i32;
         Self {
             rule: rule as u32,
             lr,
@@ -96,8 +96,8 @@ impl RuleParams {
             beta2,
             eps,
             weight_decay,
-            bias_correction1: (1.0 - (beta1 as f64).powi(t)) as f32,
-            bias_correction2: (1.0 - (beta2 as f64).powi(t)) as f32,
+            bias_correction1: bias_correction(beta1, t),
+            bias_correction2: bias_correction(beta2, t),
         }
     }
 
@@ -105,6 +105,26 @@ impl RuleParams {
     pub fn rule(&self) -> Rule {
         Rule::ALL[self.rule as usize]
     }
+}
+
+/// `1 − β^t` rounded to f32, with `β^t` by binary exponentiation in f64 (square and
+/// multiply from the low bit). Spelled out rather than `powi` so that the CUDA kernels,
+/// which compute it on the device when `t` lives there (`hyzo_bias_correction`), get the
+/// same bits; any `t` up to `u64::MAX` is defined.
+pub fn bias_correction(beta: f32, t: u64) -> f32 {
+    let mut base = beta as f64;
+    let mut power = 1.0f64;
+    let mut e = t;
+    while e != 0 {
+        if e & 1 == 1 {
+            power *= base;
+        }
+        e >>= 1;
+        if e != 0 {
+            base *= base;
+        }
+    }
+    (1.0 - power) as f32
 }
 
 /// `sign(x)` with `sign(0) = 0` (and NaN propagated).
@@ -177,6 +197,26 @@ mod tests {
         let (mut m, mut v) = (0.0, 0.0);
         let out = apply(&p, 1.0, 3.0, &mut m, &mut v);
         assert!((out - 0.9).abs() < 1e-6, "{out}");
+    }
+
+    #[test]
+    fn bias_correction_matches_the_f64_power() {
+        for (beta, t) in [
+            (0.9f32, 1u64),
+            (0.999, 10),
+            (0.999, 1000),
+            (0.9, 0),
+            (0.5, 64),
+        ] {
+            let want = (1.0 - (beta as f64).powf(t as f64)) as f32;
+            let got = bias_correction(beta, t);
+            assert!(
+                (got - want).abs() <= f32::EPSILON * want.abs(),
+                "{beta}^{t}: {got} vs {want}"
+            );
+        }
+        assert_eq!(bias_correction(0.9, 0), 0.0);
+        assert_eq!(bias_correction(0.999, u64::MAX), 1.0);
     }
 
     #[test]

@@ -427,8 +427,9 @@ proptest! {
         let passes = (2 * q + 1) as f32;
         for ((b, a), zmax) in before.iter().zip(&after).zip(&max_z) {
             let ulp = |v: f32| v.max(6.2e-5) * 2f32.powi(1 - ulp_bits);
+            // f32 tensors keep no `lo`: compensated rounds them like nearest.
             let bound = match precision {
-                Precision::Compensated => ulp(b.abs().max(a.abs())),
+                Precision::Compensated if dtype != DType::F32 => ulp(b.abs().max(a.abs())),
                 _ => passes * 0.5 * ulp(b.abs() + 2.0 * mu * zmax),
             } + 1e-6 * b.abs();
             prop_assert!((a - b).abs() <= bound, "{:?} {:?}: {} -> {}", dtype, precision, b, a);
@@ -587,7 +588,7 @@ fn non_finite_losses_skip_and_restore() {
     assert!(rep.skipped);
     assert_eq!(opt.skipped().unwrap(), 1);
     assert_eq!(opt.steps(), 1);
-    assert_eq!(opt.updates(), 0);
+    assert_eq!(opt.updates().unwrap(), 0);
     let rep = opt.zo_step(|_| 1.0).unwrap();
     assert!(!rep.skipped);
     drop(opt);
@@ -740,7 +741,7 @@ fn saved_state_resumes_bit_identically() {
         let mut opt = Optimizer::new(cfg.clone(), shard).unwrap();
         drive(&mut opt, 0, 5);
         let s = opt.save_state().unwrap();
-        assert_eq!(s.len(), opt.state_size().unwrap());
+        assert_eq!(s.len() as u64, opt.state_size().unwrap());
         s
     };
     {

@@ -322,6 +322,34 @@ fn division_is_ieee() {
     }
 }
 
+/// The kernels redo `1 − β^t` on the device when steps were skipped there (spec v2 §4).
+#[test]
+fn bias_corrections_match() {
+    let Some(exe) = driver() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    let mut cases: Vec<(f32, u64)> = Vec::new();
+    for beta in [0.0f32, 0.5, 0.9, 0.95, 0.99, 0.999, 0.9999, 1.0 - f32::EPSILON] {
+        for t in [1u64, 2, 3, 7, 10, 100, 1000, 123_457, 1 << 31, u64::MAX] {
+            cases.push((beta, t));
+        }
+    }
+    for _ in 0..5000 {
+        cases.push((rng.gen_range(0.0f32..1.0), rng.gen_range(1..1u64 << 40)));
+    }
+    let input: String = cases
+        .iter()
+        .map(|(b, t)| format!("B {:x} {t:x}\n", b.to_bits()))
+        .collect();
+    let out = run(&exe, &input);
+    for ((beta, t), o) in cases.iter().zip(&out) {
+        assert_eq!(
+            o[0] as u32,
+            hyzo::rules::bias_correction(*beta, *t).to_bits(),
+            "1 - {beta}^{t}"
+        );
+    }
+}
+
 #[test]
 fn rules_match() {
     let Some(exe) = driver() else { return };

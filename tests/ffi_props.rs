@@ -213,23 +213,33 @@ fn config() -> impl Strategy<Value = hyzo_config> {
         prop_oneof![Just((0u32, 0u32)), Just((1, 2)), Just((2, 1))],
         prop_oneof![Just(0.0f32), Just(0.5)],
         prop_oneof![Just(0.0f32), Just(0.01)],
+        // fo_rule: none, or a rule of its own (spec v2 §5) with or without its own lr.
+        prop_oneof![Just(None), (0u32..6, any::<bool>()).prop_map(Some)],
     )
-        .prop_map(|(seed, rule, dir, est, prec, q, (fo, zo), alpha, wd)| {
-            let mut c = hyzo_config_default();
-            c.seed = seed;
-            c.lr = 0.01;
-            c.eps = 1e-2;
-            c.rule = rule as u32;
-            c.direction = dir;
-            c.estimator = est;
-            c.precision = prec;
-            c.num_directions = q;
-            c.fo_steps = fo;
-            c.zo_steps = zo;
-            c.hybrid_alpha = alpha;
-            c.weight_decay = wd;
-            c
-        })
+        .prop_map(
+            |(seed, rule, dir, est, prec, q, (fo, zo), alpha, wd, fo_rule)| {
+                let mut c = hyzo_config_default();
+                c.seed = seed;
+                c.lr = 0.01;
+                c.eps = 1e-2;
+                c.rule = rule as u32;
+                c.direction = dir;
+                c.estimator = est;
+                c.precision = prec;
+                c.num_directions = q;
+                c.fo_steps = fo;
+                c.zo_steps = zo;
+                c.hybrid_alpha = alpha;
+                c.weight_decay = wd;
+                if let Some((r, own_lr)) = fo_rule {
+                    c.fo_rule = r;
+                    if own_lr {
+                        c.fo_lr = 0.02;
+                    }
+                }
+                c
+            },
+        )
 }
 
 fn core_config(c: &hyzo_config) -> Config {
@@ -257,6 +267,9 @@ fn core_config(c: &hyzo_config) -> Config {
         fo_steps: c.fo_steps,
         zo_steps: c.zo_steps,
         hybrid_alpha: c.hybrid_alpha,
+        fo_rule: Rule::ALL.get(c.fo_rule as usize).copied(),
+        fo_lr: (!c.fo_lr.is_nan()).then_some(c.fo_lr),
+        fo_weight_decay: (!c.fo_weight_decay.is_nan()).then_some(c.fo_weight_decay),
     }
 }
 
@@ -453,7 +466,7 @@ fn run(cfg: hyzo_config, ops: &[Op]) {
                     let mut n = 0;
                     let s = hyzo_optimizer_state_size(a, &mut n);
                     if s == hyzo_status::HYZO_OK {
-                        assert_eq!(n as usize, b.state_size().unwrap());
+                        assert_eq!(n, b.state_size().unwrap());
                     } else {
                         check_failure(s, "hyzo_optimizer_state_size");
                     }

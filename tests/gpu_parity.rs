@@ -13,11 +13,11 @@
 
 use half::{bf16, f16};
 use hyzo::backend::cuda::{is_available, CudaBackend, CudaBuffer};
-use hyzo::backend::{Backend, Generator, PerturbPass, Term, UpdatePass};
+use hyzo::backend::{Backend, Generator, PerturbPass, StateLayout, Term, UpdatePass};
 use hyzo::rules::{Rule, RuleParams};
 use hyzo::{
     Config, CpuBackend, DType, DirectionKind, Estimator, Feed, Location, Optimizer, ParamShard,
-    Precision, TensorSpec,
+    Precision, StateSet, TensorSpec,
 };
 use rand::{Rng, SeedableRng};
 
@@ -288,10 +288,15 @@ fn kernels_match_cpu_on_random_shards() {
             let dev = twin.dev_shard();
             let mut cpu = CpuBackend::new(2).unwrap();
             let mut gpu = CudaBackend::new(0).unwrap();
-            let buffers = rule.state_buffers();
-            let residual = precision == Precision::Compensated;
-            cpu.allocate_state(&host, buffers, residual).unwrap();
-            gpu.allocate_state(&dev, buffers, residual).unwrap();
+            // Both rule states (spec v2 §5): zeroth-order updates use the main one, the
+            // first-order updates below the other.
+            let state = StateLayout {
+                main_buffers: rule.state_buffers(),
+                fo_buffers: rule.state_buffers(),
+                residual: precision == Precision::Compensated,
+            };
+            cpu.allocate_state(&host, state).unwrap();
+            gpu.allocate_state(&dev, state).unwrap();
             let tag = format!("layout {li}, {precision:?} {kind:?} {rule:?}");
             for step in 0..3u32 {
                 let gen = Generator {
@@ -347,6 +352,8 @@ fn kernels_match_cpu_on_random_shards() {
                     zo: &zo,
                     grad_weight,
                     rule: rule_params,
+                    state: StateSet::Main,
+                    t: step as u64 + 1,
                     precision,
                     device_losses: None,
                 };
@@ -361,14 +368,15 @@ fn kernels_match_cpu_on_random_shards() {
                     restore: None,
                     zo: &[],
                     grad_weight: Some(1.0),
+                    state: StateSet::FirstOrder,
                     ..pass
                 };
                 cpu.update(&host, &pass).unwrap();
                 gpu.update(&dev, &pass).unwrap();
                 twin.assert_same(&format!("{tag}: fo update step {step}"));
                 assert_eq!(
-                    cpu.save_state().unwrap(),
-                    gpu.save_state().unwrap(),
+                    saved_state(&mut cpu),
+                    saved_state(&mut gpu),
                     "{tag}: state after step {step}"
                 );
             }
@@ -387,9 +395,17 @@ fn kernels_match_cpu_on_random_shards() {
             // Deterministic: the same value again.
             assert_eq!(b.to_bits(), gpu.sq_norm(&dev, gen, 2).unwrap().to_bits());
             // State round trip through the backend-independent layout.
-            let saved = gpu.save_state().unwrap();
-            gpu.load_state(&saved).unwrap();
-            assert_eq!(gpu.save_state().unwrap(), saved);
+            let saved = saved_state(&mut gpu);
+            let mut rest = saved.as_slice();
+            gpu.load_state(&mut |buf: &mut [u8]| {
+                let (now, later) = rest.split_at(buf.len());
+                buf.copy_from_slice(now);
+                rest = later;
+                Ok(())
+            })
+            .unwrap();
+            assert!(rest.is_empty());
+            assert_eq!(saved_state(&mut gpu), saved);
         }
     }
 }
@@ -412,8 +428,12 @@ fn huge_tensor_matches_cpu() {
     let dev = twin.dev_shard();
     let mut cpu = CpuBackend::new(0).unwrap();
     let mut gpu = CudaBackend::new(0).unwrap();
-    cpu.allocate_state(&host, 2, false).unwrap();
-    gpu.allocate_state(&dev, 2, false).unwrap();
+    let state = StateLayout {
+        main_buffers: 2,
+        ..StateLayout::default()
+    };
+    cpu.allocate_state(&host, state).unwrap();
+    gpu.allocate_state(&dev, state).unwrap();
     let gen = Generator {
         seed: 5,
         step: 3,
@@ -444,13 +464,27 @@ fn huge_tensor_matches_cpu() {
         zo: &zo,
         grad_weight: None,
         rule: RuleParams::new(Rule::AdamW, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1),
+        state: StateSet::Main,
+        t: 1,
         precision: Precision::Stochastic,
         device_losses: None,
     };
     cpu.update(&host, &pass).unwrap();
     gpu.update(&dev, &pass).unwrap();
     twin.assert_same("huge update");
-    assert_eq!(cpu.save_state().unwrap(), gpu.save_state().unwrap());
+    assert_eq!(saved_state(&mut cpu), saved_state(&mut gpu));
+}
+
+/// A backend's state as `Backend::save_state` streams it.
+fn saved_state(backend: &mut dyn Backend) -> Vec<u8> {
+    let mut out = Vec::new();
+    backend
+        .save_state(&mut |bytes: &[u8]| {
+            out.extend_from_slice(bytes);
+            Ok(())
+        })
+        .unwrap();
+    out
 }
 
 fn loss_of(values: &[f32]) -> f32 {
@@ -817,8 +851,8 @@ fn borrowed_stream_runs_passes() {
     // SAFETY: `owner`'s stream outlives `gpu` (dropped first).
     unsafe { gpu.set_stream(owner.stream()).unwrap() };
     let mut cpu = CpuBackend::new(1).unwrap();
-    cpu.allocate_state(&host, 0, false).unwrap();
-    gpu.allocate_state(&dev, 0, false).unwrap();
+    cpu.allocate_state(&host, StateLayout::default()).unwrap();
+    gpu.allocate_state(&dev, StateLayout::default()).unwrap();
     let terms = [Term {
         direction: 1,
         coeff: 0.5,

@@ -7,23 +7,38 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::backend::{Backend, Generator, PerturbPass, Term, UpdatePass};
+use crate::backend::{
+    Backend, Generator, PerturbPass, StateLayout, StateSink, StateSource, Term, UpdatePass,
+};
+use crate::config::StateSet;
 use crate::direction::{fill, DirectionId, STOCHASTIC_ROUNDING_DIRECTION};
 use crate::dtype::{DType, Element, Precision};
 use crate::error::{invalid, Error, Result};
 use crate::rules;
 use crate::shard::{ParamShard, TensorSpec};
 
+/// The most threads a CPU backend may start: beyond any machine's cores, and a bound on
+/// what a mistyped count can spawn.
+pub const MAX_THREADS: usize = 1024;
+
 /// Elements per parallel work item.
 const CHUNK: usize = 1 << 14;
 /// Elements generated at a time inside a chunk (buffers stay in L1/L2).
 const SUB: usize = 1024;
+/// Bytes converted at a time when the state is saved or loaded.
+const IO_CHUNK: usize = 1 << 16;
 
-/// Optimizer state of one tensor.
+/// The moments of one rule for one tensor (empty when the rule keeps none).
 #[derive(Default, Debug, Clone)]
-struct TensorState {
+struct Moments {
     m: Vec<f32>,
     v: Vec<f32>,
+}
+
+/// Optimizer state of one tensor: the moments of each [`StateSet`], and `lo`.
+#[derive(Default, Debug, Clone)]
+struct TensorState {
+    sets: [Moments; 2],
     lo: Vec<bf16>,
 }
 
@@ -31,8 +46,6 @@ struct TensorState {
 pub struct CpuBackend {
     pool: Option<rayon::ThreadPool>,
     state: Vec<TensorState>,
-    buffers: usize,
-    residual: bool,
 }
 
 impl std::fmt::Debug for CpuBackend {
@@ -44,8 +57,14 @@ impl std::fmt::Debug for CpuBackend {
 }
 
 impl CpuBackend {
-    /// A backend on `threads` threads; 0 uses rayon's global pool (all cores).
+    /// A backend on `threads` threads (at most [`MAX_THREADS`]); 0 uses rayon's global pool
+    /// (all cores).
     pub fn new(threads: usize) -> Result<Self> {
+        if threads > MAX_THREADS {
+            return invalid(format!(
+                "threads: {threads} exceeds the maximum of {MAX_THREADS}"
+            ));
+        }
         let pool = if threads == 0 {
             None
         } else {
@@ -59,8 +78,6 @@ impl CpuBackend {
         Ok(Self {
             pool,
             state: Vec::new(),
-            buffers: 0,
-            residual: false,
         })
     }
 
@@ -119,9 +136,11 @@ struct ChunkMem {
 }
 
 impl ChunkMem {
+    /// The chunk `w` with the moments of `set`.
+    ///
     /// # Safety
     /// `w` must lie inside tensor `w.tensor`, whose memory and state are live.
-    unsafe fn new(t: &TensorSpec, s: &mut TensorState, w: Work) -> Self {
+    unsafe fn new(t: &TensorSpec, s: &mut TensorState, set: StateSet, w: Work) -> Self {
         let at = |v: &mut Vec<f32>| {
             if v.is_empty() {
                 std::ptr::null_mut()
@@ -138,8 +157,8 @@ impl ChunkMem {
                 (t.grad as *const u8).add(w.start * t.grad_dtype.size())
             },
             grad_dtype: t.grad_dtype,
-            m: at(&mut s.m),
-            v: at(&mut s.v),
+            m: at(&mut s.sets[set as usize].m),
+            v: at(&mut s.sets[set as usize].v),
             lo: if s.lo.is_empty() {
                 std::ptr::null_mut()
             } else {
@@ -340,7 +359,12 @@ macro_rules! by_dtype {
 }
 
 impl CpuBackend {
-    fn for_each_chunk(&mut self, shard: &ParamShard, f: impl Fn(&ChunkMem) + Sync) -> Result<()> {
+    fn for_each_chunk(
+        &mut self,
+        shard: &ParamShard,
+        set: StateSet,
+        f: impl Fn(&ChunkMem) + Sync,
+    ) -> Result<()> {
         let tensors = shard.tensors();
         if self.state.len() != tensors.len() {
             return Err(Error::Internal("state not allocated for this shard".into()));
@@ -349,8 +373,9 @@ impl CpuBackend {
         let mut chunks = Vec::with_capacity(items.len());
         for w in &items {
             // SAFETY: work items lie inside their tensors; state was sized to each tensor.
-            chunks
-                .push(unsafe { ChunkMem::new(&tensors[w.tensor], &mut self.state[w.tensor], *w) });
+            chunks.push(unsafe {
+                ChunkMem::new(&tensors[w.tensor], &mut self.state[w.tensor], set, *w)
+            });
         }
         self.run(|| chunks.par_iter().for_each(&f));
         Ok(())
@@ -371,32 +396,38 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", self.threads())
     }
 
-    fn allocate_state(&mut self, shard: &ParamShard, buffers: usize, residual: bool) -> Result<()> {
-        let mut state = Vec::with_capacity(shard.len());
+    fn allocate_state(&mut self, shard: &ParamShard, layout: StateLayout) -> Result<()> {
+        let mut state = Vec::new();
+        state
+            .try_reserve_exact(shard.len())
+            .map_err(|_| Error::OutOfMemory(format!("state of {} tensors", shard.len())))?;
         for t in shard.tensors() {
             let n = usize::try_from(t.numel)
                 .map_err(|_| Error::OutOfMemory(format!("{} elements", t.numel)))?;
             let mut s = TensorState::default();
-            if buffers >= 1 {
-                s.m = zeroed(n, 0f32, "momentum buffer")?;
+            for (set, buffers) in [layout.main_buffers, layout.fo_buffers]
+                .into_iter()
+                .enumerate()
+            {
+                if buffers >= 1 {
+                    s.sets[set].m = zeroed(n, 0f32, "momentum buffer")?;
+                }
+                if buffers >= 2 {
+                    s.sets[set].v = zeroed(n, 0f32, "second-moment buffer")?;
+                }
             }
-            if buffers >= 2 {
-                s.v = zeroed(n, 0f32, "second-moment buffer")?;
-            }
-            if residual && t.dtype != DType::F32 {
+            if layout.residual && t.dtype != DType::F32 {
                 s.lo = zeroed(n, bf16::ZERO, "compensation buffer")?;
             }
             state.push(s);
         }
         self.state = state;
-        self.buffers = buffers;
-        self.residual = residual;
         Ok(())
     }
 
     fn perturb(&mut self, shard: &ParamShard, pass: &PerturbPass) -> Result<()> {
         // SAFETY: each chunk is a disjoint, live range (see for_each_chunk).
-        self.for_each_chunk(shard, |c| unsafe {
+        self.for_each_chunk(shard, StateSet::Main, |c| unsafe {
             by_dtype!(c.dtype, perturb_chunk, c, pass)
         })
     }
@@ -409,7 +440,7 @@ impl Backend for CpuBackend {
             return invalid("grad: a step that uses gradients needs one for every tensor");
         }
         // SAFETY: as in perturb.
-        self.for_each_chunk(shard, |c| unsafe {
+        self.for_each_chunk(shard, pass.state, |c| unsafe {
             by_dtype!(c.dtype, update_chunk, c, pass)
         })
     }
@@ -442,37 +473,43 @@ impl Backend for CpuBackend {
         Ok(partials.iter().sum())
     }
 
-    fn save_state(&mut self) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
+    fn save_state(&mut self, sink: &mut StateSink) -> Result<()> {
+        let mut scratch = Vec::with_capacity(IO_CHUNK);
         for s in &self.state {
-            for v in [&s.m, &s.v] {
-                out.extend(v.iter().flat_map(|x| x.to_le_bytes()));
-            }
-            out.extend(s.lo.iter().flat_map(|x| x.to_bits().to_le_bytes()));
-        }
-        Ok(out)
-    }
-
-    fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
-        let need: usize = self
-            .state
-            .iter()
-            .map(|s| 4 * (s.m.len() + s.v.len()) + 2 * s.lo.len())
-            .sum();
-        if bytes.len() != need {
-            return invalid(format!("state: {} bytes, expected {need}", bytes.len()));
-        }
-        let mut at = 0;
-        for s in &mut self.state {
-            for v in [&mut s.m, &mut s.v] {
-                for x in v.iter_mut() {
-                    *x = f32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
-                    at += 4;
+            for v in s.sets.iter().flat_map(|set| [&set.m, &set.v]) {
+                for part in v.chunks(IO_CHUNK / 4) {
+                    scratch.clear();
+                    scratch.extend(part.iter().flat_map(|x| x.to_le_bytes()));
+                    sink(&scratch)?;
                 }
             }
-            for x in s.lo.iter_mut() {
-                *x = bf16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
-                at += 2;
+            for part in s.lo.chunks(IO_CHUNK / 2) {
+                scratch.clear();
+                scratch.extend(part.iter().flat_map(|x| x.to_bits().to_le_bytes()));
+                sink(&scratch)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn load_state(&mut self, source: &mut StateSource) -> Result<()> {
+        let mut scratch = vec![0u8; IO_CHUNK];
+        for s in &mut self.state {
+            for v in s.sets.iter_mut().flat_map(|set| [&mut set.m, &mut set.v]) {
+                for part in v.chunks_mut(IO_CHUNK / 4) {
+                    let bytes = &mut scratch[..4 * part.len()];
+                    source(bytes)?;
+                    for (x, b) in part.iter_mut().zip(bytes.chunks_exact(4)) {
+                        *x = f32::from_le_bytes(b.try_into().unwrap());
+                    }
+                }
+            }
+            for part in s.lo.chunks_mut(IO_CHUNK / 2) {
+                let bytes = &mut scratch[..2 * part.len()];
+                source(bytes)?;
+                for (x, b) in part.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *x = bf16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+                }
             }
         }
         Ok(())

@@ -5,6 +5,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+use crate::config::StateSet;
 use crate::direction::DirectionKind;
 use crate::dtype::Precision;
 use crate::error::Result;
@@ -59,6 +60,12 @@ pub struct UpdatePass<'a> {
     pub grad_weight: Option<f32>,
     /// The rule and its constants for this update.
     pub rule: RuleParams,
+    /// The rule state this update reads and writes.
+    pub state: StateSet,
+    /// The `t` of `rule`'s bias corrections as the host counts it: updates of `state`
+    /// attempted so far, this one included, host-skipped steps excluded. A backend that
+    /// skips steps on the device subtracts its own skips of `StateSet::Main` from it.
+    pub t: u64,
     /// Rounding of the stored parameters.
     pub precision: Precision,
     /// When set, the losses of this step were recorded on the device
@@ -77,14 +84,43 @@ pub struct DeviceLosses {
     pub eps: f32,
 }
 
+/// The state buffers a backend keeps per element (spec v2 §5: one set per rule).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct StateLayout {
+    /// fp32 buffers (`m`, then `v`) of the main rule.
+    pub main_buffers: usize,
+    /// fp32 buffers of the first-order rule (0 without one).
+    pub fo_buffers: usize,
+    /// Whether f16/bf16 tensors keep a bf16 `lo` (compensated precision).
+    pub residual: bool,
+}
+
+impl StateLayout {
+    /// Bytes of the saved state of `tensors` (see [`Backend::save_state`]).
+    pub fn bytes(&self, tensors: &[crate::shard::TensorSpec]) -> u64 {
+        let per_f32 = 4 * (self.main_buffers + self.fo_buffers) as u64;
+        tensors
+            .iter()
+            .map(|t| {
+                let lo = self.residual && t.dtype != crate::dtype::DType::F32;
+                t.numel * (per_f32 + if lo { 2 } else { 0 })
+            })
+            .sum()
+    }
+}
+
+/// Receives a saved state piece by piece, in order.
+pub type StateSink<'a> = dyn FnMut(&[u8]) -> Result<()> + 'a;
+/// Fills each buffer it is given with the next bytes of a saved state.
+pub type StateSource<'a> = dyn FnMut(&mut [u8]) -> Result<()> + 'a;
+
 /// Executes passes over a shard's tensors and keeps their optimizer state.
 pub trait Backend: Send {
     /// Short name (`cpu`, `cuda:0`).
     fn name(&self) -> String;
-    /// Allocates zeroed state for `shard`: `buffers` fp32 buffers per element (m, then v),
-    /// and, when `residual`, the bf16 `lo` of every f16/bf16 tensor. Called once, before the
-    /// first pass.
-    fn allocate_state(&mut self, shard: &ParamShard, buffers: usize, residual: bool) -> Result<()>;
+    /// Allocates zeroed state for `shard` as `layout` says. Called once, before the first
+    /// pass; a failed allocation is an error (`OutOfMemory`), never an abort.
+    fn allocate_state(&mut self, shard: &ParamShard, layout: StateLayout) -> Result<()>;
     /// Runs a perturbation pass.
     fn perturb(&mut self, shard: &ParamShard, pass: &PerturbPass) -> Result<()>;
     /// Runs an update pass.
@@ -92,12 +128,14 @@ pub trait Backend: Send {
     /// `Σ_j z[j]²` over every element of the shard, for one direction (accumulated in f64,
     /// in an order that does not depend on threads or launch geometry).
     fn sq_norm(&mut self, shard: &ParamShard, gen: Generator, direction: u32) -> Result<f64>;
-    /// The state as bytes, backend-independent: for each tensor in order, `m`, `v` (f32 LE,
-    /// those the rule keeps), then `lo` (bf16 LE, when kept).
-    fn save_state(&mut self) -> Result<Vec<u8>>;
-    /// Replaces the state with bytes of [`Backend::save_state`]'s layout (length checked by the
-    /// caller).
-    fn load_state(&mut self, bytes: &[u8]) -> Result<()>;
+    /// Streams the state to `sink`, backend-independent: for each tensor in order, the main
+    /// rule's `m`, `v`, the first-order rule's `m`, `v` (f32 LE, those the layout keeps),
+    /// then `lo` (bf16 LE, when kept); [`StateLayout::bytes`] in all. Memory used on the
+    /// way is bounded, whatever the state's size.
+    fn save_state(&mut self, sink: &mut StateSink) -> Result<()>;
+    /// Replaces the state with [`Backend::save_state`]'s layout read from `source` (which
+    /// the caller has checked: its length and checksum).
+    fn load_state(&mut self, source: &mut StateSource) -> Result<()>;
     /// Records, without synchronizing, the loss of evaluation `index` of the current step,
     /// read from the device address `loss` (one f32) when the next pass runs.
     fn record_device_loss(&mut self, index: u32, loss: u64) -> Result<()> {
@@ -107,6 +145,11 @@ pub trait Backend: Send {
     /// Steps skipped on the device because a recorded loss was not finite (synchronizes).
     fn device_skipped(&mut self) -> Result<u64> {
         Ok(0)
+    }
+    /// Sets the device's skip counter to zero (after a load: the loaded state carries the
+    /// count of skips in its own field).
+    fn reset_device_skipped(&mut self) -> Result<()> {
+        Ok(())
     }
     /// Makes later passes run on the caller's stream (a `CUstream`, 0 for the default).
     fn set_stream(&mut self, stream: u64) -> Result<()> {

@@ -66,6 +66,11 @@ int main() {
                 return 1;
             }
             std::printf("%x %x %x\n", bits(x), bits(m), bits(v));
+        } else if (!std::strcmp(cmd, "B")) {  // bias correction beta t
+            hyzo_u32 beta;
+            hyzo_u64 t;
+            std::scanf("%x %llx", &beta, &t);
+            std::printf("%x\n", bits(hyzo_bias_correction(flt(beta), t)));
         } else if (!std::strcmp(cmd, "V")) {  // division a b
             hyzo_u32 a, b;
             std::scanf("%x %x", &a, &b);

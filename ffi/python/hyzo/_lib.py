@@ -117,6 +117,9 @@ class hyzo_config(ctypes.Structure):
         ("fo_steps", ctypes.c_uint32),
         ("zo_steps", ctypes.c_uint32),
         ("hybrid_alpha", ctypes.c_float),
+        ("fo_rule", ctypes.c_uint32),
+        ("fo_lr", ctypes.c_float),
+        ("fo_weight_decay", ctypes.c_float),
     ]
 
 

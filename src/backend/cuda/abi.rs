@@ -23,6 +23,8 @@ pub struct HyzoTensor {
     pub lo: u64,
     pub m: u64,
     pub v: u64,
+    pub fo_m: u64,
+    pub fo_v: u64,
     pub numel: u64,
     pub offset: u64,
     pub first_chunk: u64,
@@ -62,6 +64,10 @@ pub struct HyzoPass {
     /// `HyzoRule` is `RuleParams` itself (both `#[repr(C)]`, pinned by the test).
     pub rule: RuleParams,
     pub inline_terms: [HyzoTerm; MAX_TERMS],
+    pub t: u64,
+    pub skip_count: u64,
+    pub state_set: u32,
+    pub reserved: u32,
 }
 
 /// `HyzoLossPass`: the parameters of `hyzo_device_losses`.
@@ -103,6 +109,10 @@ impl HyzoPass {
             direction: 0,
             rule,
             inline_terms: [HyzoTerm::default(); MAX_TERMS],
+            t: 0,
+            skip_count: 0,
+            state_set: 0,
+            reserved: 0,
         }
     }
 }
@@ -130,6 +140,8 @@ mod tests {
             lo,
             m,
             v,
+            fo_m,
+            fo_v,
             numel,
             offset,
             first_chunk,
@@ -169,7 +181,11 @@ mod tests {
             grad_weight,
             direction,
             rule,
-            inline_terms
+            inline_terms,
+            t,
+            skip_count,
+            state_set,
+            reserved
         ));
         v.extend(f!(
             HyzoLossPass,
@@ -267,6 +283,10 @@ mod tests {
         assert_eq!(
             define("HYZO_COMPENSATED"),
             crate::dtype::Precision::Compensated as u64
+        );
+        assert_eq!(
+            define("HYZO_STATE_FIRST_ORDER"),
+            crate::config::StateSet::FirstOrder as u64
         );
         assert_eq!(
             define("HYZO_STOCHASTIC"),

@@ -25,7 +25,10 @@ use std::sync::Arc;
 
 use cudarc::driver::sys;
 
-use crate::backend::{Backend, Generator, PerturbPass, UpdatePass};
+use crate::backend::{
+    Backend, Generator, PerturbPass, StateLayout, StateSink, StateSource, UpdatePass,
+};
+use crate::config::StateSet;
 use crate::direction::DirectionKind;
 use crate::dtype::{DType, Precision};
 use crate::error::{invalid, Error, Result};
@@ -274,13 +277,35 @@ impl Drop for CudaGraph {
 // ---------------------------------------------------------------------------------------
 // The backend.
 
-/// Where one tensor's state lives inside the backend's state buffers (byte offsets).
-#[derive(Clone, Copy, Debug, Default)]
-struct Segment {
-    m: Option<usize>,
-    v: Option<usize>,
-    lo: Option<usize>,
+/// The kinds of state buffer, in the order of the saved state (`Backend::save_state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StateBuffer {
+    M = 0,
+    V = 1,
+    FoM = 2,
+    FoV = 3,
+    Lo = 4,
 }
+
+impl StateBuffer {
+    const ALL: [StateBuffer; 5] = [Self::M, Self::V, Self::FoM, Self::FoV, Self::Lo];
+
+    fn element_size(self) -> usize {
+        if self == Self::Lo {
+            2
+        } else {
+            4
+        }
+    }
+}
+
+/// Where one tensor's state lives inside the backend's state buffers (byte offsets, by
+/// [`StateBuffer`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Segment([Option<usize>; 5]);
+
+/// Bytes moved between host and device at a time when the state is saved or loaded.
+const IO_CHUNK: usize = 16 << 20;
 
 /// Scratch growth unit: the device-loss and coefficient arrays start with room for this
 /// many directions.
@@ -295,10 +320,8 @@ pub struct CudaBackend {
     table: Option<CudaBuffer>,
     total_chunks: u64,
     segments: Vec<Segment>,
-    m: Option<CudaBuffer>,
-    v: Option<CudaBuffer>,
-    lo: Option<CudaBuffer>,
-    state_bytes: [usize; 3],
+    /// One device allocation per [`StateBuffer`] kind (None when no tensor keeps it).
+    state: [Option<CudaBuffer>; 5],
     /// Losses recorded on the device, f32 each.
     losses: Option<CudaBuffer>,
     /// Terms uploaded by the host (more than MAX_TERMS) and base coefficients.
@@ -342,10 +365,7 @@ impl CudaBackend {
             table: None,
             total_chunks: 0,
             segments: Vec::new(),
-            m: None,
-            v: None,
-            lo: None,
-            state_bytes: [0; 3],
+            state: Default::default(),
             losses: None,
             terms_in: None,
             terms_out: None,
@@ -586,7 +606,7 @@ impl Backend for CudaBackend {
         format!("cuda:{}", self.dev.ordinal)
     }
 
-    fn allocate_state(&mut self, shard: &ParamShard, buffers: usize, residual: bool) -> Result<()> {
+    fn allocate_state(&mut self, shard: &ParamShard, layout: StateLayout) -> Result<()> {
         if shard.location() != Location::Cuda(self.dev.ordinal) {
             return invalid(format!(
                 "the shard lives at {:?}; this backend runs on CUDA device {}",
@@ -599,17 +619,26 @@ impl Backend for CudaBackend {
         }
         let tensors = shard.tensors();
         let mut segments = Vec::with_capacity(tensors.len());
-        let mut cursors = [0usize; 3];
+        let mut cursors = [0usize; 5];
         for t in tensors {
+            let kept = |b: StateBuffer| match b {
+                StateBuffer::M => layout.main_buffers >= 1,
+                StateBuffer::V => layout.main_buffers >= 2,
+                StateBuffer::FoM => layout.fo_buffers >= 1,
+                StateBuffer::FoV => layout.fo_buffers >= 2,
+                StateBuffer::Lo => layout.residual && t.dtype != DType::F32,
+            };
             let mut s = Segment::default();
-            if buffers >= 1 {
-                s.m = Some(place(&mut cursors[0], t.numel, t.offset, 4));
-            }
-            if buffers >= 2 {
-                s.v = Some(place(&mut cursors[1], t.numel, t.offset, 4));
-            }
-            if residual && t.dtype != DType::F32 {
-                s.lo = Some(place(&mut cursors[2], t.numel, t.offset, 2));
+            for b in StateBuffer::ALL {
+                if kept(b) {
+                    let at = place(
+                        &mut cursors[b as usize],
+                        t.numel,
+                        t.offset,
+                        b.element_size(),
+                    );
+                    s.0[b as usize] = Some(at);
+                }
             }
             segments.push(s);
         }
@@ -626,25 +655,28 @@ impl Backend for CudaBackend {
             )?;
             Ok(Some(b))
         };
-        let m = zeroed(cursors[0])?;
-        let v = zeroed(cursors[1])?;
-        let lo = zeroed(cursors[2])?;
+        let mut state: [Option<CudaBuffer>; 5] = Default::default();
+        for (buffer, bytes) in state.iter_mut().zip(cursors) {
+            *buffer = zeroed(bytes)?;
+        }
         let mut table = Vec::with_capacity(tensors.len());
         let mut chunk = 0u64;
         for (t, s) in tensors.iter().zip(&segments) {
             let first_group = t.offset / GROUP;
             let last_group = (t.offset + t.numel - 1) / GROUP;
             let chunks = (last_group - first_group + 1).div_ceil(CHUNK_GROUPS);
-            let at = |b: &Option<CudaBuffer>, off: Option<usize>| match (b, off) {
-                (Some(b), Some(o)) => b.ptr() + o as u64,
+            let at = |b: StateBuffer| match (&state[b as usize], s.0[b as usize]) {
+                (Some(buf), Some(o)) => buf.ptr() + o as u64,
                 _ => 0,
             };
             table.push(HyzoTensor {
                 data: t.data,
                 grad: t.grad,
-                lo: at(&lo, s.lo),
-                m: at(&m, s.m),
-                v: at(&v, s.v),
+                lo: at(StateBuffer::Lo),
+                m: at(StateBuffer::M),
+                v: at(StateBuffer::V),
+                fo_m: at(StateBuffer::FoM),
+                fo_v: at(StateBuffer::FoV),
                 numel: t.numel,
                 offset: t.offset,
                 first_chunk: chunk,
@@ -661,10 +693,7 @@ impl Backend for CudaBackend {
         self.segments = segments;
         self.total_chunks = chunk;
         self.table = Some(table_buf);
-        self.m = m;
-        self.v = v;
-        self.lo = lo;
-        self.state_bytes = cursors;
+        self.state = state;
         self.flags = flags;
         self.partials = Some(partials);
         self.ensure_capacity(INITIAL_DIRECTIONS)?;
@@ -691,6 +720,12 @@ impl Backend for CudaBackend {
         }
         self.dev.bind()?;
         let mut p = self.base_pass(pass.gen, pass.precision, pass.rule);
+        p.state_set = pass.state as u32;
+        p.t = pass.t;
+        if pass.state == StateSet::Main {
+            // Only steps of the main state are ever skipped on the device.
+            p.skip_count = self.flags.as_ref().map_or(0, |f| f.ptr() + 8);
+        }
         if let Some(a) = pass.grad_weight {
             p.has_grad = 1;
             p.grad_weight = a;
@@ -767,70 +802,54 @@ impl Backend for CudaBackend {
         Ok(total)
     }
 
-    fn save_state(&mut self) -> Result<Vec<u8>> {
+    fn save_state(&mut self, sink: &mut StateSink) -> Result<()> {
         self.stream_sync()?;
-        let download = |b: &Option<CudaBuffer>, bytes: usize| -> Result<Vec<u8>> {
-            let mut v = vec![0u8; bytes];
-            if let Some(b) = b {
-                b.download(&mut v)?;
-            }
-            Ok(v)
-        };
-        let images = [
-            download(&self.m, self.state_bytes[0])?,
-            download(&self.v, self.state_bytes[1])?,
-            download(&self.lo, self.state_bytes[2])?,
-        ];
-        let mut out = Vec::new();
+        let mut scratch = Vec::new();
         for (t, s) in self.specs.iter().zip(&self.segments) {
-            let n = t.numel as usize;
-            if let Some(o) = s.m {
-                out.extend_from_slice(&images[0][o..o + 4 * n]);
-            }
-            if let Some(o) = s.v {
-                out.extend_from_slice(&images[1][o..o + 4 * n]);
-            }
-            if let Some(o) = s.lo {
-                out.extend_from_slice(&images[2][o..o + 2 * n]);
-            }
-        }
-        Ok(out)
-    }
-
-    fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
-        let need: usize = self
-            .specs
-            .iter()
-            .zip(&self.segments)
-            .map(|(t, s)| {
-                let n = t.numel as usize;
-                4 * n * (s.m.is_some() as usize + s.v.is_some() as usize)
-                    + 2 * n * s.lo.is_some() as usize
-            })
-            .sum();
-        if bytes.len() != need {
-            return invalid(format!("state: {} bytes, expected {need}", bytes.len()));
-        }
-        let mut images = [
-            vec![0u8; self.state_bytes[0]],
-            vec![0u8; self.state_bytes[1]],
-            vec![0u8; self.state_bytes[2]],
-        ];
-        let mut at = 0;
-        for (t, s) in self.specs.iter().zip(&self.segments) {
-            let n = t.numel as usize;
-            for (k, off, size) in [(0, s.m, 4), (1, s.v, 4), (2, s.lo, 2)] {
-                if let Some(o) = off {
-                    images[k][o..o + size * n].copy_from_slice(&bytes[at..at + size * n]);
-                    at += size * n;
+            for b in StateBuffer::ALL {
+                let (Some(buf), Some(at)) = (&self.state[b as usize], s.0[b as usize]) else {
+                    continue;
+                };
+                let total = b.element_size() * t.numel as usize;
+                let mut done = 0;
+                while done < total {
+                    let n = IO_CHUNK.min(total - done);
+                    scratch.resize(n, 0u8);
+                    buf.download_at(at + done, &mut scratch)?;
+                    sink(&scratch)?;
+                    done += n;
                 }
             }
         }
+        Ok(())
+    }
+
+    fn load_state(&mut self, source: &mut StateSource) -> Result<()> {
         self.stream_sync()?;
-        for (b, img) in [&self.m, &self.v, &self.lo].into_iter().zip(&images) {
-            if let Some(b) = b {
-                b.upload(img)?;
+        let mut scratch = Vec::new();
+        for (t, s) in self.specs.iter().zip(&self.segments) {
+            for b in StateBuffer::ALL {
+                let (Some(buf), Some(at)) = (&self.state[b as usize], s.0[b as usize]) else {
+                    continue;
+                };
+                let total = b.element_size() * t.numel as usize;
+                let mut done = 0;
+                while done < total {
+                    let n = IO_CHUNK.min(total - done);
+                    scratch.resize(n, 0u8);
+                    source(&mut scratch)?;
+                    buf.upload_at(at + done, &scratch)?;
+                    done += n;
+                }
             }
+        }
+        Ok(())
+    }
+
+    fn reset_device_skipped(&mut self) -> Result<()> {
+        if let Some(flags) = &self.flags {
+            self.stream_sync()?;
+            flags.upload(&[0u64; 2])?;
         }
         Ok(())
     }

@@ -7,10 +7,10 @@ use std::time::Instant;
 use clap::error::ErrorKind;
 use clap::Args;
 use half::bf16;
-use hyzo::backend::{Backend, Generator, PerturbPass, Term, UpdatePass};
+use hyzo::backend::{Backend, Generator, PerturbPass, StateLayout, Term, UpdatePass};
 use hyzo::direction::{fill, DirectionId, DirectionKind};
 use hyzo::rules::{Rule, RuleParams};
-use hyzo::{CpuBackend, DType, ParamShard, Precision, TensorSpec};
+use hyzo::{CpuBackend, DType, ParamShard, Precision, StateSet, TensorSpec};
 use rayon::prelude::*;
 
 use crate::{usage_error, MAX_THREADS};
@@ -208,8 +208,12 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
     };
     for &threads in &thread_counts {
         let mut be = CpuBackend::new(threads).map_err(|e| failed(&e))?;
+        let state = StateLayout {
+            main_buffers: 2,
+            ..StateLayout::default()
+        };
         // The library reports a state it cannot allocate as OutOfMemory, not an abort.
-        be.allocate_state(&shard, 2, false)
+        be.allocate_state(&shard, state)
             .map_err(|e| failed(&format_args!("{e}; try a smaller --elements")))?;
         let one = [Term {
             direction: 0,
@@ -259,6 +263,8 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
                 zo: &zo,
                 grad_weight: None,
                 rule: RuleParams::new(rule, 1e-6, 0.9, 0.999, 1e-8, 0.0, 1),
+                state: StateSet::Main,
+                t: 1,
                 precision: Precision::Nearest,
                 device_losses: None,
             };
@@ -277,6 +283,8 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
             zo: &[],
             grad_weight: Some(1.0),
             rule: RuleParams::new(Rule::AdamW, 1e-6, 0.9, 0.999, 1e-8, 0.0, 1),
+            state: StateSet::Main,
+            t: 1,
             precision: Precision::Nearest,
             device_losses: None,
         };
