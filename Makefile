@@ -6,14 +6,16 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 # The CUDA 13.0 compiler as pinned wheels (the H100 driver is CUDA 13.0: newer PTX would not load).
+# nvidia-curand: curand_kernel.h for the GPU kit's cuRAND check (the pin torch 2.12 uses too).
 CUDA_WHEELS := nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
-	nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88
+	nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88 \
+	nvidia-curand==10.4.0.35
 # Points build.rs at the wheels' nvcc (a no-op when they are absent).
 CUDA_ENV = eval "$$(scripts/cuda-env)"
 DEMO_ARGS ?=
 
 .PHONY: demo test setup build lint test-rust check-kernels test-ffi test-python demo-quick \
-	bench bench-compare gpu-pack clean
+	bench bench-compare gpu-pack gpu-rehearse clean
 
 # The main job: the paper's unlearning-robustness experiment in miniature (CPU, minutes).
 demo: setup
@@ -52,7 +54,7 @@ test-python: build
 demo-quick: test-python
 	$(PY) -m hyzo.demo --quick --out out/demo-quick
 
-test: lint test-rust check-kernels test-ffi test-python demo-quick
+test: lint test-rust check-kernels test-ffi test-python demo-quick gpu-rehearse
 	@echo "make test: all checks passed"
 
 # Benchmarks (not tests): criterion suites, and the side-by-side comparison with PyTorch.
@@ -66,6 +68,11 @@ bench-compare: setup
 # The device check kit (.gpu-kit/), for a machine with a GPU: see scripts/gpu-check.
 gpu-pack: setup
 	scripts/gpu-pack
+
+# The kit rehearsed here, without a GPU, as the lent machine runs it (no GPU: exit 2; a hung
+# step killed within the deadline; a cut run keeps its files): see scripts/gpu-rehearse.
+gpu-rehearse: test-python
+	scripts/gpu-rehearse
 
 clean:
 	cargo clean

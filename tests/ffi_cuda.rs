@@ -39,7 +39,7 @@ fn loss(a: &[f32], b: &[bf16]) -> f32 {
 #[test]
 fn cuda_follows_cpu_through_the_abi() {
     if hyzo_cuda_available() == 0 {
-        eprintln!("no CUDA device: skipped");
+        eprintln!("skipped: no CUDA device");
         return;
     }
     let mut cfg = hyzo_config_default();

@@ -13,6 +13,11 @@ on the same tensors:
 - on a GPU, the ceiling: a device-to-device copy in the same run, and each figure's fraction
   of it.
 
+Each figure is printed as soon as it is measured, and ``--json`` is rewritten after each one,
+so a run stopped at a time limit (scripts/gpu-check caps it) keeps what it measured; the
+``torch.compile`` rows come last, since their compilation is the one long, unpredictable
+part.
+
 Usage: ``python benches/compare/compare.py [--device cpu|cuda] [--size small|medium|1b]
 [--reps N] [--json out.json] [--no-compile]``. It prints a table and writes JSON.
 """
@@ -104,28 +109,40 @@ def mezo_step(params, q: int, eps: float, lr: float, step: int, perturb=mezo_per
         update(params, s, 0.1 / q, lr)
 
 
-def compiled_mezo(params):
-    """The MeZO loop with its per-parameter bodies under ``torch.compile``."""
+def compiled_mezo():
+    """The MeZO loop with its per-parameter bodies under ``torch.compile``: two graphs in
+    all. The step sizes enter as 0-d tensors on the parameters' device: a Python float
+    argument is a constant of the traced graph, so each value (scale 1 and -2, grad 0.1/q)
+    would compile a graph of its own."""
 
     @torch.compile(dynamic=False)
-    def perturb_all(ps, scale: float, eps: float):
+    def perturb_all(ps, alpha: torch.Tensor):
         for p in ps:
-            p.add_(torch.randn_like(p), alpha=scale * eps)
+            p.add_(torch.randn_like(p) * alpha)
 
     @torch.compile(dynamic=False)
-    def update_all(ps, grad: float, lr: float):
+    def update_all(ps, alpha: torch.Tensor):
         for p in ps:
-            p.add_(torch.randn_like(p), alpha=-lr * grad)
+            p.sub_(torch.randn_like(p) * alpha)
+
+    scalars: dict = {}
+
+    def scalar(x: float, device) -> torch.Tensor:
+        # Made once per value: a fresh torch.tensor per call would copy to the device.
+        key = (x, str(device))
+        if key not in scalars:
+            scalars[key] = torch.tensor(x, dtype=torch.float32, device=device)
+        return scalars[key]
 
     def perturb(ps, seed, scale, eps):
         torch.manual_seed(seed)
         with torch.no_grad():
-            perturb_all(ps, scale, eps)
+            perturb_all(ps, scalar(scale * eps, ps[0].device))
 
     def update(ps, seed, grad, lr):
         torch.manual_seed(seed)
         with torch.no_grad():
-            update_all(ps, grad, lr)
+            update_all(ps, scalar(lr * grad, ps[0].device))
 
     return perturb, update
 
@@ -146,9 +163,11 @@ def numpy_step(arrays, q: int, eps: float, lr: float, step: int) -> None:
 
 
 def make_params(shapes, device, dtype, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    """Seeded random parameters, drawn on ``device`` itself: the 1b size drawn on the host
+    takes 6-9 s of CPU per set, eight sets per run, while a lent GPU waits."""
+    g = torch.Generator(device=device).manual_seed(seed)
     return [
-        (torch.randn(s, generator=g) * 0.02).to(device=device, dtype=dtype).requires_grad_(True)
+        (torch.randn(s, generator=g, device=device) * 0.02).to(dtype).requires_grad_(True)
         for s in shapes
     ]
 
@@ -186,12 +205,25 @@ def main() -> int:
           f"{numel / 1e6:.1f}M parameters, bf16), median of {args.reps}")
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
     rows: list[dict] = []
+    out = {"machine": machine, "device": dev, "size": size, "parameters": numel,
+           "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "rows": rows,
+           "complete": False}
 
-    def record(group, name, secs, elems, bytes_moved=None, baseline=None):
+    def write_json():
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(out, f, indent=2)
+            os.replace(tmp, args.json)
+
+    def record(group, name, secs, elems, bytes_moved=None, **extra):
         row = {"group": group, "name": name, "seconds": secs, "elements_per_s": elems / secs}
         if bytes_moved is not None:
             row["gb_per_s"] = bytes_moved / secs / 1e9
+        row.update(extra)
         rows.append(row)
+        print(f"  {group}: {name}: {secs * 1e3:.2f} ms", flush=True)
+        write_json()
         return row
 
     # --- Ceiling (GPU): device-to-device copy of the parameters' bytes.
@@ -232,14 +264,6 @@ def main() -> int:
         counter = iter(range(10**9))
         secs = timeit(lambda: mezo_step(params, q, 1e-3, 1e-6, next(counter)), args.reps, dev)
         record(group, "MeZO eager (PyTorch)", secs, numel)
-        if not args.no_compile:
-            try:
-                perturb, update = compiled_mezo(params)
-                secs = timeit(lambda: mezo_step(params, q, 1e-3, 1e-6, next(counter), perturb, update),
-                              args.reps, dev, warmup=2)
-                record(group, "MeZO under torch.compile", secs, numel)
-            except Exception as e:  # noqa: BLE001 - report and go on
-                print(f"  torch.compile failed: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
         del params
         if dev == "cpu":
             arrays = [np.asarray(torch.randn(s) * 0.02, dtype=np.float32) for s in shapes]
@@ -289,21 +313,54 @@ def main() -> int:
     record(group, f"torch.optim.AdamW({next(iter(kw))}=True)", secs, numel)
     del opt, params
 
+    # --- The MeZO loop under torch.compile, last (see the module's documentation).
+    if not args.no_compile:
+        perturb, update = compiled_mezo()
+        counter = iter(range(10**9))
+        for q in (1, 4):
+            params = make_params(shapes, dev, dtype)
+            try:
+                t = time.perf_counter()
+                secs = timeit(lambda: mezo_step(params, q, 1e-3, 1e-6, next(counter), perturb, update),
+                              args.reps, dev, warmup=2)
+                # Wall time of the warm-up calls: the compilation, the first time.
+                warmup = time.perf_counter() - t - args.reps * secs
+                record(f"ZO step, two-sided, q={q}", "MeZO under torch.compile", secs, numel,
+                       warmup_seconds=warmup)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"  torch.compile failed: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+                break
+            finally:
+                del params
+        print(f"  torch.compile: {_graph_count()} graphs compiled", flush=True)
+
     _print(rows, dev)
-    out = {"machine": machine, "device": dev, "size": size, "parameters": numel,
-           "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "rows": rows}
+    out["complete"] = True
+    write_json()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
         print(f"wrote {args.json}")
     return 0
+
+
+def _graph_count() -> str:
+    """Graphs compiled by torch.compile in this process (as its counters say), or '?'."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return str(counters["stats"]["unique_graphs"])
+    except Exception:  # noqa: BLE001 - an internal API: best effort
+        return "?"
 
 
 def _print(rows, dev):
     print()
     print(f"{'group':<34} {'contender':<36} {'ms':>9} {'Melem/s':>10} {'GB/s':>8} {'vs hyzo':>8}")
     ceiling = next((r for r in rows if r["group"] == "ceiling"), None)
-    for r in rows:
+    # Grouped in the order groups first appear (the torch.compile rows are measured last).
+    first = {}
+    for i, r in enumerate(rows):
+        first.setdefault(r["group"], i)
+    for r in sorted(rows, key=lambda r: first[r["group"]]):
         same = [x for x in rows if x["group"] == r["group"] and x["name"].startswith("hyzo")]
         ratio = ""
         if same and not r["name"].startswith("hyzo"):
@@ -332,7 +389,8 @@ def _driver() -> str:
         import subprocess
 
         return subprocess.check_output(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], text=True
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], text=True,
+            timeout=20,
         ).strip()
     except Exception:  # noqa: BLE001
         return "unknown"

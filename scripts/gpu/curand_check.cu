@@ -28,10 +28,18 @@ int main(int argc, char **argv) {
     unsigned long long first = strtoull(argv[4], 0, 0);
     int blocks = atoi(argv[5]);
     float4 *d, *h = (float4 *)malloc(sizeof(float4) * blocks);
-    if (cudaMalloc(&d, sizeof(float4) * blocks) != cudaSuccess) return 1;
-    normals<<<(blocks + 127) / 128, 128>>>(seed, step, dir, first, blocks, d);
-    if (cudaGetLastError() != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess) return 1;
-    cudaMemcpy(h, d, sizeof(float4) * blocks, cudaMemcpyDeviceToHost);
+    cudaError_t e = cudaMalloc(&d, sizeof(float4) * blocks);
+    if (e == cudaSuccess) {
+        normals<<<(blocks + 127) / 128, 128>>>(seed, step, dir, first, blocks, d);
+        e = cudaGetLastError();
+    }
+    if (e == cudaSuccess) e = cudaDeviceSynchronize();
+    if (e == cudaSuccess) e = cudaMemcpy(h, d, sizeof(float4) * blocks, cudaMemcpyDeviceToHost);
+    if (e != cudaSuccess) {
+        // Said, not just an exit status: gpu-check's summary shows this line.
+        fprintf(stderr, "curand_check: %s\n", cudaGetErrorString(e));
+        return 1;
+    }
     for (int i = 0; i < blocks; i++)
         printf("%.9g\n%.9g\n%.9g\n%.9g\n", h[i].x, h[i].y, h[i].z, h[i].w);
     cudaFree(d);
