@@ -10,8 +10,9 @@
 
 use cudarc::driver::{result, sys};
 use hyzo::backend::cuda::{describe_device, is_available, CudaBackend, CudaBuffer};
-use hyzo::backend::{Backend, Generator, PerturbPass, Term, UpdatePass};
+use hyzo::backend::{Backend, Generator, PerturbPass, StateLayout, Term, UpdatePass};
 use hyzo::rules::{Rule, RuleParams};
+use hyzo::StateSet;
 use hyzo::{DType, DirectionKind, Location, ParamShard, Precision, TensorSpec};
 
 const WARMUP: usize = 2;
@@ -58,6 +59,8 @@ fn update_pass(
         zo,
         grad_weight,
         rule: RuleParams::new(rule, 1e-6, 0.9, 0.999, 1e-8, 0.0, 1),
+        state: StateSet::Main,
+        t: 1,
         precision: Precision::Nearest,
         device_losses: None,
     }
@@ -104,7 +107,7 @@ fn main() {
     let mut sgd = CudaBackend::new(0).unwrap();
     let stream = sgd.stream() as sys::CUstream;
     let s = shard();
-    sgd.allocate_state(&s, 0, false).unwrap();
+    sgd.allocate_state(&s, StateLayout::default()).unwrap();
     // SAFETY: device buffers of 2n bytes.
     unsafe {
         sys::cuMemsetD8_v2(params.ptr(), 0, 2 * n as usize);
@@ -139,7 +142,7 @@ fn main() {
             .unwrap();
         }
         let mut b = CudaBackend::new(0).unwrap();
-        b.allocate_state(&g, 0, false).unwrap();
+        b.allocate_state(&g, StateLayout::default()).unwrap();
         b.perturb(
             &g,
             &PerturbPass {
@@ -221,7 +224,14 @@ fn main() {
 
     let mut adam = CudaBackend::new(0).unwrap();
     let s = shard();
-    adam.allocate_state(&s, 2, false).unwrap();
+    adam.allocate_state(
+        &s,
+        StateLayout {
+            main_buffers: 2,
+            ..StateLayout::default()
+        },
+    )
+    .unwrap();
     let stream = adam.stream() as sys::CUstream;
     let ms = time_ms(stream, || {
         adam.update(&s, &update_pass(gen, Rule::AdamW, &zo, None, true))

@@ -100,6 +100,9 @@ public:
 
     void set_lr(float lr) { check(hyzo_optimizer_set_lr(opt_, lr)); }
     void set_weight_decay(float wd) { check(hyzo_optimizer_set_weight_decay(opt_, wd)); }
+    /// Learning rate / weight decay of first-order steps; NaN: follow set_lr / set_weight_decay.
+    void set_fo_lr(float lr) { check(hyzo_optimizer_set_fo_lr(opt_, lr)); }
+    void set_fo_weight_decay(float wd) { check(hyzo_optimizer_set_fo_weight_decay(opt_, wd)); }
     void set_stream(void *stream) { check(hyzo_optimizer_set_stream(opt_, stream)); }
 
     hyzo_config config() const {
@@ -133,12 +136,23 @@ public:
         return last_loss();
     }
 
-    /// The loss of the last finished zeroth-order step (NaN if it was skipped).
+    /// The loss of the last finished zeroth-order step: L_0 (one-sided) or the mean of the
+    /// 2q perturbed losses (two-sided), reported even when the step was skipped (then it
+    /// may be non-finite; see last_step_skipped()); NaN when the losses stayed on the device.
     float last_loss() const {
         float loss = 0.0f;
         int skipped = 0;
         check(hyzo_zo_last_loss(opt_, &loss, &skipped));
         return loss;
+    }
+
+    /// Whether the last finished zeroth-order step was skipped (a non-finite loss or
+    /// projected gradient, spec §4); always false for losses fed from the device.
+    bool last_step_skipped() const {
+        float loss = 0.0f;
+        int skipped = 0;
+        check(hyzo_zo_last_loss(opt_, &loss, &skipped));
+        return skipped != 0;
     }
 
     void fo_step() { check(hyzo_fo_step(opt_)); }
@@ -160,6 +174,26 @@ public:
         check(hyzo_optimizer_stats(opt_, &steps, &skipped));
         return skipped;
     }
+
+    /// Updates applied to the main rule's state (its t).
+    std::uint64_t updates() const {
+        std::uint64_t updates = 0, fo_updates = 0;
+        check(hyzo_optimizer_updates(opt_, &updates, &fo_updates));
+        return updates;
+    }
+
+    /// Updates applied to the first-order rule's own state (0 without fo_rule).
+    std::uint64_t fo_updates() const {
+        std::uint64_t updates = 0, fo_updates = 0;
+        check(hyzo_optimizer_updates(opt_, &updates, &fo_updates));
+        return fo_updates;
+    }
+
+    /// Saves the state to a file, streaming and atomically (see hyzo_optimizer_save_state_file).
+    void save_state_file(const char *path) const {
+        check(hyzo_optimizer_save_state_file(opt_, path));
+    }
+    void load_state_file(const char *path) { check(hyzo_optimizer_load_state_file(opt_, path)); }
 
     std::vector<unsigned char> save_state() const {
         std::uint64_t size = 0;

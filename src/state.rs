@@ -403,7 +403,10 @@ mod tests {
         for bit in 0..8 * s.len() {
             let mut bad = s.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
-            assert!(check(&bad, 42, body.len() as u64, true).is_err(), "bit {bit}");
+            assert!(
+                check(&bad, 42, body.len() as u64, true).is_err(),
+                "bit {bit}"
+            );
         }
     }
 

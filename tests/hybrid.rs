@@ -84,12 +84,24 @@ fn each_kind_of_step_touches_only_its_own_state() {
         let (main_now, fo_now) = states(&mut opt);
         match phase {
             Phase::FirstOrder => {
-                assert_eq!(main_now, main, "step {n}: a first-order step wrote the ZO state");
-                assert_ne!(fo_now, fo, "step {n}: a first-order step left its state alone");
+                assert_eq!(
+                    main_now, main,
+                    "step {n}: a first-order step wrote the ZO state"
+                );
+                assert_ne!(
+                    fo_now, fo,
+                    "step {n}: a first-order step left its state alone"
+                );
             }
             Phase::ZerothOrder => {
-                assert_eq!(fo_now, fo, "step {n}: a zeroth-order step wrote the FO state");
-                assert_ne!(main_now, main, "step {n}: a zeroth-order step left its state alone");
+                assert_eq!(
+                    fo_now, fo,
+                    "step {n}: a zeroth-order step wrote the FO state"
+                );
+                assert_ne!(
+                    main_now, main,
+                    "step {n}: a zeroth-order step left its state alone"
+                );
             }
         }
         (main, fo) = (main_now, fo_now);
@@ -121,12 +133,19 @@ fn first_order_steps_do_not_feel_the_zeroth_order_blocks() {
         set_grad(&mut fo_only, k);
         fo_only.fo_step().unwrap();
         let (after_h, after_f) = (params(&hybrid), params(&fo_only));
-        assert_eq!(states(&mut hybrid).1, states(&mut fo_only).1, "FO state after FO step {k}");
+        assert_eq!(
+            states(&mut hybrid).1,
+            states(&mut fo_only).1,
+            "FO state after FO step {k}"
+        );
         for i in 0..N {
             let (dh, df) = (after_h[i] - before_h[i], after_f[i] - before_f[i]);
             // Equal up to the rounding of the two different weights they were added to.
             let ulp = f32::EPSILON * before_h[i].abs().max(before_f[i].abs());
-            assert!((dh - df).abs() <= 2.0 * ulp, "FO step {k}, element {i}: {dh} vs {df}");
+            assert!(
+                (dh - df).abs() <= 2.0 * ulp,
+                "FO step {k}, element {i}: {dh} vs {df}"
+            );
         }
         moves.push(mean_abs_move(&before_h, &after_h));
     }
@@ -251,7 +270,10 @@ fn a_non_finite_projected_gradient_skips_the_step() {
     assert_eq!(opt.steps(), 1);
     // Only the counters differ from the state before the step.
     let after = opt.save_state().unwrap();
-    assert_eq!(after[HEADER..after.len() - 4], state[HEADER..state.len() - 4]);
+    assert_eq!(
+        after[HEADER..after.len() - 4],
+        state[HEADER..state.len() - 4]
+    );
 }
 
 #[test]
@@ -401,7 +423,11 @@ fn state_files_are_written_atomically_and_checked_before_loading() {
     opt.save_state_file(&path).unwrap();
     let in_memory = opt.save_state().unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), in_memory);
-    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left");
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        1,
+        "no temporary file left"
+    );
     run(&mut opt, 2);
     let current = opt.save_state().unwrap();
     // A damaged file changes nothing.

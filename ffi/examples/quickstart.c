@@ -206,7 +206,10 @@ static int hybrid(void) {
 
     reset_problem();
     cfg.seed = 7;
-    cfg.rule = HYZO_RULE_ADAMW;
+    /* The paper's hybrid (spec v2 §5): AdamW for first-order steps, AdaZO for zeroth-order
+     * steps, each with a state of its own. */
+    cfg.rule = HYZO_RULE_ADAZO;
+    cfg.fo_rule = HYZO_RULE_ADAMW;
     cfg.lr = 0.02f;
     cfg.eps = 1e-2f;
     cfg.num_directions = 2;
@@ -234,7 +237,7 @@ static int hybrid(void) {
     for (step = 0; step < 100; step++) hybrid_step(opt);
     same = !memcmp(r0, x0, sizeof x0) && !memcmp(r1, x1, sizeof x1) &&
            !memcmp(r2, x2, sizeof x2);
-    printf("hybrid adamw (1 FO : 3 ZO): loss %.5f -> %.5f; resumed run %s\n", first, last,
+    printf("hybrid adamw/adazo (1 FO : 3 ZO): loss %.5f -> %.5f; resumed run %s\n", first, last,
            same ? "identical" : "DIFFERS");
 
     /* A state saved by another optimizer (other seed, other tensors) is refused. */

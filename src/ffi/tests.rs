@@ -782,3 +782,170 @@ fn cuda_without_a_device_is_no_device() {
     assert_eq!(s, HYZO_ERR_NO_DEVICE, "{}", last_error());
     assert!(o.is_null());
 }
+
+#[test]
+fn separate_first_order_rule_through_c() {
+    let d = hyzo_config_default();
+    assert_eq!(d.fo_rule, hyzo_rule::HYZO_RULE_NONE as u32);
+    assert!(d.fo_lr.is_nan() && d.fo_weight_decay.is_nan());
+    let mut bad = d;
+    bad.fo_rule = 6;
+    let mut o = null_mut();
+    // SAFETY: valid pointers throughout.
+    unsafe {
+        expect(
+            hyzo_optimizer_create_cpu(&bad, 1, &mut o),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "cfg->fo_rule: 6 is not a hyzo_rule (0..=5) or HYZO_RULE_NONE",
+        );
+        bad.fo_rule = hyzo_rule::HYZO_RULE_ADAMW as u32;
+        bad.fo_lr = -1.0;
+        expect(
+            hyzo_optimizer_create_cpu(&bad, 1, &mut o),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "cfg->fo_lr",
+        );
+        expect(
+            hyzo_optimizer_create_cpu(&d, 1025, &mut o),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "threads: 1025 exceeds the maximum of 1024",
+        );
+    }
+    // The paper's hybrid: AdamW first-order, AdaZO zeroth-order, one step of each.
+    let mut cfg = d;
+    cfg.rule = hyzo_rule::HYZO_RULE_ADAZO as u32;
+    cfg.fo_rule = hyzo_rule::HYZO_RULE_ADAMW as u32;
+    cfg.fo_steps = 1;
+    cfg.zo_steps = 1;
+    let mut a = vec![0.5f32; 64];
+    let mut g = vec![0.1f32; 64];
+    let o = with_tensor(&cfg, &mut a, &mut g);
+    unsafe {
+        let mut got = hyzo_config_default();
+        ok(hyzo_optimizer_get_config(o, &mut got));
+        assert_eq!(got.fo_rule, hyzo_rule::HYZO_RULE_ADAMW as u32);
+        assert!(got.fo_lr.is_nan());
+        ok(hyzo_optimizer_set_fo_lr(o, 0.5));
+        ok(hyzo_optimizer_get_config(o, &mut got));
+        assert_eq!(got.fo_lr, 0.5);
+        ok(hyzo_optimizer_set_fo_lr(o, f32::NAN));
+        expect(
+            hyzo_optimizer_set_fo_weight_decay(o, f32::INFINITY),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "fo_weight_decay",
+        );
+        ok(hyzo_fo_step(o));
+        zo_step(o, &a);
+        ok(hyzo_fo_step(o));
+        let (mut u, mut fo) = (0, 0);
+        ok(hyzo_optimizer_updates(o, &mut u, &mut fo));
+        assert_eq!((u, fo), (1, 2));
+        expect(
+            hyzo_optimizer_updates(o, null_mut(), &mut fo),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "updates",
+        );
+        // 16 bytes per parameter (four fp32 buffers), a 64-byte header and a checksum.
+        let mut size = 0;
+        ok(hyzo_optimizer_state_size(o, &mut size));
+        assert_eq!(size, 64 + 16 * 64 + 4);
+        hyzo_optimizer_destroy(o);
+    }
+}
+
+#[test]
+fn state_files_through_c() {
+    let dir = std::env::temp_dir().join(format!("hyzo-ffi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = CString::new(dir.join("s").to_str().unwrap()).unwrap();
+    let missing = CString::new(dir.join("no/such/file").to_str().unwrap()).unwrap();
+    let mut cfg = hyzo_config_default();
+    cfg.rule = hyzo_rule::HYZO_RULE_ADAMW as u32;
+    let mut a = vec![0.5f32; 100];
+    let mut g = vec![0f32; 100];
+    let o = with_tensor(&cfg, &mut a, &mut g);
+    unsafe {
+        zo_step(o, &a);
+        ok(hyzo_optimizer_save_state_file(o, path.as_ptr()));
+        let mut size = 0;
+        ok(hyzo_optimizer_state_size(o, &mut size));
+        let mut buf = vec![0u8; size as usize];
+        ok(hyzo_optimizer_save_state(o, buf.as_mut_ptr().cast(), size));
+        assert_eq!(std::fs::read(dir.join("s")).unwrap(), buf);
+        let saved = a.clone();
+        zo_step(o, &a);
+        let after = a.clone();
+        expect(
+            hyzo_optimizer_load_state_file(o, missing.as_ptr()),
+            HYZO_ERR_IO,
+            "no/such/file",
+        );
+        expect(
+            hyzo_optimizer_save_state_file(o, missing.as_ptr()),
+            HYZO_ERR_IO,
+            "no/such/file",
+        );
+        expect(
+            hyzo_optimizer_load_state_file(o, null()),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "path",
+        );
+        ok(hyzo_optimizer_load_state_file(o, path.as_ptr()));
+        a.copy_from_slice(&saved);
+        zo_step(o, &a);
+        assert_eq!(a, after);
+        hyzo_optimizer_destroy(o);
+        let s = CStr::from_ptr(hyzo_status_string(7));
+        assert_eq!(s.to_str().unwrap(), "HYZO_ERR_IO");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A call on an optimizer that another thread is using is refused, not a data race.
+#[test]
+fn one_optimizer_serves_one_call_at_a_time() {
+    let mut a = vec![0.5f32; 16];
+    let mut g = vec![0f32; 16];
+    let o = with_tensor(&hyzo_config_default(), &mut a, &mut g);
+    let busy = |o: *mut hyzo_optimizer| {
+        // SAFETY: live optimizer; the flag is what another thread's call would hold.
+        unsafe { &*std::ptr::addr_of!((*o).in_use) }
+    };
+    busy(o).store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut steps, mut skipped) = (0, 0);
+    unsafe {
+        expect(
+            hyzo_optimizer_stats(o, &mut steps, &mut skipped),
+            HYZO_ERR_BAD_STATE,
+            "in use by another thread",
+        );
+        hyzo_optimizer_destroy(o); // refused: the optimizer stays alive
+        assert!(last_error().contains("in use by another thread"));
+        busy(o).store(false, std::sync::atomic::Ordering::SeqCst);
+        ok(hyzo_optimizer_stats(o, &mut steps, &mut skipped));
+    }
+    // Two threads hammering one optimizer: every call either runs or is refused.
+    let addr = o as usize;
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let o = addr as *mut hyzo_optimizer;
+                let mut refused = 0;
+                for _ in 0..2000 {
+                    let (mut s, mut k) = (0, 0);
+                    // SAFETY: the optimizer outlives the threads.
+                    match unsafe { hyzo_optimizer_stats(o, &mut s, &mut k) } {
+                        HYZO_OK => {}
+                        HYZO_ERR_BAD_STATE => refused += 1,
+                        other => panic!("{other:?}: {}", last_error()),
+                    }
+                }
+                refused
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    unsafe { hyzo_optimizer_destroy(o) };
+}
