@@ -454,6 +454,16 @@ hyzo_status hyzo_optimizer_updates(const hyzo_optimizer *opt, uint64_t *updates,
 // `opt` must be NULL or a live optimizer.
 hyzo_status hyzo_optimizer_synchronize(hyzo_optimizer *opt);
 
+// Adds `scale · z` once to the parameters, `z` the direction `(seed, step, direction)` of
+// the configured kind (`HYZO_DIRECTION_SPHERE`: the unscaled Gaussian) at each element's
+// global index: a seeded displacement that every process regenerates exactly for its own
+// shard (e.g. a noise control in an experiment). One perturbation pass; no state, counter
+// or schedule changes. `HYZO_ERR_BAD_STATE` during a zeroth-order step.
+//
+// # Safety
+// `opt` must be NULL or a live optimizer.
+hyzo_status hyzo_optimizer_displace(hyzo_optimizer *opt, uint64_t seed, uint32_t step, uint32_t direction, float scale);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -599,6 +599,32 @@ impl<'a> Optimizer<'a> {
         Ok(())
     }
 
+    /// Adds `scale · z` once, `z` the direction `(seed, step, direction)` of the configured
+    /// kind (the sphere's unscaled Gaussian) over the global indices: a seeded displacement
+    /// that any process holding any shard of the model regenerates exactly (a noise
+    /// control, say). One perturbation pass, rounded like the others; the optimizer's state,
+    /// counters and schedule do not change. Not during a zeroth-order step.
+    pub fn displace(&mut self, seed: u64, step: u32, direction: u32, scale: f32) -> Result<()> {
+        self.check_not_in_step("displace")?;
+        if !scale.is_finite() {
+            return invalid(format!("scale: must be finite, got {scale}"));
+        }
+        self.prepare()?;
+        let pass = PerturbPass {
+            gen: Generator {
+                seed,
+                step,
+                kind: self.config.direction.generated(),
+            },
+            terms: &[Term {
+                direction,
+                coeff: scale,
+            }],
+            precision: self.config.precision,
+        };
+        self.backend.perturb(&self.shard, &pass)
+    }
+
     /// Runs later passes on the caller's CUDA stream (raw `CUstream`; 0: the default stream).
     pub fn set_stream(&mut self, stream: u64) -> Result<()> {
         self.backend.set_stream(stream)

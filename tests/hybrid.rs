@@ -451,3 +451,42 @@ fn state_files_are_written_atomically_and_checked_before_loading() {
     assert_eq!(opt.save_state().unwrap(), in_memory);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A seeded displacement: `scale · z(seed, step, d)` at the global indices, whatever the
+/// sharding, and nothing else changes.
+#[test]
+fn displace_adds_a_regenerable_direction_once() {
+    let (mut x, mut g) = (vec![0.5f32; N], vec![0f32; N]);
+    let mut whole = optimizer(paper_hybrid(1, 1), &mut x, &mut g);
+    let state = whole.save_state().unwrap();
+    whole.displace(77, 3, 1, 0.01).unwrap();
+    assert_eq!(
+        whole.save_state().unwrap(),
+        state,
+        "state and counters unchanged"
+    );
+    let got = params(&whole);
+    let mut z = vec![0f32; N];
+    hyzo::direction::fill(
+        DirectionKind::Gaussian,
+        hyzo::DirectionId::new(77, 3, 1),
+        0,
+        &mut z,
+    );
+    for i in 0..N {
+        assert_eq!(got[i], 0.5 + 0.01 * z[i], "element {i}");
+    }
+    // Two shards (offsets 0 and 600) displace exactly like the whole.
+    let (mut a, mut b) = (vec![0.5f32; 600], vec![0.5f32; N - 600]);
+    let mut shard = ParamShard::new();
+    shard.add(&mut a, 0).unwrap();
+    let mut first = Optimizer::new(Config::default(), shard).unwrap();
+    first.displace(77, 3, 1, 0.01).unwrap();
+    let mut shard = ParamShard::new();
+    shard.add(&mut b, 600).unwrap();
+    let mut second = Optimizer::new(Config::default(), shard).unwrap();
+    second.displace(77, 3, 1, 0.01).unwrap();
+    drop((first, second));
+    assert_eq!([a, b].concat(), got);
+    assert!(whole.displace(1, 0, 0, f32::NAN).is_err());
+}

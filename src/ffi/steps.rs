@@ -286,3 +286,24 @@ pub unsafe extern "C" fn hyzo_optimizer_updates(
 pub unsafe extern "C" fn hyzo_optimizer_synchronize(opt: *mut hyzo_optimizer) -> hyzo_status {
     with_opt("hyzo_optimizer_synchronize", opt, |o| o.inner.synchronize())
 }
+
+/// Adds `scale · z` once to the parameters, `z` the direction `(seed, step, direction)` of
+/// the configured kind (`HYZO_DIRECTION_SPHERE`: the unscaled Gaussian) at each element's
+/// global index: a seeded displacement that every process regenerates exactly for its own
+/// shard (e.g. a noise control in an experiment). One perturbation pass; no state, counter
+/// or schedule changes. `HYZO_ERR_BAD_STATE` during a zeroth-order step.
+///
+/// # Safety
+/// `opt` must be NULL or a live optimizer.
+#[no_mangle]
+pub unsafe extern "C" fn hyzo_optimizer_displace(
+    opt: *mut hyzo_optimizer,
+    seed: u64,
+    step: u32,
+    direction: u32,
+    scale: f32,
+) -> hyzo_status {
+    with_opt("hyzo_optimizer_displace", opt, |o| {
+        o.inner.displace(seed, step, direction, scale)
+    })
+}
