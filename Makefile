@@ -6,9 +6,11 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 # The CUDA 13.0 compiler as pinned wheels (the H100 driver is CUDA 13.0: newer PTX would not load).
+# cuobjdump/nvdisasm (scripts/sass-budget): no 13.0.x on PyPI; 13.2.51 is the oldest (a disassembler).
 # nvidia-curand: curand_kernel.h for the GPU kit's cuRAND check (the pin torch 2.12 uses too).
 CUDA_WHEELS := nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
 	nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88 \
+	nvidia-cuda-cuobjdump==13.2.51 nvidia-cuda-nvdisasm==13.2.51 \
 	nvidia-curand==10.4.0.35
 # Points build.rs at the wheels' nvcc (a no-op when they are absent).
 CUDA_ENV = eval "$$(scripts/cuda-env)"
@@ -42,6 +44,7 @@ test-rust: setup
 # Every kernel for every architecture (warnings and spills are errors), and the NVRTC path.
 check-kernels: setup
 	scripts/check-kernels
+	$(CUDA_ENV); scripts/sass-budget
 
 # The C ABI: header, property tests, C and C++ examples (CMake, pkg-config, valgrind).
 test-ffi: build

@@ -17,7 +17,23 @@
  *
  * Arithmetic: src/backend/cpu.rs is the reference; each pass below says which of its
  * functions it mirrors. All float operations go through the correctly rounded intrinsics
- * of hyzo_device.cuh, so the results are the CPU's bit for bit. */
+ * of hyzo_device.cuh. Two variants of every pass:
+ *  - fast (what users get): Gaussian entries from the hardware units (lg2/sqrt/sin/cos
+ *    .approx, within spec v2 §3's tolerance: docs/interpretation.md), bf16/f16 rounding by
+ *    cvt.rn.{bf16,f16}x2; everything else (Philox, Rademacher, rules, stochastic rounding)
+ *    as the CPU computes it;
+ *  - exact (a test instrument: HYZO_CUDA_EXACT=1 or CudaBackend::set_exact): the CPU's f32
+ *    Gaussian operation for operation, so results equal the CPU's bit for bit.
+ *
+ * Specialization: each pass is ONE template (perturb_pass, update_pass, sq_norm_pass) over
+ * a Spec: variant, direction kind, precision mode, rule and (perturb) term count as
+ * compile-time constants, or -1 for "read from the launch parameters". The fast kernels
+ * are instantiations with constants for the direction kind, the rule and (perturb) the
+ * number of terms (the host picks one by name, see "the entry points" below and
+ * src/backend/cuda/device.rs), and specialize the group loop per tensor dtype (one branch
+ * per chunk); the precision mode stays a launch value (one uniform test per group: a
+ * constant would triple the kernels and the build time). The exact kernels keep runtime
+ * values (one kernel per pass). */
 #include "hyzo_device.cuh"
 
 typedef unsigned short hyzo_u16;
@@ -25,7 +41,15 @@ typedef unsigned short hyzo_u16;
 struct Tensor {
     hyzo_u64 data, grad, lo, m, v, numel, offset, first_chunk;
     hyzo_u32 dtype, grad_dtype;
+    /* Whether each buffer's groups are 16-byte aligned: the address of group g is
+     * base + size (8g - offset), and 8g·size is a multiple of 16, so this is a property of
+     * the tensor (tested once per chunk), not of the group. */
+    bool vec_data, vec_grad, vec_lo, vec_m, vec_v;
 };
+
+__device__ __forceinline__ bool vec_ok(hyzo_u64 base, hyzo_u64 size, hyzo_u64 offset) {
+    return ((base - size * offset) & 15) == 0;
+}
 
 /* A table entry, with the moments of state set `set` as m and v. */
 __device__ __forceinline__ Tensor load_tensor(const HyzoTensor* t, hyzo_u32 set) {
@@ -40,6 +64,11 @@ __device__ __forceinline__ Tensor load_tensor(const HyzoTensor* t, hyzo_u32 set)
     r.first_chunk = __ldg(&t->first_chunk);
     r.dtype = __ldg(&t->dtype);
     r.grad_dtype = __ldg(&t->grad_dtype);
+    r.vec_data = vec_ok(r.data, r.dtype == HYZO_F32 ? 4 : 2, r.offset);
+    r.vec_grad = vec_ok(r.grad, r.grad_dtype == HYZO_F32 ? 4 : 2, r.offset);
+    r.vec_lo = vec_ok(r.lo, 2, r.offset);
+    r.vec_m = vec_ok(r.m, 4, r.offset);
+    r.vec_v = vec_ok(r.v, 4, r.offset);
     return r;
 }
 
@@ -74,6 +103,39 @@ __device__ __forceinline__ bool valid(const Tensor& t, const Group& gr, int e) {
     return gr.l0 + (hyzo_u64)e < t.numel;
 }
 
+/* ---- the specialization ---------------------------------------------------------------
+ * V < 0: the value comes from the launch parameters; otherwise it is the constant V. PROBE
+ * (only under HYZO_SASS_PROBE, for scripts/sass-budget) also fixes the hot path's launch
+ * values: q = NTERMS terms, the restore's direction the last term's, no gradient (GRAD = 0)
+ * or a bf16 one, a step not skipped, bf16 parameters. */
+template <bool FAST, int KIND, int PREC, int RULE, int NTERMS = -1, int GRAD = -1, bool PROBE = false>
+struct Spec {
+    static constexpr bool fast = FAST;
+    static constexpr bool probe = PROBE;
+    /* Specialize the group loop per dtype (fast kernels; the exact ones stay small). */
+    static constexpr bool by_dtype = FAST;
+    __device__ static hyzo_u32 kind(const HyzoPass& p) { return KIND >= 0 ? (hyzo_u32)KIND : p.kind; }
+    __device__ static hyzo_u32 precision(const HyzoPass& p) {
+        return PREC >= 0 ? (hyzo_u32)PREC : p.precision;
+    }
+    __device__ static hyzo_u32 rule(const HyzoRule& r) { return RULE >= 0 ? (hyzo_u32)RULE : r.rule; }
+    __device__ static hyzo_u32 nterms(const HyzoPass& p) {
+        return NTERMS >= 0 ? (hyzo_u32)NTERMS : p.nterms;
+    }
+    __device__ static bool has_grad(const HyzoPass& p) { return GRAD >= 0 ? GRAD != 0 : p.has_grad != 0; }
+    __device__ static bool has_restore(const HyzoPass& p) { return PROBE ? true : p.has_restore != 0; }
+    __device__ static hyzo_i32 restore_slot(const HyzoPass& p) {
+        return PROBE ? (hyzo_i32)NTERMS - 1 : p.restore_slot;
+    }
+    __device__ static hyzo_u32 grad_dtype(hyzo_u32 dt) { return PROBE ? HYZO_BF16 : dt; }
+};
+
+/* The element type of a loop specialized for DT (or the tensor's, DT < 0). */
+template <int DT>
+__device__ __forceinline__ hyzo_u32 dtype_of(const Tensor& t) {
+    return DT >= 0 ? (hyzo_u32)DT : t.dtype;
+}
+
 /* ---- loads and stores of 8 elements ---------------------------------------------------- */
 
 __device__ __forceinline__ void unpack16(hyzo_u32 dtype, hyzo_u32 w, float* a, float* b) {
@@ -89,11 +151,11 @@ __device__ __forceinline__ void unpack16(hyzo_u32 dtype, hyzo_u32 w, float* a, f
 /* Elements of type dtype at base (local element 0), widened to f32; 0 outside the tensor.
  * `nc` reads through the read-only cache (buffers no pass writes, e.g. gradients). */
 template <bool NC>
-__device__ __forceinline__ void load8(hyzo_u32 dtype, hyzo_u64 base, const Tensor& t,
+__device__ __forceinline__ void load8(hyzo_u32 dtype, hyzo_u64 base, bool vec, const Tensor& t,
                                       const Group& gr, float x[8]) {
     const hyzo_u64 size = dtype == HYZO_F32 ? 4 : 2;
     const hyzo_u64 addr = base + size * gr.l0;
-    if (gr.full && (addr & 15) == 0) {
+    if (gr.full && vec) {
         if (dtype == HYZO_F32) {
             const float4* p = (const float4*)addr;
             const float4 a = NC ? __ldg(p) : p[0];
@@ -125,10 +187,10 @@ __device__ __forceinline__ void load8(hyzo_u32 dtype, hyzo_u64 base, const Tenso
 }
 
 /* Stores f32 values (already on the dtype's grid for 16-bit types: `h` holds their bits). */
-__device__ __forceinline__ void store8_f32(hyzo_u64 base, const Tensor& t, const Group& gr,
+__device__ __forceinline__ void store8_f32(hyzo_u64 base, bool vec, const Tensor& t, const Group& gr,
                                            const float x[8]) {
     const hyzo_u64 addr = base + 4 * gr.l0;
-    if (gr.full && (addr & 15) == 0) {
+    if (gr.full && vec) {
         float4* p = (float4*)addr;
         p[0] = make_float4(x[0], x[1], x[2], x[3]);
         p[1] = make_float4(x[4], x[5], x[6], x[7]);
@@ -139,10 +201,10 @@ __device__ __forceinline__ void store8_f32(hyzo_u64 base, const Tensor& t, const
         if (valid(t, gr, e)) *(float*)(addr + 4 * (hyzo_u64)e) = x[e];
 }
 
-__device__ __forceinline__ void store8_u16(hyzo_u64 base, const Tensor& t, const Group& gr,
+__device__ __forceinline__ void store8_u16(hyzo_u64 base, bool vec, const Tensor& t, const Group& gr,
                                            const hyzo_u16 h[8]) {
     const hyzo_u64 addr = base + 2 * gr.l0;
-    if (gr.full && (addr & 15) == 0) {
+    if (gr.full && vec) {
         uint4 w;
         w.x = (hyzo_u32)h[0] | ((hyzo_u32)h[1] << 16);
         w.y = (hyzo_u32)h[2] | ((hyzo_u32)h[3] << 16);
@@ -160,13 +222,36 @@ __device__ __forceinline__ hyzo_u16 to_bits16(hyzo_u32 dtype, float x) {
     return dtype == HYZO_BF16 ? hyzo_f32_to_bf16(x) : hyzo_f32_to_f16(x);
 }
 
+/* Round to nearest, 8 values: the integer rounding of dtype.rs (exact variant: NaN payloads
+ * kept as `half` keeps them), or the hardware's cvt.rn.{bf16,f16}x2.f32, two values per
+ * instruction (fast variant: the same bits for every non-NaN value; a NaN becomes the
+ * canonical NaN). */
+template <bool FAST>
+__device__ __forceinline__ void round8(hyzo_u32 dtype, const float x[8], hyzo_u16 h[8]) {
+    if (FAST) {
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) {
+            hyzo_u32 w;
+            if (dtype == HYZO_BF16)
+                asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(x[e + 1]), "f"(x[e]));
+            else
+                asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(x[e + 1]), "f"(x[e]));
+            h[e] = (hyzo_u16)(w & 0xFFFFu);
+            h[e + 1] = (hyzo_u16)(w >> 16);
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; e++) h[e] = to_bits16(dtype, x[e]);
+    }
+}
+
 /* The parameter as f32: `load` of cpu.rs (hi, plus lo in the compensated mode). */
-__device__ __forceinline__ void load_param(const Tensor& t, const Group& gr, bool compensated,
-                                           float x[8]) {
-    load8<false>(t.dtype, t.data, t, gr, x);
+__device__ __forceinline__ void load_param(const Tensor& t, hyzo_u32 dtype, const Group& gr,
+                                           bool compensated, float x[8]) {
+    load8<false>(dtype, t.data, t.vec_data, t, gr, x);
     if (compensated && t.lo != 0) {
         float lo[8];
-        load8<false>(HYZO_BF16, t.lo, t, gr, lo);
+        load8<false>(HYZO_BF16, t.lo, t.vec_lo, t, gr, lo);
 #pragma unroll
         for (int e = 0; e < 8; e++) x[e] = fadd_(x[e], lo[e]);
     }
@@ -174,37 +259,39 @@ __device__ __forceinline__ void load_param(const Tensor& t, const Group& gr, boo
 
 /* `store` of cpu.rs: stochastic with the rounding stream (update passes of the stochastic
  * mode), hi + lo (compensated mode, 16-bit tensors), otherwise nearest. */
-__device__ __forceinline__ void store_param(const Tensor& t, const Group& gr, hyzo_u32 precision,
-                                            bool stochastic_pass, hyzo_u64 seed, hyzo_u32 step,
-                                            const float x[8]) {
-    if (t.dtype == HYZO_F32) {
-        store8_f32(t.data, t, gr, x); /* every mode stores f32 exactly */
+template <bool FAST>
+__device__ __forceinline__ void store_param(const Tensor& t, hyzo_u32 dtype, const Group& gr,
+                                            hyzo_u32 precision, bool stochastic_pass,
+                                            const HyzoKeys& keys, hyzo_u32 step, const float x[8]) {
+    if (dtype == HYZO_F32) {
+        store8_f32(t.data, t.vec_data, t, gr, x); /* every mode stores f32 exactly */
         return;
     }
     hyzo_u16 h[8];
     if (stochastic_pass && precision == HYZO_STOCHASTIC) {
         hyzo_u32 r[8];
-        hyzo_rounding_words8(seed, step, gr.g, r);
+        hyzo_rounding_words8k(keys, step, gr.g, r);
 #pragma unroll
         for (int e = 0; e < 8; e++) {
-            const float s = t.dtype == HYZO_BF16 ? hyzo_stochastic_bf16(x[e], r[e])
-                                                 : hyzo_stochastic_f16(x[e], r[e]);
-            h[e] = to_bits16(t.dtype, s);
+            const float s = dtype == HYZO_BF16 ? hyzo_stochastic_bf16(x[e], r[e])
+                                               : hyzo_stochastic_f16(x[e], r[e]);
+            h[e] = to_bits16(dtype, s);
         }
     } else if (precision == HYZO_COMPENSATED && t.lo != 0) {
         hyzo_u16 l[8];
+        round8<FAST>(dtype, x, h);
+        float rest[8];
 #pragma unroll
         for (int e = 0; e < 8; e++) {
-            h[e] = to_bits16(t.dtype, x[e]);
-            const float hi = t.dtype == HYZO_BF16 ? hyzo_bf16_to_f32(h[e]) : hyzo_f16_to_f32(h[e]);
-            l[e] = hyzo_f32_to_bf16(fsub_(x[e], hi));
+            const float hi = dtype == HYZO_BF16 ? hyzo_bf16_to_f32(h[e]) : hyzo_f16_to_f32(h[e]);
+            rest[e] = fsub_(x[e], hi);
         }
-        store8_u16(t.lo, t, gr, l);
+        round8<FAST>(HYZO_BF16, rest, l);
+        store8_u16(t.lo, t.vec_lo, t, gr, l);
     } else {
-#pragma unroll
-        for (int e = 0; e < 8; e++) h[e] = to_bits16(t.dtype, x[e]);
+        round8<FAST>(dtype, x, h);
     }
-    store8_u16(t.data, t, gr, h);
+    store8_u16(t.data, t.vec_data, t, gr, h);
 }
 
 __device__ __forceinline__ HyzoTerm term_at(const HyzoPass& p, hyzo_u32 k) {
@@ -218,17 +305,40 @@ __device__ __forceinline__ HyzoTerm term_at(const HyzoPass& p, hyzo_u32 k) {
     return p.inline_terms[k];
 }
 
+/* What every pass of a launch shares: the parameters and the round keys of the seed. */
+struct Launch {
+    const HyzoPass& p;
+    HyzoKeys keys;
+};
+
+/* z of one direction for group g (the variant and kind of the Spec). */
+template <class S>
+__device__ __forceinline__ void direction8(const Launch& L, hyzo_u32 direction, hyzo_u64 g, float z[8]) {
+    hyzo_direction8k<S::fast>(S::kind(L.p), L.keys, L.p.step, direction, g, z);
+}
+
 /* x += c z for one term (`add_terms` of cpu.rs). */
-__device__ __forceinline__ void add_term(const HyzoPass& p, hyzo_u64 g, HyzoTerm term, float x[8]) {
+template <class S>
+__device__ __forceinline__ void add_term(const Launch& L, hyzo_u64 g, HyzoTerm term, float x[8]) {
     float z[8];
-    hyzo_direction8(p.kind, p.seed, p.step, term.direction, g, z);
+    direction8<S>(L, term.direction, g, z);
 #pragma unroll
     for (int e = 0; e < 8; e++) x[e] = fadd_(x[e], fmul_(term.coeff, z[e]));
 }
 
-/* ---- the chunk walk --------------------------------------------------------------------- */
+/* ---- the chunk walk ---------------------------------------------------------------------
+ * Each chunk's group loop is instantiated per dtype in the fast kernels (S::by_dtype): the
+ * dtype test runs once per chunk, never per element. */
 
-template <class Body>
+template <class S, int DT, class Body>
+__device__ __forceinline__ void chunk_groups(const Tensor& t0, hyzo_u64 g0, hyzo_u64 g1, Body& body) {
+    Tensor t = t0;
+    if (DT >= 0) t.vec_data = vec_ok(t.data, DT == (int)HYZO_F32 ? 4 : 2, t.offset);
+    for (hyzo_u64 g = g0 + threadIdx.x; g <= g1; g += HYZO_THREADS)
+        body.template group<DT>(t, make_group(t, g));
+}
+
+template <class S, class Body>
 __device__ __forceinline__ void for_each_chunk(const HyzoPass& p, Body& body) {
     const HyzoTensor* table = (const HyzoTensor*)p.table;
     for (hyzo_u64 c = blockIdx.x; c < p.total_chunks; c += gridDim.x) {
@@ -236,28 +346,44 @@ __device__ __forceinline__ void for_each_chunk(const HyzoPass& p, Body& body) {
         const hyzo_u64 last = (t.offset + t.numel - 1) >> 3;
         const hyzo_u64 g0 = (t.offset >> 3) + (c - t.first_chunk) * HYZO_CHUNK_GROUPS;
         const hyzo_u64 g1 = min(g0 + (HYZO_CHUNK_GROUPS - 1), last);
-        for (hyzo_u64 g = g0 + threadIdx.x; g <= g1; g += HYZO_THREADS) body.group(t, make_group(t, g));
+        if constexpr (S::probe) {
+            chunk_groups<S, HYZO_BF16>(t, g0, g1, body);
+        } else if constexpr (S::by_dtype) {
+            if (t.dtype == HYZO_BF16) chunk_groups<S, HYZO_BF16>(t, g0, g1, body);
+            else if (t.dtype == HYZO_F16) chunk_groups<S, HYZO_F16>(t, g0, g1, body);
+            else chunk_groups<S, HYZO_F32>(t, g0, g1, body);
+        } else {
+            chunk_groups<S, -1>(t, g0, g1, body);
+        }
         body.end_chunk(c);
     }
 }
 
 /* ---- perturb: θ ← θ + Σ_k c_k z_k, rounded once (`perturb_chunk`) ----------------------- */
 
+template <class S>
 struct PerturbBody {
-    const HyzoPass& p;
-    __device__ void group(const Tensor& t, const Group& gr) {
-        const bool comp = p.precision == HYZO_COMPENSATED;
+    const Launch& L;
+    template <int DT>
+    __device__ __forceinline__ void group(const Tensor& t, const Group& gr) {
+        const HyzoPass& p = L.p;
+        const hyzo_u32 dt = dtype_of<DT>(t);
+        const hyzo_u32 prec = S::precision(p);
         float x[8];
-        load_param(t, gr, comp, x);
-        for (hyzo_u32 k = 0; k < p.nterms; k++) add_term(p, gr.g, term_at(p, k), x);
-        store_param(t, gr, p.precision, false, p.seed, p.step, x);
+        load_param(t, dt, gr, prec == HYZO_COMPENSATED, x);
+        const hyzo_u32 n = S::nterms(p);
+#pragma unroll 2
+        for (hyzo_u32 k = 0; k < n; k++) add_term<S>(L, gr.g, term_at(p, k), x);
+        store_param<S::fast>(t, dt, gr, prec, false, L.keys, p.step, x);
     }
     __device__ void end_chunk(hyzo_u64) {}
 };
 
-extern "C" __global__ void __launch_bounds__(HYZO_THREADS, 2) hyzo_perturb(const __grid_constant__ HyzoPass p) {
-    PerturbBody body{p};
-    for_each_chunk(p, body);
+template <class S>
+__device__ __forceinline__ void perturb_pass(const HyzoPass& p) {
+    const Launch L{p, hyzo_keys(p.seed)};
+    PerturbBody<S> body{L};
+    for_each_chunk<S>(p, body);
 }
 
 /* ---- restore_and_update / fo_update (`update_chunk`) ------------------------------------
@@ -265,59 +391,79 @@ extern "C" __global__ void __launch_bounds__(HYZO_THREADS, 2) hyzo_perturb(const
  * θ ← rule(x, ĝ), m and v updated, rounded once (stochastically in that mode). The
  * restore's direction is generated once when it is also a zeroth-order term. When the
  * losses were checked on the device and one was not finite (*skip_flag), the pass only
- * restores, exactly like the host's restore-only perturb pass. */
+ * restores, exactly like the host's restore-only perturb pass. Everything the group reads
+ * (θ, lo, the gradient, m, v) is loaded before the directions are generated, so that the
+ * loads' latency hides behind the generation. */
 
-template <bool ZO>
+template <class S, bool ZO>
 struct UpdateBody {
-    const HyzoPass& p;
+    const Launch& L;
     bool skip;
     HyzoRule rule;
-    __device__ void group(const Tensor& t, const Group& gr) {
-        const bool comp = p.precision == HYZO_COMPENSATED;
-        float x[8];
-        load_param(t, gr, comp, x);
-        if (ZO && skip) {
-            if (p.has_restore) add_term(p, gr.g, p.restore, x);
-            store_param(t, gr, p.precision, false, p.seed, p.step, x);
+    template <int DT>
+    __device__ __forceinline__ void group(const Tensor& t, const Group& gr) {
+        const HyzoPass& p = L.p;
+        const hyzo_u32 dt = dtype_of<DT>(t);
+        const hyzo_u32 prec = S::precision(p);
+        const hyzo_u32 r = S::rule(rule);
+        const bool grad = S::has_grad(p);
+        const bool uses_m = r != HYZO_SGD && r != HYZO_SIGN;
+        const bool uses_v = r == HYZO_ADAMW || r == HYZO_ADAZO;
+        float x[8], gr8[8], m[8], v[8];
+        load_param(t, dt, gr, prec == HYZO_COMPENSATED, x);
+        if (grad) load8<true>(S::grad_dtype(t.grad_dtype), t.grad, t.vec_grad, t, gr, gr8);
+        if (uses_m && t.m != 0) load8<false>(HYZO_F32, t.m, t.vec_m, t, gr, m);
+        else
+#pragma unroll
+            for (int e = 0; e < 8; e++) m[e] = 0.0f;
+        if (uses_v && t.v != 0) load8<false>(HYZO_F32, t.v, t.vec_v, t, gr, v);
+        else
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[e] = 0.0f;
+        if (ZO && !S::probe && skip) {
+            if (p.has_restore) add_term<S>(L, gr.g, p.restore, x);
+            store_param<S::fast>(t, dt, gr, prec, false, L.keys, p.step, x);
             return;
         }
         float g[8];
 #pragma unroll
         for (int e = 0; e < 8; e++) g[e] = 0.0f;
         if (ZO) {
-            if (p.has_restore && p.restore_slot < 0) add_term(p, gr.g, p.restore, x);
-            for (hyzo_u32 k = 0; k < p.nterms; k++) {
+            const bool restore = S::has_restore(p);
+            const hyzo_i32 slot = S::restore_slot(p);
+            if (restore && slot < 0) add_term<S>(L, gr.g, p.restore, x);
+            const hyzo_u32 n = S::nterms(p);
+            for (hyzo_u32 k = 0; k < n; k++) {
                 const HyzoTerm term = term_at(p, k);
                 float z[8];
-                hyzo_direction8(p.kind, p.seed, p.step, term.direction, gr.g, z);
+                direction8<S>(L, term.direction, gr.g, z);
 #pragma unroll
                 for (int e = 0; e < 8; e++) g[e] = fadd_(g[e], fmul_(term.coeff, z[e]));
-                if (p.has_restore && (hyzo_i32)k == p.restore_slot) {
+                if (restore && (hyzo_i32)k == slot) {
 #pragma unroll
                     for (int e = 0; e < 8; e++) x[e] = fadd_(x[e], fmul_(p.restore.coeff, z[e]));
                 }
             }
         }
-        if (p.has_grad) {
-            float gr8[8];
-            load8<true>(t.grad_dtype, t.grad, t, gr, gr8);
+        if (grad) {
             const float a = p.grad_weight, b = fsub_(1.0f, p.grad_weight);
+            if (!ZO && a == 1.0f) {
+                /* A first-order step (α = 1): 1·∇ is ∇ itself (a NaN stays a NaN), so only
+                 * the addition of (1 − α)·0 is left. */
+                const float b0 = fmul_(b, 0.0f);
 #pragma unroll
-            for (int e = 0; e < 8; e++) g[e] = fadd_(fmul_(a, gr8[e]), fmul_(b, g[e]));
+                for (int e = 0; e < 8; e++) g[e] = fadd_(gr8[e], b0);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; e++) g[e] = fadd_(fmul_(a, gr8[e]), fmul_(b, g[e]));
+            }
         }
-        float m[8], v[8];
-        if (t.m != 0) load8<false>(HYZO_F32, t.m, t, gr, m);
-        else
-#pragma unroll
-            for (int e = 0; e < 8; e++) m[e] = 0.0f;
-        if (t.v != 0) load8<false>(HYZO_F32, t.v, t, gr, v);
-        else
-#pragma unroll
-            for (int e = 0; e < 8; e++) v[e] = 0.0f;
-        hyzo_apply_rule8(rule, x, g, m, v);
-        if (t.m != 0) store8_f32(t.m, t, gr, m);
-        if (t.v != 0) store8_f32(t.v, t, gr, v);
-        store_param(t, gr, p.precision, true, p.seed, p.step, x);
+        HyzoRule rr = rule;
+        rr.rule = r;
+        hyzo_apply_rule8(rr, x, g, m, v);
+        if (uses_m && t.m != 0) store8_f32(t.m, t.vec_m, t, gr, m);
+        if (uses_v && t.v != 0) store8_f32(t.v, t.vec_v, t, gr, v);
+        store_param<S::fast>(t, dt, gr, prec, true, L.keys, p.step, x);
     }
     __device__ void end_chunk(hyzo_u64) {}
 };
@@ -329,9 +475,11 @@ __device__ __forceinline__ bool read_skip(const HyzoPass& p) {
 /* The rule of an update pass. When steps may have been skipped on the device (skip_count
  * set), the host's t counts them and the bias corrections are redone here for the true t:
  * the host cannot know it without a synchronization. */
+template <class S>
 __device__ __forceinline__ HyzoRule update_rule(const HyzoPass& p) {
     HyzoRule r = p.rule;
-    if (p.skip_count != 0 && (r.rule == HYZO_ADAMW || r.rule == HYZO_ADAZO)) {
+    const hyzo_u32 rule = S::rule(r);
+    if (!S::probe && p.skip_count != 0 && (rule == HYZO_ADAMW || rule == HYZO_ADAZO)) {
         const hyzo_u64 t = p.t - *(const volatile hyzo_u64*)p.skip_count;
         r.bias_correction1 = hyzo_bias_correction(r.beta1, t);
         r.bias_correction2 = hyzo_bias_correction(r.beta2, t);
@@ -339,14 +487,11 @@ __device__ __forceinline__ HyzoRule update_rule(const HyzoPass& p) {
     return r;
 }
 
-extern "C" __global__ void __launch_bounds__(HYZO_THREADS, 2) hyzo_restore_and_update(const __grid_constant__ HyzoPass p) {
-    UpdateBody<true> body{p, read_skip(p), update_rule(p)};
-    for_each_chunk(p, body);
-}
-
-extern "C" __global__ void __launch_bounds__(HYZO_THREADS, 2) hyzo_fo_update(const __grid_constant__ HyzoPass p) {
-    UpdateBody<false> body{p, false, update_rule(p)};
-    for_each_chunk(p, body);
+template <class S, bool ZO>
+__device__ __forceinline__ void update_pass(const HyzoPass& p) {
+    const Launch L{p, hyzo_keys(p.seed)};
+    UpdateBody<S, ZO> body{L, ZO && !S::probe && read_skip(p), update_rule<S>(p)};
+    for_each_chunk<S>(p, body);
 }
 
 /* ---- sq_norm: Σ z² per chunk in f64, then a fixed-order sum of the chunks ----------------
@@ -367,32 +512,115 @@ __device__ __forceinline__ double block_sum(double v, double* shared) {
     return total;
 }
 
+template <class S>
 struct SqNormBody {
-    const HyzoPass& p;
+    const Launch& L;
     double* shared;
     double acc;
-    __device__ void group(const Tensor& t, const Group& gr) {
+    template <int DT>
+    __device__ __forceinline__ void group(const Tensor& t, const Group& gr) {
         float z[8];
-        hyzo_direction8(p.kind, p.seed, p.step, p.direction, gr.g, z);
+        direction8<S>(L, L.p.direction, gr.g, z);
 #pragma unroll
         for (int e = 0; e < 8; e++)
-            if (valid(t, gr, e)) acc += (double)z[e] * (double)z[e];
+            if (valid(t, gr, e)) acc = __dadd_rn(acc, __dmul_rn((double)z[e], (double)z[e]));
     }
     __device__ void end_chunk(hyzo_u64 c) {
         const double total = block_sum(acc, shared);
-        if (threadIdx.x == 0) ((double*)p.partials)[c] = total;
+        if (threadIdx.x == 0) ((double*)L.p.partials)[c] = total;
         acc = 0.0;
     }
 };
 
-extern "C" __global__ void __launch_bounds__(HYZO_THREADS, 2) hyzo_sq_norm(const __grid_constant__ HyzoPass p) {
+template <class S>
+__device__ __forceinline__ void sq_norm_pass(const HyzoPass& p) {
     __shared__ double shared[HYZO_THREADS / 32];
-    SqNormBody body{p, shared, 0.0};
-    for_each_chunk(p, body);
+    const Launch L{p, hyzo_keys(p.seed)};
+    SqNormBody<S> body{L, shared, 0.0};
+    for_each_chunk<S>(p, body);
 }
 
+/* ---- the entry points -------------------------------------------------------------------
+ * Exact kernels: hyzo_<pass>_exact, every value read at launch. Fast kernels, one per
+ * combination that exists (chosen by name on the host, src/backend/cuda/device.rs):
+ *   hyzo_perturb_f_k<kind>_n<1|2|x>   (x: any number of terms)
+ *   hyzo_restore_and_update_f_k<kind>_r<rule>
+ *   hyzo_fo_update_f_r<rule>
+ *   hyzo_sq_norm_f_k<kind>
+ * (kind: 0 Gaussian, 1 Rademacher; rule: the HYZO_* number). */
+
+#define HYZO_KERNEL extern "C" __global__ void __launch_bounds__(HYZO_THREADS, 2)
+#define HYZO_ANY (-1)
+
+#ifndef HYZO_SASS_PROBE
+
+HYZO_KERNEL hyzo_perturb_exact(const __grid_constant__ HyzoPass p) {
+    perturb_pass<Spec<false, HYZO_ANY, HYZO_ANY, HYZO_ANY>>(p);
+}
+HYZO_KERNEL hyzo_restore_and_update_exact(const __grid_constant__ HyzoPass p) {
+    update_pass<Spec<false, HYZO_ANY, HYZO_ANY, HYZO_ANY>, true>(p);
+}
+HYZO_KERNEL hyzo_fo_update_exact(const __grid_constant__ HyzoPass p) {
+    update_pass<Spec<false, HYZO_ANY, HYZO_ANY, HYZO_ANY, 0, 1>, false>(p);
+}
+HYZO_KERNEL hyzo_sq_norm_exact(const __grid_constant__ HyzoPass p) {
+    sq_norm_pass<Spec<false, HYZO_ANY, HYZO_ANY, HYZO_ANY>>(p);
+}
+
+#define HYZO_PERTURB_F(k, n, nn)                                                          \
+    HYZO_KERNEL hyzo_perturb_f_k##k##_n##n(const __grid_constant__ HyzoPass p) {           \
+        perturb_pass<Spec<true, k, HYZO_ANY, HYZO_ANY, nn>>(p);                             \
+    }
+#define HYZO_PERTURB_F_K(k) HYZO_PERTURB_F(k, 1, 1) HYZO_PERTURB_F(k, 2, 2) HYZO_PERTURB_F(k, x, HYZO_ANY)
+HYZO_PERTURB_F_K(0)
+HYZO_PERTURB_F_K(1)
+
+#define HYZO_UPDATE_F(k, r)                                                                  \
+    HYZO_KERNEL hyzo_restore_and_update_f_k##k##_r##r(const __grid_constant__ HyzoPass p) {  \
+        update_pass<Spec<true, k, HYZO_ANY, r>, true>(p);                                    \
+    }
+#define HYZO_FO_UPDATE_F(r)                                                                  \
+    HYZO_KERNEL hyzo_fo_update_f_r##r(const __grid_constant__ HyzoPass p) {                 \
+        update_pass<Spec<true, HYZO_GAUSSIAN, HYZO_ANY, r, 0, 1>, false>(p);                 \
+    }
+#define HYZO_RULES(M, ...) \
+    M(__VA_ARGS__ 0) M(__VA_ARGS__ 1) M(__VA_ARGS__ 2) M(__VA_ARGS__ 3) M(__VA_ARGS__ 4) M(__VA_ARGS__ 5)
+HYZO_RULES(HYZO_UPDATE_F, 0,)
+HYZO_RULES(HYZO_UPDATE_F, 1,)
+HYZO_RULES(HYZO_FO_UPDATE_F)
+
+HYZO_KERNEL hyzo_sq_norm_f_k0(const __grid_constant__ HyzoPass p) {
+    sq_norm_pass<Spec<true, HYZO_GAUSSIAN, HYZO_NEAREST, HYZO_ANY>>(p);
+}
+HYZO_KERNEL hyzo_sq_norm_f_k1(const __grid_constant__ HyzoPass p) {
+    sq_norm_pass<Spec<true, HYZO_RADEMACHER, HYZO_NEAREST, HYZO_ANY>>(p);
+}
+
+#else
+/* The hot paths that scripts/sass-budget counts: the fast templates with bf16 parameters,
+ * nearest rounding, Gaussian directions, q = 1 (restore-and-perturb: 2 terms), no
+ * gradient (fo_update: a bf16 one), a step not skipped. */
+template <int RULE, int NT, int GRAD>
+using ProbeSpec = Spec<true, HYZO_GAUSSIAN, HYZO_NEAREST, RULE, NT, GRAD, true>;
+HYZO_KERNEL hyzo_probe_perturb(const __grid_constant__ HyzoPass p) {
+    perturb_pass<ProbeSpec<HYZO_ANY, 1, 0>>(p);
+}
+HYZO_KERNEL hyzo_probe_restore_perturb(const __grid_constant__ HyzoPass p) {
+    perturb_pass<ProbeSpec<HYZO_ANY, 2, 0>>(p);
+}
+HYZO_KERNEL hyzo_probe_update_sgd(const __grid_constant__ HyzoPass p) {
+    update_pass<ProbeSpec<HYZO_SGD, 1, 0>, true>(p);
+}
+HYZO_KERNEL hyzo_probe_update_adamw(const __grid_constant__ HyzoPass p) {
+    update_pass<ProbeSpec<HYZO_ADAMW, 1, 0>, true>(p);
+}
+HYZO_KERNEL hyzo_probe_fo_update_adamw(const __grid_constant__ HyzoPass p) {
+    update_pass<ProbeSpec<HYZO_ADAMW, 0, 1>, false>(p);
+}
+#endif
+
 /* Sums p.total_chunks partials into partials[total_chunks] (one block). */
-extern "C" __global__ void __launch_bounds__(HYZO_THREADS, 2) hyzo_sq_norm_final(const __grid_constant__ HyzoPass p) {
+HYZO_KERNEL hyzo_sq_norm_final(const __grid_constant__ HyzoPass p) {
     __shared__ double shared[HYZO_THREADS / 32];
     const double* partials = (const double*)p.partials;
     double acc = 0.0;
@@ -406,7 +634,7 @@ extern "C" __global__ void __launch_bounds__(HYZO_THREADS, 2) hyzo_sq_norm_final
  * g_d = (L[d+1] − L[0]) / μ; the coefficient is g_d · base_d. A step with a non-finite
  * loss, g_d or coefficient (spec v2 §4) sets *skip_flag (the update pass then only
  * restores) and counts in *skip_count. */
-extern "C" __global__ void __launch_bounds__(HYZO_THREADS, 2) hyzo_device_losses(const __grid_constant__ HyzoLossPass p) {
+HYZO_KERNEL hyzo_device_losses(const __grid_constant__ HyzoLossPass p) {
     const float* losses = (const float*)p.losses;
     const hyzo_u32 n = p.estimator == HYZO_TWO_SIDED ? 2 * p.q : p.q + 1;
     int bad = 0;

@@ -3,7 +3,7 @@
  * src/dtype.rs and the update rules of src/rules.rs.
  *
  * Every floating-point operation that the Rust reference performs is written here as ONE
- * correctly rounded intrinsic (__fmul_rn, __fadd_rn, __fsub_rn, __fsqrt_rn; division by hyzo_div_rn), in
+ * correctly rounded intrinsic (__fmul_rn, __fadd_rn, __fsub_rn, __fsqrt_rn, __fdiv_rn), in
  * the same order, with the same constants (given as bit patterns), so that the compiler can
  * neither contract a multiply-add nor reassociate: a GPU result equals the CPU result bit
  * for bit. Integer steps (the range reductions) are the Rust ones verbatim.
@@ -48,55 +48,17 @@ static inline float floor_(float x) { return std::floor(x); }
 
 #endif
 
-/* a / b correctly rounded (IEEE f32, subnormals kept), written out in f64 so that no
- * subroutine is called: the compiler's __fdiv_rn calls a slow path for extreme operands,
- * and that call's register saves show up as stack and spills. Every f32 is a normal f64,
- * so for finite nonzero operands: Newton refines an approximate reciprocal (MUFU's, about
- * 2^-22; the host emulation truncates 1/b to 23 bits) to ~2^-53, one Markstein correction
- * (exact residual by fma) gives q within an ulp of a/b in f64 and exact whenever a/b is
- * representable there; rounding q to f32 is then correct, because an f32 quotient that is
- * not exactly a rounding midpoint lies at least 2^-49 (relatively) away from one. Zeros,
- * infinities and NaN follow IEEE. tests/device_mirror.rs checks it against IEEE division. */
-HYZO_FN float hyzo_div_rn(float a, float b) {
-    const hyzo_u32 ua = hyzo_f2u(a), ub = hyzo_f2u(b);
-    const hyzo_u32 ea = ua & 0x7F800000u, eb = ub & 0x7F800000u;
-    const bool a_inf_nan = ea == 0x7F800000u, b_inf_nan = eb == 0x7F800000u;
-    const bool a_zero = (ua << 1) == 0u, b_zero = (ub << 1) == 0u;
-    if (a_inf_nan || b_inf_nan || a_zero || b_zero) {
-        const hyzo_u32 sign = (ua ^ ub) & 0x80000000u;
-        const bool a_nan = (ua & 0x7FFFFFFFu) > 0x7F800000u, b_nan = (ub & 0x7FFFFFFFu) > 0x7F800000u;
-        if (a_nan || b_nan) return hyzo_u2f(0x7FC00000u);
-        if ((a_inf_nan && b_inf_nan) || (a_zero && b_zero)) return hyzo_u2f(0x7FC00000u);
-        if (a_inf_nan || b_zero) return hyzo_u2f(sign | 0x7F800000u);
-        return hyzo_u2f(sign); /* a zero or b infinite */
-    }
-    const double ad = (double)a, bd = (double)b;
-    double y;
+/* a / b correctly rounded (IEEE f32): __fdiv_rn on the device (its fast path is a few FMAs
+ * around MUFU.RCP; extreme operands take a subroutine, which compiles with no stack or spill
+ * on every target, checked by scripts/check-kernels), the IEEE division on the host. The
+ * double-precision helpers are those of hyzo_bias_correction. */
 #ifdef HYZO_HOST_EMULATION
-    {
-        const double r = 1.0 / bd;
-        hyzo_u64 u;
-        std::memcpy(&u, &r, 8);
-        u &= ~((1ull << 29) - 1); /* keep 23 fraction bits */
-        std::memcpy(&y, &u, 8);
-    }
-#define hyzo_fma_ std::fma
+static inline float fdiv_(float a, float b) { volatile float r = a / b; return r; }
 #define hyzo_dmul_(a, b) ((a) * (b))
-#define hyzo_d2f_(x) ((float)(x))
 #else
-    asm("rcp.approx.ftz.f64 %0, %1;" : "=d"(y) : "d"(bd));
-#define hyzo_fma_ __fma_rn
+#define fdiv_(a, b) __fdiv_rn((a), (b))
 #define hyzo_dmul_(a, b) __dmul_rn((a), (b))
-#define hyzo_d2f_(x) __double2float_rn(x)
 #endif
-    y = hyzo_fma_(y, hyzo_fma_(-bd, y, 1.0), y);
-    y = hyzo_fma_(y, hyzo_fma_(-bd, y, 1.0), y);
-    y = hyzo_fma_(y, hyzo_fma_(-bd, y, 1.0), y);
-    double q = hyzo_dmul_(ad, y);
-    q = hyzo_fma_(hyzo_fma_(-bd, q, ad), y, q);
-    return hyzo_d2f_(q);
-}
-#define fdiv_(a, b) hyzo_div_rn((a), (b))
 
 /* ------------------------------------------------------------------------------------ */
 /* Philox4x32-10 (spec §1).                                                              */
@@ -130,6 +92,49 @@ HYZO_FN HyzoWords hyzo_philox(hyzo_u32 c0, hyzo_u32 c1, hyzo_u32 c2, hyzo_u32 c3
 HYZO_FN HyzoWords hyzo_block(hyzo_u64 seed, hyzo_u32 step, hyzo_u32 direction, hyzo_u64 b) {
     return hyzo_philox((hyzo_u32)b, (hyzo_u32)(b >> 32), step, direction, (hyzo_u32)seed,
                        (hyzo_u32)(seed >> 32));
+}
+
+/* The ten round keys of a seed, computed once per launch (they are uniform across the grid;
+ * a kernel keeps them in uniform registers instead of bumping the key in every block). */
+struct HyzoKeys {
+    hyzo_u32 k0[10], k1[10];
+};
+
+HYZO_FN HyzoKeys hyzo_keys(hyzo_u64 seed) {
+    HyzoKeys k;
+    hyzo_u32 a = (hyzo_u32)seed, b = (hyzo_u32)(seed >> 32);
+#ifndef HYZO_HOST_EMULATION
+#pragma unroll
+#endif
+    for (int r = 0; r < 10; r++) {
+        k.k0[r] = a;
+        k.k1[r] = b;
+        a += 0x9E3779B9u;
+        b += 0xBB67AE85u;
+    }
+    return k;
+}
+
+/* hyzo_philox with precomputed round keys (the same words). */
+HYZO_FN HyzoWords hyzo_philox_k(hyzo_u32 c0, hyzo_u32 c1, hyzo_u32 c2, hyzo_u32 c3,
+                                const HyzoKeys& k) {
+#ifndef HYZO_HOST_EMULATION
+#pragma unroll
+#endif
+    for (int r = 0; r < 10; r++) {
+        const hyzo_u32 hi0 = umulhi_(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+        const hyzo_u32 hi1 = umulhi_(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+        c0 = hi1 ^ c1 ^ k.k0[r];
+        c1 = lo1;
+        c2 = hi0 ^ c3 ^ k.k1[r];
+        c3 = lo0;
+    }
+    HyzoWords w = {c0, c1, c2, c3};
+    return w;
+}
+
+HYZO_FN HyzoWords hyzo_block_k(const HyzoKeys& k, hyzo_u32 step, hyzo_u32 direction, hyzo_u64 b) {
+    return hyzo_philox_k((hyzo_u32)b, (hyzo_u32)(b >> 32), step, direction, k);
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -225,12 +230,68 @@ HYZO_FN void hyzo_gaussian_pair(hyzo_u32 x, hyzo_u32 y, float* first, float* sec
     *second = fmul_(rho, c);
 }
 
+/* The fast Gaussian pair (the variant users get on the GPU; docs/interpretation.md bounds
+ * its error at about 2e-5 (1 + |z|), under spec v2 §3's 1e-4 (1 + |z|)):
+ *   -2 ln u = -2 ln2 · lg2.approx(u), u = x 2^-32 + 2^-33 rounded to f32, except near
+ *   u = 1 (~x < 2^20, t = 1 - u < 2^-12), where it is 2t with t = (~x + ½) 2^-32 exact in
+ *   integers (lg2.approx's absolute error would otherwise dominate a tiny ρ);
+ *   ρ = sqrt.approx(-2 ln u);
+ *   v - π = (y + ½) 2π 2^-32 - π in (-π, π], where sin.approx / cos.approx are documented,
+ *   and (ρ sin v, ρ cos v) = (-ρ sin(v - π), -ρ cos(v - π)).
+ * On the host (HYZO_HOST_EMULATION) each approximate instruction is replaced by the libm
+ * function it approximates, so tests/device_mirror.rs checks the formula, not the MUFU. */
+#define HYZO_FAST_NEAR_ONE (1u << 20)
+#define HYZO_TWO_PI_OVER_2_32_F 1.46291807926715968e-9f /* 2π 2^-32 */
+#define HYZO_HALF_STEP_MINUS_PI (-3.14159265358979323846f + 7.31459039633579840e-10f)
+#define HYZO_MINUS_TWO_LN2 (-1.38629436111989061f)
+#ifdef HYZO_HOST_EMULATION
+static inline float lg2_approx_(float a) { return std::log2(a); }
+static inline float sqrt_approx_(float a) { return std::sqrt(a); }
+static inline void sincos_approx_(float a, float* s, float* c) {
+    *s = std::sin(a);
+    *c = std::cos(a);
+}
+static inline float ffma_(float a, float b, float c) { return std::fma(a, b, c); }
+#else
+HYZO_FN float lg2_approx_(float a) {
+    float r;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(a));
+    return r;
+}
+HYZO_FN float sqrt_approx_(float a) {
+    float r;
+    asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(a));
+    return r;
+}
+HYZO_FN void sincos_approx_(float a, float* s, float* c) {
+    asm("sin.approx.ftz.f32 %0, %1;" : "=f"(*s) : "f"(a));
+    asm("cos.approx.ftz.f32 %0, %1;" : "=f"(*c) : "f"(a));
+}
+#define ffma_(a, b, c) __fmaf_rn((a), (b), (c))
+#endif
+
+HYZO_FN void hyzo_gaussian_pair_fast(hyzo_u32 x, hyzo_u32 y, float* first, float* second) {
+    const float u = ffma_(u32_to_f(x), HYZO_K(HYZO_TWO_M32), HYZO_K(HYZO_TWO_M33));
+    const hyzo_u32 nx = ~x;
+    const float two_t = ffma_(u32_to_f(nx), 4.656612873077392578125e-10f /* 2^-31 */,
+                              HYZO_K(HYZO_TWO_M32));
+    const float a = nx < HYZO_FAST_NEAR_ONE ? two_t : lg2_approx_(u) * HYZO_MINUS_TWO_LN2;
+    const float rho = sqrt_approx_(a);
+    const float w = ffma_(u32_to_f(y), HYZO_TWO_PI_OVER_2_32_F, HYZO_HALF_STEP_MINUS_PI);
+    float s, c;
+    sincos_approx_(w, &s, &c);
+    *first = -rho * s;
+    *second = -rho * c;
+}
+
 /* Entries 8g .. 8g+7 of a direction (g a group index): Gaussian from blocks 2g and 2g+1,
- * Rademacher from bits 8(g%4) .. 8(g%4)+7 of word (g%16)/4 of block g/16. */
-HYZO_FN void hyzo_direction8(hyzo_u32 kind, hyzo_u64 seed, hyzo_u32 step, hyzo_u32 direction,
-                             hyzo_u64 g, float z[8]) {
+ * Rademacher from bits 8(g%4) .. 8(g%4)+7 of word (g%16)/4 of block g/16. FAST selects the
+ * fast Gaussian pair (Rademacher entries are exact either way). */
+template <bool FAST>
+HYZO_FN void hyzo_direction8k(hyzo_u32 kind, const HyzoKeys& keys, hyzo_u32 step,
+                              hyzo_u32 direction, hyzo_u64 g, float z[8]) {
     if (kind == HYZO_RADEMACHER) {
-        const HyzoWords w = hyzo_block(seed, step, direction, g >> 4);
+        const HyzoWords w = hyzo_block_k(keys, step, direction, g >> 4);
         const hyzo_u32 sel = (hyzo_u32)(g >> 2) & 3u;
         const hyzo_u32 word = sel == 0u ? w.x0 : sel == 1u ? w.x1 : sel == 2u ? w.x2 : w.x3;
         const hyzo_u32 bits = word >> (8u * ((hyzo_u32)g & 3u));
@@ -243,20 +304,37 @@ HYZO_FN void hyzo_direction8(hyzo_u32 kind, hyzo_u64 seed, hyzo_u32 step, hyzo_u
 #pragma unroll
 #endif
         for (int h = 0; h < 2; h++) {
-            const HyzoWords w = hyzo_block(seed, step, direction, 2 * g + (hyzo_u64)h);
-            hyzo_gaussian_pair(w.x0, w.x1, &z[4 * h + 0], &z[4 * h + 1]);
-            hyzo_gaussian_pair(w.x2, w.x3, &z[4 * h + 2], &z[4 * h + 3]);
+            const HyzoWords w = hyzo_block_k(keys, step, direction, 2 * g + (hyzo_u64)h);
+            if (FAST) {
+                hyzo_gaussian_pair_fast(w.x0, w.x1, &z[4 * h + 0], &z[4 * h + 1]);
+                hyzo_gaussian_pair_fast(w.x2, w.x3, &z[4 * h + 2], &z[4 * h + 3]);
+            } else {
+                hyzo_gaussian_pair(w.x0, w.x1, &z[4 * h + 0], &z[4 * h + 1]);
+                hyzo_gaussian_pair(w.x2, w.x3, &z[4 * h + 2], &z[4 * h + 3]);
+            }
         }
     }
 }
 
+/* The exact entries of a direction from its seed (the host mirror's entry point). */
+HYZO_FN void hyzo_direction8(hyzo_u32 kind, hyzo_u64 seed, hyzo_u32 step, hyzo_u32 direction,
+                             hyzo_u64 g, float z[8]) {
+    const HyzoKeys keys = hyzo_keys(seed);
+    hyzo_direction8k<false>(kind, keys, step, direction, g, z);
+}
+
 /* Stochastic-rounding words of group g: element j gets word j % 4 of block j / 4 of the
  * reserved direction 0xFFFFFFFF of the same (seed, step). */
-HYZO_FN void hyzo_rounding_words8(hyzo_u64 seed, hyzo_u32 step, hyzo_u64 g, hyzo_u32 r[8]) {
-    const HyzoWords a = hyzo_block(seed, step, 0xFFFFFFFFu, 2 * g);
-    const HyzoWords b = hyzo_block(seed, step, 0xFFFFFFFFu, 2 * g + 1);
+HYZO_FN void hyzo_rounding_words8k(const HyzoKeys& keys, hyzo_u32 step, hyzo_u64 g,
+                                   hyzo_u32 r[8]) {
+    const HyzoWords a = hyzo_block_k(keys, step, 0xFFFFFFFFu, 2 * g);
+    const HyzoWords b = hyzo_block_k(keys, step, 0xFFFFFFFFu, 2 * g + 1);
     r[0] = a.x0; r[1] = a.x1; r[2] = a.x2; r[3] = a.x3;
     r[4] = b.x0; r[5] = b.x1; r[6] = b.x2; r[7] = b.x3;
+}
+HYZO_FN void hyzo_rounding_words8(hyzo_u64 seed, hyzo_u32 step, hyzo_u64 g, hyzo_u32 r[8]) {
+    const HyzoKeys keys = hyzo_keys(seed);
+    hyzo_rounding_words8k(keys, step, g, r);
 }
 
 /* ------------------------------------------------------------------------------------ */

@@ -21,6 +21,14 @@ use hyzo::{
 };
 use rand::{Rng, SeedableRng};
 
+/// A backend running the exact kernels (the CPU's Gaussian bit for bit): the bit-exact
+/// tests below use it; `fast_kernels_within_tolerance` checks the default fast ones.
+fn exact_backend() -> CudaBackend {
+    let mut b = CudaBackend::new(0).unwrap();
+    b.set_exact(true);
+    b
+}
+
 fn gpu() -> bool {
     if is_available() {
         true
@@ -287,7 +295,7 @@ fn kernels_match_cpu_on_random_shards() {
             let host = twin.host_shard();
             let dev = twin.dev_shard();
             let mut cpu = CpuBackend::new(2).unwrap();
-            let mut gpu = CudaBackend::new(0).unwrap();
+            let mut gpu = exact_backend();
             // Both rule states (spec v2 §5): zeroth-order updates use the main one, the
             // first-order updates below the other.
             let state = StateLayout {
@@ -427,7 +435,7 @@ fn huge_tensor_matches_cpu() {
     let host = twin.host_shard();
     let dev = twin.dev_shard();
     let mut cpu = CpuBackend::new(0).unwrap();
-    let mut gpu = CudaBackend::new(0).unwrap();
+    let mut gpu = exact_backend();
     let state = StateLayout {
         main_buffers: 2,
         ..StateLayout::default()
@@ -616,12 +624,9 @@ fn optimizer_steps_match_cpu() {
                     Box::new(CpuBackend::new(2).unwrap()),
                 )
                 .unwrap();
-                let mut gpu = Optimizer::with_backend(
-                    config.clone(),
-                    dev,
-                    Box::new(CudaBackend::new(0).unwrap()),
-                )
-                .unwrap();
+                let mut gpu =
+                    Optimizer::with_backend(config.clone(), dev, Box::new(exact_backend()))
+                        .unwrap();
                 for s in 0..5 {
                     if cpu.next_phase() == Some(hyzo::Phase::FirstOrder) {
                         cpu.fo_step().unwrap();
@@ -703,12 +708,8 @@ fn device_losses_match_host_losses() {
                 Box::new(CpuBackend::new(2).unwrap()),
             )
             .unwrap();
-            let mut gpu = Optimizer::with_backend(
-                config.clone(),
-                dev,
-                Box::new(CudaBackend::new(0).unwrap()),
-            )
-            .unwrap();
+            let mut gpu =
+                Optimizer::with_backend(config.clone(), dev, Box::new(exact_backend())).unwrap();
             for s in 0..3 {
                 cpu.zo_step(|_| {
                     // SAFETY: the twin outlives the optimizers.
@@ -751,8 +752,7 @@ fn device_skip_restores_like_the_host() {
             Optimizer::with_backend(config.clone(), host, Box::new(CpuBackend::new(2).unwrap()))
                 .unwrap();
         let mut gpu =
-            Optimizer::with_backend(config.clone(), dev, Box::new(CudaBackend::new(0).unwrap()))
-                .unwrap();
+            Optimizer::with_backend(config.clone(), dev, Box::new(exact_backend())).unwrap();
         let mut e = 0;
         let report = cpu
             .zo_step(|_| {
@@ -847,7 +847,7 @@ fn borrowed_stream_runs_passes() {
     let host = twin.host_shard();
     let dev = twin.dev_shard();
     let owner = CudaBackend::new(0).unwrap();
-    let mut gpu = CudaBackend::new(0).unwrap();
+    let mut gpu = exact_backend();
     // SAFETY: `owner`'s stream outlives `gpu` (dropped first).
     unsafe { gpu.set_stream(owner.stream()).unwrap() };
     let mut cpu = CpuBackend::new(1).unwrap();
@@ -872,6 +872,83 @@ fn borrowed_stream_runs_passes() {
     twin.assert_same("borrowed stream");
     drop(gpu);
     drop(owner);
+}
+
+/// The fast kernels (the default): Gaussian entries within spec v2 §3's tolerance of the
+/// CPU's, and 16-bit parameters within one ulp of the CPU's on at most 1e-3 of the elements
+/// (where the tolerance straddles a rounding boundary; docs/interpretation.md).
+#[test]
+fn fast_kernels_within_tolerance() {
+    if !gpu() {
+        return;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let layout = layouts(&mut rng).pop().unwrap();
+    for coeff in [1.0f32, 1e-2] {
+        let mut twin = Twin::new(layout.clone(), 77);
+        let before = host_values(&twin);
+        let host = twin.host_shard();
+        let dev = twin.dev_shard();
+        let mut cpu = CpuBackend::new(2).unwrap();
+        let mut gpu = CudaBackend::new(0).unwrap();
+        gpu.set_exact(false);
+        cpu.allocate_state(&host, StateLayout::default()).unwrap();
+        gpu.allocate_state(&dev, StateLayout::default()).unwrap();
+        let terms = [Term {
+            direction: 1,
+            coeff,
+        }];
+        let pass = PerturbPass {
+            gen: Generator {
+                seed: 5,
+                step: 9,
+                kind: DirectionKind::Gaussian,
+            },
+            terms: &terms,
+            precision: Precision::Nearest,
+        };
+        cpu.perturb(&host, &pass).unwrap();
+        gpu.perturb(&dev, &pass).unwrap();
+        gpu.synchronize().unwrap();
+        let (a, b) = (host_values(&twin), device_values(&twin));
+        let (mut i, mut differ, mut total) = (0usize, 0u64, 0u64);
+        for s in &twin.specs {
+            for _ in 0..s.numel {
+                let z = (a[i] - before[i]) / coeff;
+                if s.dtype == DType::F32 {
+                    // f32 keeps the perturbation: the entries themselves are compared.
+                    let err = (a[i] - b[i]).abs() / coeff;
+                    let bound = 1e-4 * (1.0 + z.abs()) + 4.0 * f32::EPSILON * a[i].abs() / coeff;
+                    assert!(
+                        err <= bound,
+                        "element {i}: cpu {} gpu {} (z {z})",
+                        a[i],
+                        b[i]
+                    );
+                } else if a[i] != b[i] {
+                    let ulp = if s.dtype == DType::BF16 {
+                        2f32.powi(-7)
+                    } else {
+                        2f32.powi(-10)
+                    };
+                    let scale = 2f32.powi(a[i].abs().max(1e-30).log2().floor() as i32);
+                    assert!(
+                        (a[i] - b[i]).abs() <= ulp * scale * 1.01,
+                        "element {i}: cpu {} gpu {}",
+                        a[i],
+                        b[i]
+                    );
+                    differ += 1;
+                }
+                total += 1;
+                i += 1;
+            }
+        }
+        assert!(
+            differ as f64 <= 1e-3 * total as f64,
+            "coeff {coeff}: {differ} of {total} 16-bit elements differ by an ulp"
+        );
+    }
 }
 
 /// Without a driver or with a wrong ordinal the backend reports `NoDevice`, never panics.

@@ -5,16 +5,7 @@
 //! `scripts/check-kernels`) makes that a failure.
 #![cfg(feature = "cuda")]
 
-use hyzo::backend::cuda::{compile_ptx, kernel_source};
-
-const KERNELS: [&str; 6] = [
-    "hyzo_perturb",
-    "hyzo_restore_and_update",
-    "hyzo_fo_update",
-    "hyzo_sq_norm",
-    "hyzo_sq_norm_final",
-    "hyzo_device_losses",
-];
+use hyzo::backend::cuda::{compile_ptx, kernel_names, kernel_source};
 
 #[test]
 fn embedded_source_compiles_to_ptx_with_nvrtc() {
@@ -31,17 +22,34 @@ fn embedded_source_compiles_to_ptx_with_nvrtc() {
             }
             Err(e) => panic!("{e}"),
         };
-        for k in KERNELS {
+        let kernels = kernel_names();
+        for k in &kernels {
             assert!(
                 ptx.contains(&format!(".entry {k}(")),
                 "{arch}: no entry {k}"
             );
         }
         assert!(!ptx.contains(".local"), "{arch}: the PTX uses local memory");
+        // The same code as the nvcc build: IEEE division (div.rn, not the f64 emulation),
+        // the fast Gaussian's approximate instructions and the packed bf16 rounding.
+        for needle in [
+            "div.rn.f32",
+            "lg2.approx.ftz.f32",
+            "sqrt.approx.ftz.f32",
+            "sin.approx.ftz.f32",
+            "cos.approx.ftz.f32",
+            "cvt.rn.bf16x2.f32",
+        ] {
+            assert!(ptx.contains(needle), "{arch}: no {needle} in the PTX");
+        }
+        assert!(
+            !ptx.contains("rcp.approx.ftz.f64"),
+            "{arch}: f64 division left"
+        );
         println!(
             "NVRTC {arch}: {} bytes of PTX, {} kernels",
             ptx.len(),
-            KERNELS.len()
+            kernels.len()
         );
     }
 }

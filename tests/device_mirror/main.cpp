@@ -24,6 +24,18 @@ int main() {
             float a, b;
             hyzo_gaussian_pair(x, y, &a, &b);
             std::printf("%x %x\n", bits(a), bits(b));
+        } else if (!std::strcmp(cmd, "F")) {  // fast gaussian pair x y (libm for the MUFU)
+            hyzo_u32 x, y;
+            std::scanf("%x %x", &x, &y);
+            float a, b;
+            hyzo_gaussian_pair_fast(x, y, &a, &b);
+            std::printf("%x %x\n", bits(a), bits(b));
+        } else if (!std::strcmp(cmd, "K")) {  // philox with precomputed keys, as P
+            hyzo_u32 c[4], k[2];
+            std::scanf("%x %x %x %x %x %x", &c[0], &c[1], &c[2], &c[3], &k[0], &k[1]);
+            const HyzoKeys keys = hyzo_keys((hyzo_u64)k[0] | ((hyzo_u64)k[1] << 32));
+            HyzoWords w = hyzo_philox_k(c[0], c[1], c[2], c[3], keys);
+            std::printf("%x %x %x %x\n", w.x0, w.x1, w.x2, w.x3);
         } else if (!std::strcmp(cmd, "D")) {  // direction8 kind seed step dir g
             hyzo_u32 kind, step, dir;
             hyzo_u64 seed, g;
@@ -74,7 +86,7 @@ int main() {
         } else if (!std::strcmp(cmd, "V")) {  // division a b
             hyzo_u32 a, b;
             std::scanf("%x %x", &a, &b);
-            std::printf("%x\n", bits(hyzo_div_rn(flt(a), flt(b))));
+            std::printf("%x\n", bits(fdiv_(flt(a), flt(b))));
         } else {
             std::printf("unknown command %s\n", cmd);
             return 1;

@@ -75,15 +75,103 @@ pub(crate) fn device_count() -> i32 {
     n
 }
 
-/// The kernels of the module.
+/// One kernel of the module and its resident blocks per SM.
 #[derive(Clone, Copy)]
+pub(crate) struct Kernel {
+    pub func: sys::CUfunction,
+    pub blocks_per_sm: u32,
+}
+
+/// The element passes, as named in `kernels/hyzo.cu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pass {
+    Perturb,
+    RestoreAndUpdate,
+    FoUpdate,
+    SqNorm,
+}
+
+/// Which arithmetic a kernel uses for Gaussian entries (see `kernels/hyzo.cu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Variant {
+    /// The hardware units, within the spec's tolerance (what users get).
+    Fast,
+    /// The CPU's f32 algorithm, bit for bit (a test instrument).
+    Exact,
+}
+
+/// The name of the kernel for a pass: `kind` 0 Gaussian / 1 Rademacher, `rule` the
+/// `HYZO_*` number, `nterms` the perturbation's terms (1, 2 or any).
+pub(crate) fn kernel_name(
+    pass: Pass,
+    variant: Variant,
+    kind: u32,
+    rule: u32,
+    nterms: u32,
+) -> String {
+    let base = match pass {
+        Pass::Perturb => "hyzo_perturb",
+        Pass::RestoreAndUpdate => "hyzo_restore_and_update",
+        Pass::FoUpdate => "hyzo_fo_update",
+        Pass::SqNorm => "hyzo_sq_norm",
+    };
+    if variant == Variant::Exact {
+        return format!("{base}_exact");
+    }
+    match pass {
+        Pass::Perturb => {
+            let n = match nterms {
+                1 => "1".to_string(),
+                2 => "2".to_string(),
+                _ => "x".to_string(),
+            };
+            format!("{base}_f_k{kind}_n{n}")
+        }
+        Pass::RestoreAndUpdate => format!("{base}_f_k{kind}_r{rule}"),
+        Pass::FoUpdate => format!("{base}_f_r{rule}"),
+        Pass::SqNorm => format!("{base}_f_k{kind}"),
+    }
+}
+
+/// Every kernel the module defines.
+pub(crate) fn kernel_names() -> Vec<String> {
+    let mut v = Vec::new();
+    for pass in [
+        Pass::Perturb,
+        Pass::RestoreAndUpdate,
+        Pass::FoUpdate,
+        Pass::SqNorm,
+    ] {
+        v.push(kernel_name(pass, Variant::Exact, 0, 0, 0));
+        for kind in 0..2 {
+            for rule in 0..6 {
+                for nterms in 0..3 {
+                    let name = kernel_name(pass, Variant::Fast, kind, rule, nterms);
+                    if !v.contains(&name) {
+                        v.push(name);
+                    }
+                }
+            }
+        }
+    }
+    v.push("hyzo_sq_norm_final".into());
+    v.push("hyzo_device_losses".into());
+    v
+}
+
+/// The kernels of the module, by name.
 pub(crate) struct Kernels {
-    pub perturb: sys::CUfunction,
-    pub restore_and_update: sys::CUfunction,
-    pub fo_update: sys::CUfunction,
-    pub sq_norm: sys::CUfunction,
-    pub sq_norm_final: sys::CUfunction,
-    pub device_losses: sys::CUfunction,
+    by_name: HashMap<String, Kernel>,
+}
+
+impl Kernels {
+    /// The kernel called `name` (an internal error if the module lacks it).
+    pub fn get(&self, name: &str) -> Result<Kernel> {
+        self.by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::Internal(format!("kernel {name} not in the module")))
+    }
 }
 
 /// A device: its primary context (shared with PyTorch and anyone else in the process),
@@ -93,8 +181,6 @@ pub(crate) struct Device {
     pub ctx: sys::CUcontext,
     pub kernels: Kernels,
     pub sm_count: u32,
-    /// Resident blocks per SM of each element kernel (same order as `Kernels`).
-    pub blocks_per_sm: [u32; 4],
     pub name: String,
     pub compute_capability: (i32, i32),
     /// How the module was obtained ("fatbin" or "nvrtc compute_XY").
@@ -186,45 +272,36 @@ impl Device {
             )?;
             Ok(f)
         };
-        let kernels = Kernels {
-            perturb: func("hyzo_perturb")?,
-            restore_and_update: func("hyzo_restore_and_update")?,
-            fo_update: func("hyzo_fo_update")?,
-            sq_norm: func("hyzo_sq_norm")?,
-            sq_norm_final: func("hyzo_sq_norm_final")?,
-            device_losses: func("hyzo_device_losses")?,
-        };
-        let mut blocks_per_sm = [1u32; 4];
-        for (i, f) in [
-            kernels.perturb,
-            kernels.restore_and_update,
-            kernels.fo_update,
-            kernels.sq_norm,
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        let mut by_name = HashMap::new();
+        for name in kernel_names() {
+            let func = func(&name)?;
             let mut n = 0;
             // SAFETY: valid function; no dynamic shared memory.
             check(
                 unsafe {
                     sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
                         &mut n,
-                        f,
+                        func,
                         super::abi::THREADS as i32,
                         0,
                     )
                 },
                 "cuOccupancyMaxActiveBlocksPerMultiprocessor",
             )?;
-            blocks_per_sm[i] = n.max(1) as u32;
+            by_name.insert(
+                name,
+                Kernel {
+                    func,
+                    blocks_per_sm: n.max(1) as u32,
+                },
+            );
         }
+        let kernels = Kernels { by_name };
         Ok(Device {
             ordinal,
             ctx,
             kernels,
             sm_count,
-            blocks_per_sm,
             name,
             compute_capability: cc,
             module_source,

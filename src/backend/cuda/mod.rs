@@ -36,7 +36,7 @@ use crate::rules::{Rule, RuleParams};
 use crate::shard::{Location, ParamShard, TensorSpec};
 
 use abi::{HyzoLossPass, HyzoPass, HyzoTensor, HyzoTerm, CHUNK_GROUPS, GROUP, MAX_TERMS, THREADS};
-use device::{check, Device};
+use device::{check, kernel_name, Device, Kernel, Pass, Variant};
 
 pub use device::compile_ptx;
 
@@ -60,6 +60,12 @@ pub fn build_report() -> &'static str {
 /// when hyzo was built without nvcc.
 pub fn embedded_architectures() -> &'static [&'static str] {
     device::ARCHITECTURES
+}
+
+/// The names of every kernel the module defines (the exact and fast variants of each
+/// pass, `hyzo_sq_norm_final`, `hyzo_device_losses`).
+pub fn kernel_names() -> Vec<String> {
+    device::kernel_names()
 }
 
 /// The kernels' source as embedded for NVRTC (headers inlined).
@@ -333,6 +339,8 @@ pub struct CudaBackend {
     /// sq_norm's per-chunk partials, then the total.
     partials: Option<CudaBuffer>,
     capacity: usize,
+    /// Run the exact kernels (the CPU's Gaussian bit for bit) instead of the fast ones.
+    exact: bool,
 }
 
 // SAFETY: the stream handle is only used with the context bound; the backend is used by one
@@ -372,7 +380,21 @@ impl CudaBackend {
             flags: None,
             partials: None,
             capacity: 0,
+            exact: std::env::var_os("HYZO_CUDA_EXACT").is_some_and(|v| v != "0"),
         })
+    }
+
+    /// Chooses the kernels' Gaussian arithmetic. The default is the fast variant (the GPU's
+    /// transcendental units, within spec v2 §3's tolerance of the CPU); `true` selects the
+    /// exact variant, which reproduces the CPU backend bit for bit (a test instrument, and
+    /// what `HYZO_CUDA_EXACT=1` in the environment selects for every new backend).
+    pub fn set_exact(&mut self, exact: bool) {
+        self.exact = exact;
+    }
+
+    /// Whether the exact kernels are selected ([`CudaBackend::set_exact`]).
+    pub fn is_exact(&self) -> bool {
+        self.exact
     }
 
     /// The device ordinal.
@@ -466,9 +488,28 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn grid(&self, which: usize) -> u32 {
-        let resident = self.dev.sm_count as u64 * self.dev.blocks_per_sm[which] as u64;
+    /// The kernel of `pass` for this backend's variant and the pass's parameters.
+    fn kernel(&self, pass: Pass, p: &HyzoPass) -> Result<Kernel> {
+        let variant = if self.exact {
+            Variant::Exact
+        } else {
+            Variant::Fast
+        };
+        self.dev
+            .kernels
+            .get(&kernel_name(pass, variant, p.kind, p.rule.rule, p.nterms))
+    }
+
+    /// A persistent grid: every chunk, at most the blocks resident on the device at once.
+    fn grid(&self, k: Kernel) -> u32 {
+        let resident = self.dev.sm_count as u64 * k.blocks_per_sm as u64;
         self.total_chunks.min(resident).clamp(1, u32::MAX as u64) as u32
+    }
+
+    /// Launches an element kernel over the shard's chunks.
+    fn launch_pass(&self, pass: Pass, p: &HyzoPass) -> Result<()> {
+        let k = self.kernel(pass, p)?;
+        self.launch(k.func, self.grid(k), p)
     }
 
     fn launch<P>(&self, f: sys::CUfunction, grid: u32, params: &P) -> Result<()> {
@@ -710,7 +751,7 @@ impl Backend for CudaBackend {
         );
         p.nterms = pass.terms.len() as u32;
         p.terms = self.stage_terms(pass.terms, &mut p.inline_terms)?;
-        self.launch(self.dev.kernels.perturb, self.grid(0), &p)
+        self.launch_pass(Pass::Perturb, &p)
     }
 
     fn update(&mut self, shard: &ParamShard, pass: &UpdatePass) -> Result<()> {
@@ -732,7 +773,7 @@ impl Backend for CudaBackend {
         }
         let fo_only = pass.restore.is_none() && pass.zo.is_empty() && pass.device_losses.is_none();
         if fo_only {
-            return self.launch(self.dev.kernels.fo_update, self.grid(2), &p);
+            return self.launch_pass(Pass::FoUpdate, &p);
         }
         if let Some(r) = pass.restore {
             p.has_restore = 1;
@@ -763,13 +804,13 @@ impl Backend for CudaBackend {
                 inline_base: [HyzoTerm::default(); MAX_TERMS],
             };
             lp.base = self.stage_terms(pass.zo, &mut lp.inline_base)?;
-            self.launch(self.dev.kernels.device_losses, 1, &lp)?;
+            self.launch(self.dev.kernels.get("hyzo_device_losses")?.func, 1, &lp)?;
             p.terms = lp.out;
             p.skip_flag = lp.skip_flag;
         } else {
             p.terms = self.stage_terms(pass.zo, &mut p.inline_terms)?;
         }
-        self.launch(self.dev.kernels.restore_and_update, self.grid(1), &p)
+        self.launch_pass(Pass::RestoreAndUpdate, &p)
     }
 
     fn sq_norm(&mut self, shard: &ParamShard, gen: Generator, direction: u32) -> Result<f64> {
@@ -782,8 +823,8 @@ impl Backend for CudaBackend {
         );
         p.direction = direction;
         p.partials = self.partials.as_ref().unwrap().ptr();
-        self.launch(self.dev.kernels.sq_norm, self.grid(3), &p)?;
-        self.launch(self.dev.kernels.sq_norm_final, 1, &p)?;
+        self.launch_pass(Pass::SqNorm, &p)?;
+        self.launch(self.dev.kernels.get("hyzo_sq_norm_final")?.func, 1, &p)?;
         let mut total = 0f64;
         // SAFETY: partials holds total_chunks + 1 f64; the copy is ordered on the stream and
         // waited for before `total` is read.
