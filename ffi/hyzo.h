@@ -378,8 +378,10 @@ hyzo_status hyzo_optimizer_local_sq_norms(hyzo_optimizer *opt, double *out, uint
 
 // Feeds the loss of the forward pass just run. `*needs_more` becomes 1 when the parameters
 // hold the next point to evaluate, 0 when the step is complete (the parameters are updated)
-// or when the call fails. A non-finite loss is accepted: the step then completes with the
-// parameters restored and nothing updated (counted as skipped).
+// or when the call fails. A non-finite loss is accepted: when a loss or a projected
+// gradient of the step is not finite (spec §4), the step completes with the parameters
+// restored (exactly in compensated mode; otherwise each element within one rounding of
+// its stored dtype per pass) and no rule state or `t` changed; it counts as skipped.
 //
 // # Safety
 // `opt` must be NULL or a live optimizer; `needs_more` NULL or writable.
@@ -395,7 +397,8 @@ hyzo_status hyzo_zo_feed(hyzo_optimizer *opt, float loss, int *needs_more);
 hyzo_status hyzo_zo_feed_device(hyzo_optimizer *opt, const float *loss_on_device, int *needs_more);
 
 // Abandons the zeroth-order step in progress (e.g. the forward pass failed): the parameters
-// are restored, nothing is updated, the step is not counted. No step in progress: no-op.
+// are restored (exactly in compensated mode; otherwise within the rounding of the stored
+// dtype), nothing is updated, the step is not counted. No step in progress: no-op.
 //
 // # Safety
 // `opt` must be NULL or a live optimizer.

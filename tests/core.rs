@@ -774,3 +774,31 @@ fn saved_state_resumes_bit_identically() {
         Err(Error::InvalidArgument(_))
     ));
 }
+
+/// A CPU optimizer with threads of its own leaves none running once dropped.
+#[cfg(target_os = "linux")]
+#[test]
+fn dropping_an_optimizer_joins_its_threads() {
+    fn threads() -> usize {
+        std::fs::read_dir("/proc/self/task").unwrap().count()
+    }
+    // Other tests of this binary run threads too: retry until a quiet moment shows it.
+    let mut last = (0, 0, 0);
+    for _ in 0..20 {
+        let before = threads();
+        let mut x = vec![0f32; 1 << 16];
+        let mut shard = ParamShard::new();
+        shard.add(&mut x, 0).unwrap();
+        let mut opt = Optimizer::with_threads(Config::default(), shard, 7).unwrap();
+        opt.zo_step(|_| 1.0).unwrap();
+        let during = threads();
+        drop(opt);
+        let after = threads();
+        if during >= before + 7 && after == before {
+            return;
+        }
+        last = (before, during, after);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("threads before / during / after: {last:?}");
+}

@@ -45,7 +45,21 @@ struct TensorState {
 /// Runs passes on host memory with a rayon pool.
 pub struct CpuBackend {
     pool: Option<rayon::ThreadPool>,
+    /// The pool's threads, joined when the backend is dropped: rayon detaches its workers,
+    /// which would outlive the optimizer (a C program destroying it and exiting would leave
+    /// them running, and valgrind reports their memory).
+    workers: Vec<std::thread::JoinHandle<()>>,
     state: Vec<TensorState>,
+}
+
+impl Drop for CpuBackend {
+    fn drop(&mut self) {
+        // Dropping the pool tells its idle workers to exit; then wait for them.
+        drop(self.pool.take());
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for CpuBackend {
@@ -65,18 +79,31 @@ impl CpuBackend {
                 "threads: {threads} exceeds the maximum of {MAX_THREADS}"
             ));
         }
+        let mut workers = Vec::new();
         let pool = if threads == 0 {
             None
         } else {
             Some(
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
+                    .spawn_handler(|thread| {
+                        let mut b = std::thread::Builder::new();
+                        if let Some(name) = thread.name() {
+                            b = b.name(name.to_owned());
+                        }
+                        if let Some(size) = thread.stack_size() {
+                            b = b.stack_size(size);
+                        }
+                        workers.push(b.spawn(|| thread.run())?);
+                        Ok(())
+                    })
                     .build()
                     .map_err(|e| Error::Internal(format!("thread pool: {e}")))?,
             )
         };
         Ok(Self {
             pool,
+            workers,
             state: Vec::new(),
         })
     }

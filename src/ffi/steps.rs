@@ -68,8 +68,10 @@ pub unsafe extern "C" fn hyzo_optimizer_local_sq_norms(
 
 /// Feeds the loss of the forward pass just run. `*needs_more` becomes 1 when the parameters
 /// hold the next point to evaluate, 0 when the step is complete (the parameters are updated)
-/// or when the call fails. A non-finite loss is accepted: the step then completes with the
-/// parameters restored and nothing updated (counted as skipped).
+/// or when the call fails. A non-finite loss is accepted: when a loss or a projected
+/// gradient of the step is not finite (spec §4), the step completes with the parameters
+/// restored (exactly in compensated mode; otherwise each element within one rounding of
+/// its stored dtype per pass) and no rule state or `t` changed; it counts as skipped.
 ///
 /// # Safety
 /// `opt` must be NULL or a live optimizer; `needs_more` NULL or writable.
@@ -132,7 +134,8 @@ pub unsafe extern "C" fn hyzo_zo_feed_device(
 }
 
 /// Abandons the zeroth-order step in progress (e.g. the forward pass failed): the parameters
-/// are restored, nothing is updated, the step is not counted. No step in progress: no-op.
+/// are restored (exactly in compensated mode; otherwise within the rounding of the stored
+/// dtype), nothing is updated, the step is not counted. No step in progress: no-op.
 ///
 /// # Safety
 /// `opt` must be NULL or a live optimizer.
