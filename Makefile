@@ -54,6 +54,12 @@ test-ffi: build
 test-python: build
 	scripts/test-python
 
+# The manylinux wheel, libhyzo.so and its kernels inside: dist/hyzo-*.whl (pip install without
+# cargo). scripts/test-python builds it and installs it in a fresh venv.
+.PHONY: wheel
+wheel: setup
+	scripts/build-wheel
+
 demo-quick: test-python
 	$(PY) -m hyzo.demo --quick --out out/demo-quick
 

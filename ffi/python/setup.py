@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
 
 try:
@@ -67,16 +67,22 @@ class BuildPyWithCargo(build_py):
         shutil.copyfile(lib, out / "libhyzo.so")
 
 
+class BinaryDistribution(Distribution):
+    """A distribution holding a native library: built into and installed from platlib, so
+    the wheel holds the package at its root (not under .data/purelib), as auditwheel and
+    the wheel spec require of a platform wheel."""
+
+    def has_ext_modules(self) -> bool:
+        return True
+
+
 class PlatformWheel(bdist_wheel):
     """A wheel tagged for this platform, any Python 3 (ctypes, no extension module)."""
-
-    def finalize_options(self) -> None:
-        super().finalize_options()
-        self.root_is_pure = False
 
     def get_tag(self):
         _, _, plat = super().get_tag()
         return "py3", "none", plat
 
 
-setup(cmdclass={"build_py": BuildPyWithCargo, "bdist_wheel": PlatformWheel})
+setup(distclass=BinaryDistribution,
+      cmdclass={"build_py": BuildPyWithCargo, "bdist_wheel": PlatformWheel})
