@@ -24,7 +24,7 @@ import datetime
 import os
 import sys
 import tempfile
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -54,7 +54,9 @@ def make_optimizer(kind: str, params, process_group=None) -> torch.optim.Optimiz
     if kind == "zo":
         return ht.ZO(params, lr=LR, eps=1e-3, rule="sgd", num_directions=2, seed=SEED,
                      process_group=process_group, num_threads=1)
-    return ht.Hybrid(params, lr=0.01, fo_steps=3, zo_steps=3, rule="adamw", eps=1e-3,
+    # The paper's hybrid: AdamW first-order and AdaZO zeroth-order steps, each with its own
+    # state (on every rank, for that rank's shard), at their own learning rates.
+    return ht.Hybrid(params, lr=0.01, zo_lr=0.001, fo_steps=3, zo_steps=3, eps=1e-3,
                      seed=SEED, process_group=process_group, num_threads=1)
 
 

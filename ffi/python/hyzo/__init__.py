@@ -8,12 +8,17 @@ it implements no maths itself.
 - :func:`hyzo.directions`: the random directions of the spec, for cross-checks.
 - :mod:`hyzo.torch`: ``ZO``, ``Hybrid`` and ``FO`` as ``torch.optim.Optimizer`` subclasses
   (imported on demand: ``import hyzo.torch``).
+
+Threads: one optimizer is used by one thread at a time (a call while another thread is
+inside a call on the same optimizer raises :class:`BadStateError`); distinct optimizers may
+be used from different threads concurrently.
 """
 
 from ._lib import (
     BadStateError,
     CudaError,
     HyzoError,
+    HyzoIOError,
     HyzoMemoryError,
     InternalError,
     InvalidArgumentError,
@@ -38,6 +43,7 @@ __all__ = [
     "NoDeviceError",
     "CudaError",
     "HyzoMemoryError",
+    "HyzoIOError",
     "InternalError",
     "__version__",
 ]

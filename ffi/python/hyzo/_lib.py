@@ -7,14 +7,23 @@ failed status into a Python exception carrying ``hyzo_last_error()``.
 The library is searched, in order, at ``$HYZO_LIBRARY`` (an explicit override, for
 development), next to this file (where ``pip install`` puts it), and in the ``target/release``
 folder of the source tree this package sits in (an uninstalled checkout).
+
+Threads: one C optimizer is used by one thread at a time (the C contract, ``ffi/hyzo.h``).
+:class:`COptimizer` enforces it: a call while another thread is inside a call on the same
+optimizer raises :class:`BadStateError` instead of racing in C (ctypes releases the GIL
+during each call, so two threads can really be inside the library at once). Distinct
+optimizers may be used from different threads concurrently.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 __all__ = [
     "HyzoError",
@@ -24,6 +33,7 @@ __all__ = [
     "CudaError",
     "HyzoMemoryError",
     "InternalError",
+    "HyzoIOError",
     "lib",
     "library_path",
     "make_config",
@@ -68,6 +78,13 @@ class InternalError(HyzoError):
     """``HYZO_ERR_INTERNAL``: a bug in hyzo; the optimizer involved is unusable."""
 
 
+class HyzoIOError(HyzoError, OSError):
+    """``HYZO_ERR_IO``: reading or writing a state file failed (the message has the path and
+    the system's reason). An ``OSError`` too, so ``except OSError`` around file handling
+    catches it."""
+
+
+# Every hyzo_status but HYZO_OK: its name and the exception it raises.
 _STATUS = {
     1: ("HYZO_ERR_INVALID_ARGUMENT", InvalidArgumentError),
     2: ("HYZO_ERR_BAD_STATE", BadStateError),
@@ -75,6 +92,7 @@ _STATUS = {
     4: ("HYZO_ERR_CUDA", CudaError),
     5: ("HYZO_ERR_OUT_OF_MEMORY", HyzoMemoryError),
     6: ("HYZO_ERR_INTERNAL", InternalError),
+    7: ("HYZO_ERR_IO", HyzoIOError),
 }
 
 # ----------------------------------------------------------------------------------------
@@ -82,7 +100,13 @@ _STATUS = {
 
 DTYPE_CODES: Dict[str, int] = {"float32": 0, "float16": 1, "bfloat16": 2}
 DEVICE_CPU, DEVICE_CUDA = 0, 1
-RULES: Dict[str, int] = {"sgd": 0, "momentum": 1, "sign": 2, "signum": 3, "adamw": 4, "adazo": 5}
+# Every hyzo_rule value, as in the header; "none" (HYZO_RULE_NONE) is only meaningful for
+# hyzo_config.fo_rule, where Python spells it None.
+RULES: Dict[str, int] = {"sgd": 0, "momentum": 1, "sign": 2, "signum": 3, "adamw": 4, "adazo": 5,
+                         "none": 255}
+RULE_NONE = RULES["none"]
+# The rules a user can name.
+UPDATE_RULES: Dict[str, int] = {k: v for k, v in RULES.items() if k != "none"}
 DIRECTIONS: Dict[str, int] = {"gaussian": 0, "rademacher": 1, "sphere": 2}
 ESTIMATORS: Dict[str, int] = {"two_sided": 0, "one_sided": 1}
 PRECISIONS: Dict[str, int] = {"nearest": 0, "stochastic": 1, "compensated": 2}
@@ -179,6 +203,8 @@ _sig("hyzo_optimizer_add_tensor", _u32, _c_opt, ctypes.c_void_p, _u32, _u64, _u6
 _sig("hyzo_optimizer_set_stream", _u32, _c_opt, ctypes.c_void_p)
 _sig("hyzo_optimizer_set_lr", _u32, _c_opt, _f32)
 _sig("hyzo_optimizer_set_weight_decay", _u32, _c_opt, _f32)
+_sig("hyzo_optimizer_set_fo_lr", _u32, _c_opt, _f32)
+_sig("hyzo_optimizer_set_fo_weight_decay", _u32, _c_opt, _f32)
 _sig("hyzo_optimizer_get_config", _u32, _c_opt, _P(hyzo_config))
 _sig("hyzo_optimizer_num_tensors", _u32, _c_opt, _P(_u64))
 _sig("hyzo_zo_begin", _u32, _c_opt)
@@ -192,10 +218,14 @@ _sig("hyzo_zo_last_projected_grads", _u32, _c_opt, _P(_f32), _u32)
 _sig("hyzo_fo_step", _u32, _c_opt)
 _sig("hyzo_next_phase", _u32, _c_opt, _P(_u32))
 _sig("hyzo_optimizer_stats", _u32, _c_opt, _P(_u64), _P(_u64))
+_sig("hyzo_optimizer_updates", _u32, _c_opt, _P(_u64), _P(_u64))
 _sig("hyzo_optimizer_synchronize", _u32, _c_opt)
+_sig("hyzo_optimizer_displace", _u32, _c_opt, _u64, _u32, _u32, _f32)
 _sig("hyzo_optimizer_state_size", _u32, _c_opt, _P(_u64))
 _sig("hyzo_optimizer_save_state", _u32, _c_opt, ctypes.c_void_p, _u64)
 _sig("hyzo_optimizer_load_state", _u32, _c_opt, ctypes.c_void_p, _u64)
+_sig("hyzo_optimizer_save_state_file", _u32, _c_opt, ctypes.c_char_p)
+_sig("hyzo_optimizer_load_state_file", _u32, _c_opt, ctypes.c_char_p)
 
 
 def last_error() -> str:
@@ -224,7 +254,58 @@ def cuda_available() -> bool:
 
 
 # ----------------------------------------------------------------------------------------
+# Integers and floats that cross ctypes. ctypes wraps an out-of-range Python int silently
+# (2**64 + 5 becomes 5 as a uint64_t, 2**32 + 1 becomes 1 as a uint32_t), so every integer
+# is range-checked here before it is converted.
+
+
+def check_int(name: str, value: object, lo: int, hi: int) -> int:
+    """``value`` as an ``int`` in ``[lo, hi)``; ``ValueError`` otherwise (bools refused)."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValueError(f"{name}: expected an integer in [{lo}, {_bound(hi)}), got {value!r}")
+    v = value.__index__()  # type: ignore[attr-defined]
+    if not lo <= v < hi:
+        raise ValueError(f"{name}: expected an integer in [{lo}, {_bound(hi)}), got {v}")
+    return v
+
+
+def _bound(hi: int) -> str:
+    return {2**32: "2**32", 2**64: "2**64", 2**31: "2**31"}.get(hi, str(hi))
+
+
+def u32(name: str, value: object) -> int:
+    return check_int(name, value, 0, 2**32)
+
+
+def u64(name: str, value: object) -> int:
+    return check_int(name, value, 0, 2**64)
+
+
+def _float(name: str, v: object) -> float:
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a float, got {v!r}") from None
+
+
+def _optional_float(name: str, v: object, follows: str) -> float:
+    """An optional float of the C API: None becomes NaN, the C spelling of "not set". A NaN
+    from the caller is refused rather than silently read as "not set"."""
+    if v is None:
+        return math.nan
+    f = _float(name, v)
+    if math.isnan(f):
+        raise ValueError(f"{name}: NaN (pass None to follow {follows})")
+    return f
+
+
+# ----------------------------------------------------------------------------------------
 # Configuration.
+
+
+def rule_code(name: str, value: object) -> int:
+    """The ``hyzo_rule`` of a rule name (sgd, momentum, sign, signum, adamw, adazo)."""
+    return _enum(UPDATE_RULES, name, value)
 
 
 def make_config(
@@ -243,19 +324,25 @@ def make_config(
     fo_steps: int = 0,
     zo_steps: int = 0,
     hybrid_alpha: float = 0.0,
+    fo_rule: Optional[str] = None,
+    fo_lr: Optional[float] = None,
+    fo_weight_decay: Optional[float] = None,
 ) -> hyzo_config:
     """Builds a ``hyzo_config`` from Python options (strings for the enums).
 
-    Types and enum names are checked here; value ranges (NaN, negative lr, ...) are checked
-    by the library when an optimizer is created, with its own message.
+    ``rule`` is the main rule: zeroth-order steps, and every step without ``fo_rule``.
+    ``fo_rule`` (``None``: none, ``HYZO_RULE_NONE``) gives first-order steps a rule with a
+    state of its own (spec v2 §5); ``fo_lr`` / ``fo_weight_decay`` (``None``: follow ``lr`` /
+    ``weight_decay``) are the learning rate and weight decay of first-order steps.
+
+    Types, enum names and integer ranges are checked here; value ranges (NaN, negative
+    lr, ...) are checked by the library when an optimizer is created, with its own message.
     """
     cfg = lib.hyzo_config_default()
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
-    for name, v in (("num_directions", num_directions), ("fo_steps", fo_steps),
-                    ("zo_steps", zo_steps)):
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**32:
-            raise ValueError(f"{name}: expected a non-negative integer, got {v!r}")
+    seed = check_int("seed", seed, 0, 2**64)
+    num_directions = u32("num_directions", num_directions)
+    fo_steps = u32("fo_steps", fo_steps)
+    zo_steps = u32("zo_steps", zo_steps)
     try:
         b1, b2 = (float(b) for b in betas)
     except (TypeError, ValueError):
@@ -266,7 +353,7 @@ def make_config(
     cfg.num_directions = num_directions
     cfg.direction = _enum(DIRECTIONS, "directions", directions)
     cfg.estimator = _enum(ESTIMATORS, "estimator", estimator)
-    cfg.rule = _enum(RULES, "rule", rule)
+    cfg.rule = rule_code("rule", rule)
     cfg.beta1, cfg.beta2 = b1, b2
     cfg.adam_eps = _float("adam_eps", adam_eps)
     cfg.weight_decay = _float("weight_decay", weight_decay)
@@ -274,18 +361,22 @@ def make_config(
     cfg.fo_steps = fo_steps
     cfg.zo_steps = zo_steps
     cfg.hybrid_alpha = _float("hybrid_alpha", hybrid_alpha)
+    cfg.fo_rule = RULE_NONE if fo_rule is None else rule_code("fo_rule", fo_rule)
+    cfg.fo_lr = _optional_float("fo_lr", fo_lr, "lr")
+    cfg.fo_weight_decay = _optional_float("fo_weight_decay", fo_weight_decay, "weight_decay")
     return cfg
-
-
-def _float(name: str, v: object) -> float:
-    try:
-        return float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a float, got {v!r}") from None
 
 
 # ----------------------------------------------------------------------------------------
 # One C optimizer.
+
+
+def _path_arg(path: Any) -> bytes:
+    """A file path for the C API: str, bytes or os.PathLike, without NUL bytes."""
+    raw = os.fsencode(os.fspath(path))
+    if b"\0" in raw:
+        raise ValueError(f"path: contains a NUL byte: {path!r}")
+    return raw
 
 
 class COptimizer:
@@ -293,11 +384,16 @@ class COptimizer:
 
     Tensors are registered by raw address: the caller keeps the memory alive (and in place)
     for the lifetime of this object.
+
+    One thread at a time: a call made while another thread is inside a call on this object
+    raises :class:`BadStateError` (the C library does not allow overlapping calls on one
+    optimizer). The same thread may nest calls (the lock is re-entrant).
     """
 
     def __init__(self, cfg: hyzo_config, device: str = "cpu", ordinal: int = 0,
                  num_threads: Optional[int] = None) -> None:
         self._h = ctypes.c_void_p()
+        self._lock = threading.RLock()
         self.device = device
         self.num_directions = int(cfg.num_directions)
         if device == "cpu":
@@ -305,23 +401,48 @@ class COptimizer:
                 check(lib.hyzo_optimizer_create(ctypes.byref(cfg), DEVICE_CPU, 0,
                                                 ctypes.byref(self._h)), "hyzo_optimizer_create")
             else:
-                if not isinstance(num_threads, int) or num_threads < 0:
-                    raise ValueError(f"num_threads: expected an int >= 0, got {num_threads!r}")
-                check(lib.hyzo_optimizer_create_cpu(ctypes.byref(cfg), num_threads,
-                                                    ctypes.byref(self._h)),
+                n = u32("num_threads", num_threads)
+                check(lib.hyzo_optimizer_create_cpu(ctypes.byref(cfg), n, ctypes.byref(self._h)),
                       "hyzo_optimizer_create_cpu")
         elif device == "cuda":
-            check(lib.hyzo_optimizer_create(ctypes.byref(cfg), DEVICE_CUDA, int(ordinal),
+            ordinal = check_int("device ordinal", ordinal, 0, 2**31)
+            check(lib.hyzo_optimizer_create(ctypes.byref(cfg), DEVICE_CUDA, ordinal,
                                             ctypes.byref(self._h)), "hyzo_optimizer_create")
         else:
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
 
+    @contextmanager
+    def _use(self, func: str) -> Iterator[ctypes.c_void_p]:
+        """The handle, held by this thread for the duration of one call."""
+        if not self._lock.acquire(blocking=False):
+            raise BadStateError(f"{func}: the optimizer is in use by another thread (one "
+                                "optimizer: one thread at a time)",
+                                status="HYZO_ERR_BAD_STATE", func=func)
+        try:
+            yield self.handle
+        finally:
+            self._lock.release()
+
+    def _call(self, func: str, *args: Any) -> None:
+        """``func(handle, *args)``, its status checked."""
+        with self._use(func) as h:
+            check(getattr(lib, func)(h, *args), func)
+
     # -- lifetime --
     def close(self) -> None:
         """Destroys the C optimizer (idempotent)."""
-        h, self._h = getattr(self, "_h", None), ctypes.c_void_p()
-        if h:
-            lib.hyzo_optimizer_destroy(h)
+        lock = getattr(self, "_lock", None)
+        if lock is not None and not lock.acquire(blocking=False):
+            raise BadStateError("hyzo_optimizer_destroy: the optimizer is in use by another "
+                                "thread", status="HYZO_ERR_BAD_STATE",
+                                func="hyzo_optimizer_destroy")
+        try:
+            h, self._h = getattr(self, "_h", None), ctypes.c_void_p()
+            if h:
+                lib.hyzo_optimizer_destroy(h)
+        finally:
+            if lock is not None:
+                lock.release()
 
     def __del__(self) -> None:  # pragma: no cover - exercised implicitly
         try:
@@ -338,115 +459,169 @@ class COptimizer:
     # -- setup --
     def add_tensor(self, data: int, dtype: int, numel: int, offset: int,
                    grad: Optional[int] = None, grad_dtype: int = 0) -> None:
-        check(lib.hyzo_optimizer_add_tensor(self.handle, ctypes.c_void_p(data), dtype, numel,
-                                            offset, ctypes.c_void_p(grad or None), grad_dtype),
-              "hyzo_optimizer_add_tensor")
+        numel = u64("numel", numel)
+        offset = u64("global_offset", offset)
+        if offset + numel >= 2**64:  # the end of its elements must be a u64 too
+            raise ValueError(f"global_offset: {offset} + {numel} elements reaches 2**64")
+        self._call("hyzo_optimizer_add_tensor", ctypes.c_void_p(data), u32("dtype", dtype),
+                   numel, offset, ctypes.c_void_p(grad or None), u32("grad_dtype", grad_dtype))
 
     def set_stream(self, stream: int) -> None:
-        check(lib.hyzo_optimizer_set_stream(self.handle, ctypes.c_void_p(stream or None)),
-              "hyzo_optimizer_set_stream")
+        self._call("hyzo_optimizer_set_stream", ctypes.c_void_p(stream or None))
 
     def set_lr(self, lr: float) -> None:
-        check(lib.hyzo_optimizer_set_lr(self.handle, float(lr)), "hyzo_optimizer_set_lr")
+        self._call("hyzo_optimizer_set_lr", _float("lr", lr))
 
     def set_weight_decay(self, wd: float) -> None:
-        check(lib.hyzo_optimizer_set_weight_decay(self.handle, float(wd)),
-              "hyzo_optimizer_set_weight_decay")
+        self._call("hyzo_optimizer_set_weight_decay", _float("weight_decay", wd))
+
+    def set_fo_lr(self, fo_lr: Optional[float]) -> None:
+        """Learning rate of first-order steps; ``None``: follow ``lr``."""
+        self._call("hyzo_optimizer_set_fo_lr", _optional_float("fo_lr", fo_lr, "lr"))
+
+    def set_fo_weight_decay(self, wd: Optional[float]) -> None:
+        """Weight decay of first-order steps; ``None``: follow ``weight_decay``."""
+        self._call("hyzo_optimizer_set_fo_weight_decay",
+                   _optional_float("fo_weight_decay", wd, "weight_decay"))
 
     def get_config(self) -> hyzo_config:
         cfg = hyzo_config()
-        check(lib.hyzo_optimizer_get_config(self.handle, ctypes.byref(cfg)),
-              "hyzo_optimizer_get_config")
+        self._call("hyzo_optimizer_get_config", ctypes.byref(cfg))
         return cfg
 
     def num_tensors(self) -> int:
         n = _u64()
-        check(lib.hyzo_optimizer_num_tensors(self.handle, ctypes.byref(n)),
-              "hyzo_optimizer_num_tensors")
+        self._call("hyzo_optimizer_num_tensors", ctypes.byref(n))
         return n.value
 
     # -- steps --
     def begin(self, sq_norms: Optional[Sequence[float]] = None) -> None:
         if sq_norms is None:
-            check(lib.hyzo_zo_begin(self.handle), "hyzo_zo_begin")
+            self._call("hyzo_zo_begin")
         else:
-            arr = (ctypes.c_double * len(sq_norms))(*[float(x) for x in sq_norms])
-            check(lib.hyzo_zo_begin_with_sq_norms(self.handle, arr, len(sq_norms)),
-                  "hyzo_zo_begin_with_sq_norms")
+            n = u32("len(sq_norms)", len(sq_norms))
+            arr = (ctypes.c_double * n)(*[float(x) for x in sq_norms])
+            self._call("hyzo_zo_begin_with_sq_norms", arr, n)
 
     def local_sq_norms(self) -> list:
         q = self.num_directions
         arr = (ctypes.c_double * q)()
-        check(lib.hyzo_optimizer_local_sq_norms(self.handle, arr, q),
-              "hyzo_optimizer_local_sq_norms")
+        self._call("hyzo_optimizer_local_sq_norms", arr, q)
         return list(arr)
 
     def feed(self, loss: float) -> bool:
         more = _int(0)
-        check(lib.hyzo_zo_feed(self.handle, float(loss), ctypes.byref(more)), "hyzo_zo_feed")
+        self._call("hyzo_zo_feed", float(loss), ctypes.byref(more))
         return bool(more.value)
 
     def feed_device(self, ptr: int) -> bool:
         more = _int(0)
-        check(lib.hyzo_zo_feed_device(self.handle, ctypes.c_void_p(ptr), ctypes.byref(more)),
-              "hyzo_zo_feed_device")
+        self._call("hyzo_zo_feed_device", ctypes.c_void_p(ptr), ctypes.byref(more))
         return bool(more.value)
 
     def abort(self) -> None:
-        check(lib.hyzo_zo_abort(self.handle), "hyzo_zo_abort")
+        self._call("hyzo_zo_abort")
 
     def last_loss(self) -> "tuple[float, bool]":
         loss, skipped = _f32(), _int()
-        check(lib.hyzo_zo_last_loss(self.handle, ctypes.byref(loss), ctypes.byref(skipped)),
-              "hyzo_zo_last_loss")
+        self._call("hyzo_zo_last_loss", ctypes.byref(loss), ctypes.byref(skipped))
         return loss.value, bool(skipped.value)
 
     def last_projected_grads(self) -> list:
         q = self.num_directions
         arr = (_f32 * q)()
-        check(lib.hyzo_zo_last_projected_grads(self.handle, arr, q),
-              "hyzo_zo_last_projected_grads")
+        self._call("hyzo_zo_last_projected_grads", arr, q)
         return list(arr)
 
     def fo_step(self) -> None:
-        check(lib.hyzo_fo_step(self.handle), "hyzo_fo_step")
+        self._call("hyzo_fo_step")
 
     def next_phase(self) -> str:
         out = _u32()
-        check(lib.hyzo_next_phase(self.handle, ctypes.byref(out)), "hyzo_next_phase")
+        self._call("hyzo_next_phase", ctypes.byref(out))
         return PHASES[out.value]
 
     def stats(self) -> "tuple[int, int]":
         steps, skipped = _u64(), _u64()
-        check(lib.hyzo_optimizer_stats(self.handle, ctypes.byref(steps), ctypes.byref(skipped)),
-              "hyzo_optimizer_stats")
+        self._call("hyzo_optimizer_stats", ctypes.byref(steps), ctypes.byref(skipped))
         return steps.value, skipped.value
 
+    def updates(self) -> Tuple[int, int]:
+        """``(updates, fo_updates)``: the ``t`` of the main rule's state and of the
+        first-order rule's (0 without ``fo_rule``)."""
+        u, fo = _u64(), _u64()
+        self._call("hyzo_optimizer_updates", ctypes.byref(u), ctypes.byref(fo))
+        return u.value, fo.value
+
     def synchronize(self) -> None:
-        check(lib.hyzo_optimizer_synchronize(self.handle), "hyzo_optimizer_synchronize")
+        self._call("hyzo_optimizer_synchronize")
+
+    def displace(self, seed: int, step: int, direction: int, scale: float) -> None:
+        """Adds ``scale * z`` once to the parameters, ``z`` the direction ``(seed, step,
+        direction)`` of the configured kind at each element's global index."""
+        self._call("hyzo_optimizer_displace", u64("seed", seed), u32("step", step),
+                   u32("direction", direction), _float("scale", scale))
 
     # -- state --
     def state_size(self) -> int:
         n = _u64()
-        check(lib.hyzo_optimizer_state_size(self.handle, ctypes.byref(n)),
-              "hyzo_optimizer_state_size")
+        self._call("hyzo_optimizer_state_size", ctypes.byref(n))
         return n.value
 
-    def save_state(self) -> bytes:
-        n = self.state_size()
-        buf = ctypes.create_string_buffer(n)
-        check(lib.hyzo_optimizer_save_state(self.handle, buf, n), "hyzo_optimizer_save_state")
-        return buf.raw
+    def save_state_into(self, address: int, size: int) -> None:
+        """Writes the state into ``size`` writable bytes at ``address`` (at least
+        :meth:`state_size`), with no intermediate copy."""
+        self._call("hyzo_optimizer_save_state", ctypes.c_void_p(address), u64("len", size))
 
-    def load_state(self, data: bytes) -> None:
-        data = bytes(data)
-        check(lib.hyzo_optimizer_load_state(self.handle, data, len(data)),
-              "hyzo_optimizer_load_state")
+    def save_state(self) -> bytearray:
+        """The state as a new ``bytearray`` (the library writes straight into it)."""
+        with self._use("hyzo_optimizer_save_state"):  # size and contents of one moment
+            n = self.state_size()
+            buf = bytearray(n)
+            if n:
+                self.save_state_into(ctypes.addressof(ctypes.c_char.from_buffer(buf)), n)
+            return buf
+
+    def load_state_from(self, address: int, size: int) -> None:
+        """Restores a state from ``size`` readable bytes at ``address``."""
+        self._call("hyzo_optimizer_load_state", ctypes.c_void_p(address), u64("len", size))
+
+    def load_state(self, data: Any) -> None:
+        """Restores a state from a bytes-like object (bytes, bytearray, memoryview) or a
+        uint8 array (numpy, or anything ``numpy.asarray`` takes: a CPU torch tensor), read
+        in place when contiguous."""
+        import numpy as np  # a dependency of the package; imported here to keep _lib light
+
+        try:
+            view = np.frombuffer(data, dtype=np.uint8)
+        except (TypeError, ValueError, BufferError):
+            try:
+                view = np.asarray(data)
+            except Exception:
+                view = None
+            if view is None or view.dtype != np.uint8:
+                raise TypeError(f"state: expected a bytes-like object or a uint8 array, got "
+                                f"{type(data).__name__}") from None
+            view = np.ascontiguousarray(view.reshape(-1))
+        # An empty buffer may have no address: give C a valid one with len 0 (refused there).
+        if view.size == 0:
+            view = np.zeros(1, dtype=np.uint8)[:0]
+        self.load_state_from(view.ctypes.data, view.size)
+
+    def save_state_file(self, path: Any) -> None:
+        """Saves the state to the file ``path``, streaming and atomically (see the header)."""
+        self._call("hyzo_optimizer_save_state_file", _path_arg(path))
+
+    def load_state_file(self, path: Any) -> None:
+        """Restores a state from the file ``path``; a bad file changes nothing."""
+        self._call("hyzo_optimizer_load_state_file", _path_arg(path))
 
 
 def directions_fill(kind: str, seed: int, step: int, direction: int, start: int, count: int,
                     out_ptr: int) -> None:
     """``hyzo_directions_fill`` into ``count`` floats at address ``out_ptr``."""
-    check(lib.hyzo_directions_fill(_enum(DIRECTIONS, "kind", kind), seed, step, direction, start,
-                                   count, ctypes.cast(out_ptr, _P(_f32))),
+    check(lib.hyzo_directions_fill(_enum(DIRECTIONS, "kind", kind), u64("seed", seed),
+                                   u32("step", step), u32("direction", direction),
+                                   u64("start", start), u64("count", count),
+                                   ctypes.cast(out_ptr, _P(_f32))),
           "hyzo_directions_fill")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -84,7 +85,16 @@ class Optimizer:
         lr, eps, rule, betas, adam_eps, weight_decay, directions, num_directions, estimator,
         precision, seed, fo_steps, zo_steps, hybrid_alpha: the ``hyzo_config`` fields (see the
             README); enums as strings (``rule="adamw"``, ``directions="rademacher"``, ...).
-        num_threads: CPU threads of this optimizer (``None``: the shared pool over all cores).
+            ``rule``, ``lr`` and ``weight_decay`` are those of zeroth-order steps, and of
+            first-order steps too without ``fo_rule``.
+        fo_rule: the rule of first-order steps (:meth:`fo_step`), with a state and a step
+            count ``t`` of its own that zeroth-order steps never touch (spec v2 §5; the
+            paper's hybrid: ``rule="adazo", fo_rule="adamw"``). ``None`` (the default):
+            first-order steps apply ``rule`` to the one shared state (spec v1).
+        fo_lr, fo_weight_decay: learning rate and weight decay of first-order steps
+            (``None``: follow ``lr`` / ``weight_decay``, also when those change later).
+        num_threads: CPU threads of this optimizer (``None``: the shared pool over all cores;
+            at most 1024).
 
     Feed style::
 
@@ -95,6 +105,12 @@ class Optimizer:
 
     Closure style: ``opt.step(loss_fn)``. The arrays must stay alive and must not be
     reallocated while the optimizer exists (it keeps references to them).
+
+    State: :meth:`state_dict` / :meth:`load_state_dict` in memory, :meth:`save_state` /
+    :meth:`load_state` to and from a file (streamed by the library, written atomically).
+
+    Threads: one thread at a time per optimizer (a call while another thread is inside a
+    call on it raises :class:`hyzo.BadStateError`); distinct optimizers are independent.
     """
 
     def __init__(
@@ -116,23 +132,25 @@ class Optimizer:
         fo_steps: int = 0,
         zo_steps: int = 0,
         hybrid_alpha: float = 0.0,
+        fo_rule: Optional[str] = None,
+        fo_lr: Optional[float] = None,
+        fo_weight_decay: Optional[float] = None,
         num_threads: Optional[int] = None,
     ) -> None:
         cfg = _lib.make_config(lr=lr, eps=eps, rule=rule, betas=betas, adam_eps=adam_eps,
                                weight_decay=weight_decay, directions=directions,
                                num_directions=num_directions, estimator=estimator,
                                precision=precision, seed=seed, fo_steps=fo_steps,
-                               zo_steps=zo_steps, hybrid_alpha=hybrid_alpha)
+                               zo_steps=zo_steps, hybrid_alpha=hybrid_alpha, fo_rule=fo_rule,
+                               fo_lr=fo_lr, fo_weight_decay=fo_weight_decay)
         specs: List[Tuple[np.ndarray, Optional[int]]] = []
         for i, p in enumerate(params):
             if isinstance(p, tuple):
                 if len(p) != 2:
                     raise ValueError(f"params[{i}]: expected (array, global_offset)")
                 arr, off = p
-                if isinstance(off, bool) or not isinstance(off, (int, np.integer)) or off < 0:
-                    raise ValueError(f"params[{i}]: global_offset must be an int >= 0, "
-                                     f"got {off!r}")
-                specs.append((_check_array(arr, f"params[{i}]"), int(off)))
+                off = _lib.u64(f"params[{i}]: global_offset", off)
+                specs.append((_check_array(arr, f"params[{i}]"), off))
             else:
                 specs.append((_check_array(p, f"params[{i}]"), None))
         if not specs:
@@ -165,12 +183,23 @@ class Optimizer:
     # ---- configuration ----
     @property
     def lr(self) -> float:
-        """The current learning rate."""
+        """The current learning rate (of zeroth-order steps, and first-order ones unless
+        ``fo_lr`` is set)."""
         return float(self._c.get_config().lr)
 
     @lr.setter
     def lr(self, value: float) -> None:
         self._c.set_lr(value)
+
+    @property
+    def fo_lr(self) -> Optional[float]:
+        """The learning rate of first-order steps; ``None`` when it follows :attr:`lr`."""
+        v = float(self._c.get_config().fo_lr)
+        return None if math.isnan(v) else v
+
+    @fo_lr.setter
+    def fo_lr(self, value: Optional[float]) -> None:
+        self._c.set_fo_lr(value)
 
     def set_lr(self, lr: float) -> None:
         """Sets the learning rate of later steps."""
@@ -179,6 +208,15 @@ class Optimizer:
     def set_weight_decay(self, weight_decay: float) -> None:
         """Sets the decoupled weight decay of later steps."""
         self._c.set_weight_decay(weight_decay)
+
+    def set_fo_lr(self, fo_lr: Optional[float]) -> None:
+        """Sets the learning rate of later first-order steps (``None``: follow ``lr``)."""
+        self._c.set_fo_lr(fo_lr)
+
+    def set_fo_weight_decay(self, fo_weight_decay: Optional[float]) -> None:
+        """Sets the weight decay of later first-order steps (``None``: follow
+        ``weight_decay``)."""
+        self._c.set_fo_weight_decay(fo_weight_decay)
 
     def next_phase(self) -> str:
         """``"fo"``, ``"zo"`` (hybrid schedule) or ``"any"`` (no schedule)."""
@@ -191,8 +229,20 @@ class Optimizer:
 
     @property
     def skipped(self) -> int:
-        """Zeroth-order steps skipped because a loss was not finite."""
+        """Zeroth-order steps skipped because a loss or a projected gradient was not finite
+        (spec v2 §4: the arrays were restored, no state was updated)."""
         return self._c.stats()[1]
+
+    @property
+    def updates(self) -> int:
+        """Updates applied to the state of ``rule`` (its step count ``t``): zeroth-order
+        steps not skipped, plus first-order steps when there is no ``fo_rule``."""
+        return self._c.updates()[0]
+
+    @property
+    def fo_updates(self) -> int:
+        """Updates applied to the state of ``fo_rule`` (its ``t``; 0 without ``fo_rule``)."""
+        return self._c.updates()[1]
 
     # ---- zeroth-order steps ----
     def begin(self, sq_norms: Optional[Sequence[float]] = None) -> None:
@@ -249,13 +299,28 @@ class Optimizer:
         self._c.fo_step()
 
     # ---- state ----
-    def state_dict(self) -> bytes:
-        """The optimizer state (step count, moments, residuals; not the arrays) as bytes."""
+    def state_dict(self) -> bytearray:
+        """The optimizer state (step counts, the moments of each rule, residuals, a checksum;
+        not the arrays) as a ``bytearray`` the library writes into directly (one copy of the
+        state in memory)."""
         return self._c.save_state()
 
-    def load_state_dict(self, state: bytes) -> None:
-        """Restores :meth:`state_dict` of an optimizer with the same configuration/arrays."""
+    def load_state_dict(self, state: Any) -> None:
+        """Restores :meth:`state_dict` (any bytes-like object, read in place) of an optimizer
+        with the same configuration and arrays. A truncated, corrupted or foreign state is
+        refused (:class:`hyzo.InvalidArgumentError`) and nothing changes."""
         self._c.load_state(state)
+
+    def save_state(self, path: Union[str, "os.PathLike[str]", bytes]) -> None:
+        """Saves the state to the file ``path``: streamed by the library (memory use does not
+        grow with the state) and atomic (``path`` never holds a partial state).
+        :class:`hyzo.HyzoIOError` (an ``OSError``) when it cannot be written."""
+        self._c.save_state_file(path)
+
+    def load_state(self, path: Union[str, "os.PathLike[str]", bytes]) -> None:
+        """Restores a state from the file ``path`` (saved by :meth:`save_state`, or the bytes
+        of :meth:`state_dict`); as :meth:`load_state_dict`, a bad file changes nothing."""
+        self._c.load_state_file(path)
 
     def close(self) -> None:
         """Frees the C optimizer (the arrays are untouched)."""

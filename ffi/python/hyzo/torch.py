@@ -8,13 +8,23 @@ in place, with no copies:
   current stream (losses are handed over as device pointers: no host synchronization);
 - float32, float16 and bfloat16 parameters can be mixed in one model;
 - each param group becomes one C optimizer (its "shard"); every parameter element has a
-  *global offset* in the model's flat parameter vector (by default: parameters in order
-  across all groups, from 0), which names the random direction entries it is perturbed
-  with. A flat shard of a model split across processes (FSDP-style) is given its offset
-  with the group key ``global_offset`` or :func:`set_global_offset`, so every rank perturbs
-  its slice exactly as the unsharded model would be perturbed;
+  *global offset* in the model's flat parameter vector (by default: the trainable
+  parameters in order across all groups, from 0), which names the random direction entries
+  it is perturbed with. A flat shard of a model split across processes (FSDP-style) is
+  given its offset with the group key ``global_offset`` or :func:`set_global_offset`, so
+  every rank perturbs its slice exactly as the unsharded model would be perturbed. Param
+  groups may not overlap, in memory or in global offsets;
 - with ``process_group``, the loss of every forward pass is all-reduced (mean) over the
   group: one scalar per forward, no gradient traffic for zeroth-order steps.
+
+Frozen parameters are left alone, as in ``torch.optim``: a parameter with
+``requires_grad=False`` is never perturbed nor updated (nor validated) by any of the three
+optimizers, and takes no room in the default global offsets (so passing
+``model.parameters()`` perturbs the trainable ones exactly as passing only those would).
+The set of trainable parameters is read at construction; it may change until the first step
+(the optimizer then registers the new set), not after. In :class:`FO`, a parameter whose
+``.grad`` is ``None`` at ``step()`` is skipped as ``torch.optim.AdamW`` skips it: not
+updated, no weight decay.
 
 The closure of :class:`ZO` and :class:`Hybrid` only computes and returns the loss; the
 optimizer runs it under ``torch.no_grad()`` for zeroth-order evaluations, and with grad
@@ -22,16 +32,21 @@ enabled followed by ``loss.backward()`` (called by the optimizer) for first-orde
 :class:`FO` is a drop-in ``torch.optim.AdamW``-style optimizer: the user calls
 ``backward()`` as usual, then ``step()``.
 
-Options per group: ``lr``, ``weight_decay``, ``rule``, ``betas``, ``adam_eps``,
+Options per group: ``lr``, ``weight_decay``, ``rule`` (``fo_rule``, ``zo_rule``,
+``zo_lr_ratio``, ``zo_weight_decay`` in :class:`Hybrid`), ``betas``, ``adam_eps``,
 ``precision``, ``hybrid_alpha``, ``global_offset``. Options shared by all groups (they
 define the perturbation, which must be one for the whole model): ``eps``, ``directions``,
 ``num_directions``, ``estimator``, ``seed``, ``fo_steps``, ``zo_steps``.
+
+Threads: an optimizer is used by one thread at a time (a call into the library while
+another thread is inside one on the same optimizer raises :class:`hyzo.BadStateError`);
+distinct optimizers may step concurrently on different threads.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -49,6 +64,8 @@ _DTYPES = {
 # Options that define the perturbation: one value for the whole optimizer.
 _GLOBAL_KEYS = ("eps", "directions", "num_directions", "estimator", "seed", "fo_steps",
                 "zo_steps")
+# Options naming an enum value, normalized to lower case with underscores.
+_ENUM_KEYS = ("rule", "fo_rule", "zo_rule", "directions", "estimator", "precision")
 _OFFSET_ATTR = "_hyzo_global_offset"
 
 
@@ -56,14 +73,12 @@ def set_global_offset(tensor: torch.Tensor, global_offset: int) -> torch.Tensor:
     """Marks ``tensor`` as holding elements ``global_offset .. + numel`` of the model's flat
     parameter vector (e.g. a rank's flat shard); returns the same tensor.
 
-    Without a mark (and without a group ``global_offset``), parameters get consecutive
-    offsets in parameter order across all groups.
+    Without a mark (and without a group ``global_offset``), trainable parameters get
+    consecutive offsets in parameter order across all groups.
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"set_global_offset: expected a tensor, got {type(tensor).__name__}")
-    if isinstance(global_offset, bool) or not isinstance(global_offset, int) or global_offset < 0:
-        raise ValueError(f"global_offset: expected an int >= 0, got {global_offset!r}")
-    setattr(tensor, _OFFSET_ATTR, int(global_offset))
+    setattr(tensor, _OFFSET_ATTR, _lib.u64("global_offset", global_offset))
     return tensor
 
 
@@ -73,7 +88,7 @@ def Shard(tensor: torch.Tensor, global_offset: int) -> torch.Tensor:  # noqa: N8
 
 
 class _ShardState:
-    """One C optimizer: the tensors of one param group (on one device)."""
+    """One C optimizer: the trainable tensors of one param group (on one device)."""
 
     def __init__(self, group_index: int, device: torch.device, c: _lib.COptimizer,
                  params: List[torch.Tensor], grads: List[Optional[torch.Tensor]],
@@ -86,10 +101,24 @@ class _ShardState:
         self.ptrs = ptrs
 
 
+class _Planned:
+    """A parameter about to be registered: where it lives and which elements it holds."""
+
+    def __init__(self, p: torch.Tensor, where: str, offset: int,
+                 grad: Optional[torch.Tensor]) -> None:
+        self.p = p
+        self.where = where
+        self.offset = offset
+        self.grad = grad
+
+
 class _HyzoOptimizer(torch.optim.Optimizer):
     """Common machinery of :class:`ZO`, :class:`Hybrid` and :class:`FO` (not public)."""
 
     _needs_grads = False  # register gradient buffers with the C optimizers
+    # Make the registered buffer the parameter's .grad at construction (Hybrid, which runs
+    # backward itself). FO leaves a None .grad as it is: None means "skip this parameter".
+    _assign_grads_at_build = True
 
     def __init__(self, params: Any, defaults: Dict[str, Any], *,
                  process_group: Any = None, num_threads: Optional[int] = None) -> None:
@@ -97,10 +126,20 @@ class _HyzoOptimizer(torch.optim.Optimizer):
             process_group = dist.group.WORLD
         if process_group is not None and not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("process_group: torch.distributed is not initialized")
+        if num_threads is not None:
+            # Checked here, not only at the first C optimizer: a group may create it later.
+            _lib.check_int("num_threads", num_threads, 0, 2**32)
         self._pg = process_group
         self._num_threads = num_threads
         self._shards: List[_ShardState] = []
+        self._trainable: List[List[bool]] = []
         self._built = False
+        for k in _ENUM_KEYS:
+            if k in defaults and isinstance(defaults[k], str):
+                defaults[k] = _enum_name(defaults[k])
+        # Validate the values with the library now (a throwaway C optimizer), for a clear
+        # error at construction even when no group has a trainable parameter yet.
+        _lib.COptimizer(self._config_of(defaults), "cpu").close()
         if defaults.get("seed") is None:
             defaults["seed"] = self._draw_seed()
         super().__init__(params, defaults)
@@ -125,15 +164,33 @@ class _HyzoOptimizer(torch.optim.Optimizer):
         """Adds a param group (only before the first step: the C optimizers are rebuilt)."""
         if getattr(self, "_built", False) and self._steps_taken() > 0:
             raise RuntimeError("hyzo: param groups cannot be added after the first step")
+        if isinstance(param_group, dict):
+            self._normalize_group(param_group)
         super().add_param_group(param_group)
         if getattr(self, "_built", False):
-            self._build()
+            try:
+                self._build()
+            except BaseException:
+                self.param_groups.pop()
+                raise
+
+    def _normalize_group(self, group: Dict[str, Any], loaded: bool = False) -> None:
+        """Rewrites a param group's own keys into the stored form (see :class:`Hybrid`);
+        ``loaded``: a group of a loaded state dict, possibly from an older version."""
+
+    def _rule_settings(self, g: Dict[str, Any]) -> Dict[str, Any]:
+        """The rule fields of the C configuration of group ``g``: ``rule``, ``lr`` and
+        ``weight_decay`` of the main (zeroth-order) rule; ``fo_rule``, ``fo_lr`` and
+        ``fo_weight_decay`` of the first-order one (None: not set)."""
+        return dict(rule=g["rule"], lr=_as_float(g["lr"]),
+                    weight_decay=_as_float(g["weight_decay"]), fo_rule=None, fo_lr=None,
+                    fo_weight_decay=None)
 
     def _check_groups(self) -> None:
         for g in self.param_groups:
-            for k in ("rule", "directions", "estimator", "precision"):
-                if isinstance(g[k], str):
-                    g[k] = g[k].lower().replace("-", "_")
+            for k in _ENUM_KEYS:
+                if isinstance(g.get(k), str):
+                    g[k] = _enum_name(g[k])
         first = self.param_groups[0]
         for i, g in enumerate(self.param_groups):
             for k in _GLOBAL_KEYS:
@@ -143,14 +200,11 @@ class _HyzoOptimizer(torch.optim.Optimizer):
                         f"{', '.join(_GLOBAL_KEYS)} must be the same in every group"
                     )
             off = g.get("global_offset")
-            if off is not None and (isinstance(off, bool) or not isinstance(off, int)
-                                    or off < 0):
-                raise ValueError(f"param group {i}: global_offset must be an int >= 0, "
-                                 f"got {off!r}")
+            if off is not None:
+                _lib.u64(f"param group {i}: global_offset", off)
 
     @staticmethod
-    def _check_param(p: Any, gi: int, pi: int) -> None:
-        where = f"param group {gi}, parameter {pi}"
+    def _check_param(p: Any, where: str) -> None:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{where}: expected a torch.Tensor, got {type(p).__name__}")
         if p.is_sparse or p.layout != torch.strided:
@@ -168,51 +222,53 @@ class _HyzoOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{where}: empty tensor")
 
     def _config_of(self, g: Dict[str, Any]) -> _lib.hyzo_config:
+        r = self._rule_settings(g)
+        seed = g.get("seed")
         return _lib.make_config(
-            lr=_as_float(g["lr"]), eps=g["eps"], rule=g["rule"], betas=g["betas"],
-            adam_eps=g["adam_eps"], weight_decay=g["weight_decay"],
+            lr=r["lr"], eps=g["eps"], rule=r["rule"], betas=g["betas"],
+            adam_eps=g["adam_eps"], weight_decay=r["weight_decay"],
             directions=g["directions"], num_directions=g["num_directions"],
-            estimator=g["estimator"], precision=g["precision"], seed=int(g["seed"]),
-            fo_steps=g["fo_steps"], zo_steps=g["zo_steps"], hybrid_alpha=g["hybrid_alpha"])
+            estimator=g["estimator"], precision=g["precision"],
+            seed=0 if seed is None else seed, fo_steps=g["fo_steps"], zo_steps=g["zo_steps"],
+            hybrid_alpha=g["hybrid_alpha"], fo_rule=r["fo_rule"], fo_lr=r["fo_lr"],
+            fo_weight_decay=r["fo_weight_decay"])
 
     def _build(self) -> None:
         """(Re)creates one C optimizer per param group and registers its tensors."""
         shards = self._make_shards()
         old, self._shards = self._shards, shards
+        self._trainable = self._trainable_flags()
         for s in old:
             s.c.close()
         self._built = True
 
-    def _make_shards(self) -> List[_ShardState]:
-        """New C optimizers for the current param groups (nothing installed yet)."""
+    def _trainable_flags(self) -> List[List[bool]]:
+        return [[bool(p.requires_grad) for p in g["params"]] for g in self.param_groups]
+
+    def _plan(self) -> List[Tuple[int, torch.device, List[_Planned]]]:
+        """What each param group registers: its trainable parameters, their global offsets
+        and gradient buffers; checks them, and that no two overlap (in memory or offsets)."""
         self._check_groups()
-        shards: List[_ShardState] = []
+        plan: List[Tuple[int, torch.device, List[_Planned]]] = []
         auto = 0
         for gi, g in enumerate(self.param_groups):
-            params = g["params"]
-            if not params:
+            trainable = [(pi, p) for pi, p in enumerate(g["params"]) if p.requires_grad]
+            if not trainable:
                 continue
-            devices = []
-            for pi, p in enumerate(params):
-                self._check_param(p, gi, pi)
+            devices: List[torch.device] = []
+            for pi, p in trainable:
+                self._check_param(p, f"param group {gi}, parameter {pi}")
                 if p.device not in devices:
                     devices.append(p.device)
             if len(devices) > 1:
                 raise ValueError(
-                    f"param group {gi}: parameters on several devices ({', '.join(map(str, devices))}); "
-                    "put the parameters of each device in their own param group"
+                    f"param group {gi}: parameters on several devices "
+                    f"({', '.join(map(str, devices))}); put the parameters of each device in "
+                    "their own param group"
                 )
-            dev = devices[0]
-            if dev.type == "cuda":
-                c = _lib.COptimizer(self._config_of(g), "cuda",
-                                    dev.index if dev.index is not None
-                                    else torch.cuda.current_device())
-            else:
-                c = _lib.COptimizer(self._config_of(g), "cpu", num_threads=self._num_threads)
             group_off = g.get("global_offset")
-            grads: List[Optional[torch.Tensor]] = []
-            ptrs: List[int] = []
-            for p in params:
+            items: List[_Planned] = []
+            for pi, p in trainable:
                 tagged = getattr(p, _OFFSET_ATTR, None)
                 if tagged is not None:
                     off = tagged
@@ -222,35 +278,96 @@ class _HyzoOptimizer(torch.optim.Optimizer):
                 else:
                     off = auto
                     auto += p.numel()
+                where = f"param group {gi}, parameter {pi}"
+                if off + p.numel() >= 2**64:  # the end of its elements must be a u64 too
+                    raise ValueError(f"{where}: global offset {off} + {p.numel()} elements "
+                                     "reaches 2**64")
                 gbuf = self._grad_buffer(p) if self._needs_grads else None
-                c.add_tensor(p.data_ptr(), _DTYPES[p.dtype], p.numel(), off,
-                             gbuf.data_ptr() if gbuf is not None else None,
-                             _DTYPES[p.dtype])
-                grads.append(gbuf)
-                ptrs.append(p.data_ptr())
-            shards.append(_ShardState(gi, dev, c, list(params), grads, ptrs))
-        if not shards:
-            raise ValueError("hyzo: the optimizer got no parameters")
+                items.append(_Planned(p, where, off, gbuf))
+            plan.append((gi, devices[0], items))
+        _check_disjoint(plan)
+        return plan
+
+    def _make_shards(self) -> List[_ShardState]:
+        """New C optimizers for the current param groups (nothing installed yet; the
+        parameters' ``.grad`` are set only once every C optimizer was made)."""
+        plan = self._plan()
+        shards: List[_ShardState] = []
+        try:
+            for gi, dev, items in plan:
+                g = self.param_groups[gi]
+                if dev.type == "cuda":
+                    c = _lib.COptimizer(self._config_of(g), "cuda",
+                                        dev.index if dev.index is not None
+                                        else torch.cuda.current_device())
+                else:
+                    c = _lib.COptimizer(self._config_of(g), "cpu",
+                                        num_threads=self._num_threads)
+                shard = _ShardState(gi, dev, c, [it.p for it in items],
+                                    [it.grad for it in items], [it.p.data_ptr() for it in items])
+                shards.append(shard)
+                for it in items:
+                    c.add_tensor(it.p.data_ptr(), _DTYPES[it.p.dtype], it.p.numel(), it.offset,
+                                 it.grad.data_ptr() if it.grad is not None else None,
+                                 _DTYPES[it.p.dtype])
+        except BaseException:
+            for s in shards:
+                s.c.close()
+            raise
+        if self._assign_grads_at_build:
+            for s in shards:
+                for p, gbuf in zip(s.params, s.grads):
+                    if gbuf is not None and p.grad is not gbuf:
+                        p.grad = gbuf
         return shards
 
     @staticmethod
     def _grad_buffer(p: torch.Tensor) -> torch.Tensor:
-        """The tensor registered as ``p``'s gradient: ``p.grad`` when usable, else zeros."""
+        """The tensor to register as ``p``'s gradient: ``p.grad`` when usable, else new
+        zeros (not yet assigned to ``p.grad``)."""
         g = p.grad
         if (g is None or g.dtype != p.dtype or g.shape != p.shape or g.device != p.device
                 or not g.is_contiguous() or g.is_sparse):
             g = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            p.grad = g
         return g
 
     # ------------------------------------------------------------------------------------
     # Helpers of a step.
 
     def _steps_taken(self) -> int:
-        return self._shards[0].c.stats()[0] if self._shards else 0
+        return max((s.c.stats()[0] for s in self._shards), default=0)
+
+    def _require_shards(self) -> None:
+        if not self._shards:
+            raise ValueError(
+                "hyzo: no trainable parameters: every parameter has requires_grad=False "
+                "(frozen parameters are left alone, as in torch.optim). A zeroth-order "
+                "optimizer needs no autograd: its closure runs under torch.no_grad(), so "
+                "keep requires_grad=True on the parameters to optimize (for plain tensors: "
+                "tensor.requires_grad_())")
+
+    def _sync_trainable(self) -> None:
+        """Re-registers the parameters if some were frozen or unfrozen before the first
+        step; refuses after it (the C state is laid out for the registered set)."""
+        flags = self._trainable_flags()
+        if flags == self._trainable:
+            return
+        if self._steps_taken() > 0:
+            for gi, (now, then) in enumerate(zip(flags, self._trainable)):
+                for pi, (a, b) in enumerate(zip(now, then)):
+                    if a != b:
+                        raise RuntimeError(
+                            f"hyzo: param group {gi}, parameter {pi} was "
+                            f"{'unfrozen' if a else 'frozen'} (requires_grad={a}) after the "
+                            "first step; hyzo registers the trainable parameters once (its "
+                            "state is laid out for them): freeze or unfreeze before the "
+                            "first step, or create a new optimizer")
+        self._build()
 
     def _prepare(self) -> None:
         """Checks the parameters are still in place; pushes lr/weight decay and streams."""
+        self._sync_trainable()
+        self._require_shards()
         for s in self._shards:
             for p, ptr in zip(s.params, s.ptrs):
                 if p.data_ptr() != ptr:
@@ -259,9 +376,11 @@ class _HyzoOptimizer(torch.optim.Optimizer):
                         "(e.g. model.to()/.half()/.cuda() or a reassigned .data); create the "
                         "optimizer after moving the model"
                     )
-            g = self.param_groups[s.group_index]
-            s.c.set_lr(_as_float(g["lr"]))
-            s.c.set_weight_decay(_as_float(g["weight_decay"]))
+            r = self._rule_settings(self.param_groups[s.group_index])
+            s.c.set_lr(r["lr"])
+            s.c.set_weight_decay(r["weight_decay"])
+            s.c.set_fo_lr(r["fo_lr"])
+            s.c.set_fo_weight_decay(r["fo_weight_decay"])
             if s.device.type == "cuda":
                 s.c.set_stream(torch.cuda.current_stream(s.device).cuda_stream)
 
@@ -300,25 +419,45 @@ class _HyzoOptimizer(torch.optim.Optimizer):
             raise _lib.InternalError("hyzo: shards disagree on the protocol of a step")
         return flags[0]
 
+    def _abort_all(self, shards: Sequence[_ShardState]) -> None:
+        """Abandons the step in progress in ``shards`` (parameters restored); best effort:
+        one failing abort does not keep the others from restoring."""
+        for s in shards:
+            try:
+                s.c.abort()
+            except _lib.HyzoError:
+                pass
+
+    def _begin_all(self) -> None:
+        """Begins a zeroth-order step in every shard, or in none: if one cannot begin, the
+        ones already begun are aborted (their parameters restored) before the error
+        propagates, so no group is left perturbed and the optimizer stays usable."""
+        g0 = self.param_groups[0]
+        norms: Optional[List[float]] = None
+        if g0["directions"] == "sphere":
+            q = int(g0["num_directions"])
+            total = torch.zeros(q, dtype=torch.float64)
+            for s in self._shards:
+                total += torch.tensor(s.c.local_sq_norms(), dtype=torch.float64)
+            if self._pg is not None:
+                r = total.to(_collective_device(self._pg))
+                dist.all_reduce(r, op=dist.ReduceOp.SUM, group=self._pg)
+                total = r.cpu()
+            norms = total.tolist()
+        begun: List[_ShardState] = []
+        try:
+            for s in self._shards:
+                s.c.begin(norms)
+                begun.append(s)
+        except BaseException:
+            self._abort_all(begun)
+            raise
+
     def _zo_step(self, closure: Callable[[], Any]) -> torch.Tensor:
         """One zeroth-order step over every shard (closure under no_grad)."""
         if closure is None:
             raise ValueError("step: a zeroth-order step needs a closure that returns the loss")
-        g0 = self.param_groups[0]
-        if g0["directions"] == "sphere":
-            q = int(g0["num_directions"])
-            norms = torch.zeros(q, dtype=torch.float64)
-            for s in self._shards:
-                norms += torch.tensor(s.c.local_sq_norms(), dtype=torch.float64)
-            if self._pg is not None:
-                r = norms.to(_collective_device(self._pg))
-                dist.all_reduce(r, op=dist.ReduceOp.SUM, group=self._pg)
-                norms = r.cpu()
-            for s in self._shards:
-                s.c.begin(norms.tolist())
-        else:
-            for s in self._shards:
-                s.c.begin()
+        self._begin_all()
         losses: List[torch.Tensor] = []
         try:
             more = True
@@ -329,13 +468,9 @@ class _HyzoOptimizer(torch.optim.Optimizer):
                 losses.append(t)
                 more = self._feed(t)
         except BaseException:
-            for s in self._shards:
-                try:
-                    s.c.abort()
-                except _lib.HyzoError:
-                    pass
+            self._abort_all(self._shards)
             raise
-        if g0["estimator"] == "one_sided":
+        if self.param_groups[0]["estimator"] == "one_sided":
             return losses[0]
         return torch.stack(losses).mean()
 
@@ -345,24 +480,31 @@ class _HyzoOptimizer(torch.optim.Optimizer):
                 if gbuf is not None:
                     gbuf.zero_()
 
-    def _collect_grads(self) -> None:
-        """Makes the registered buffers hold the gradients (``p.grad`` may have been set to
-        None or replaced, e.g. by ``model.zero_grad()``): copies when needed."""
+    def _collect_grads(self, s: _ShardState, none_is_skip: bool) -> List[int]:
+        """Makes the registered buffers of shard ``s`` hold the gradients (``p.grad`` may
+        have been set to None or replaced, e.g. by ``model.zero_grad()``): copies when
+        needed. Returns the indices of parameters whose ``.grad`` is None: with
+        ``none_is_skip`` they are left None (to be skipped), otherwise they get a zero
+        gradient."""
+        missing: List[int] = []
         with torch.no_grad():
-            for s in self._shards:
-                for p, gbuf in zip(s.params, s.grads):
-                    if gbuf is None:
+            for i, (p, gbuf) in enumerate(zip(s.params, s.grads)):
+                if gbuf is None:
+                    continue
+                g = p.grad
+                if g is gbuf:
+                    continue
+                if g is None:
+                    gbuf.zero_()
+                    if none_is_skip:
+                        missing.append(i)
                         continue
-                    g = p.grad
-                    if g is gbuf:
-                        continue
-                    if g is None:
-                        gbuf.zero_()
-                    elif g.is_sparse:
-                        gbuf.copy_(g.to_dense())
-                    elif g.data_ptr() != gbuf.data_ptr():
-                        gbuf.copy_(g)
-                    p.grad = gbuf
+                elif g.is_sparse:
+                    gbuf.copy_(g.to_dense())
+                elif g.data_ptr() != gbuf.data_ptr():
+                    gbuf.copy_(g)
+                p.grad = gbuf
+        return missing
 
     def _compute_grads(self, closure: Callable[[], Any]) -> torch.Tensor:
         """Zeroes the gradients, runs the closure with grad enabled and ``backward()``."""
@@ -376,43 +518,66 @@ class _HyzoOptimizer(torch.optim.Optimizer):
                 raise TypeError("closure: a first-order step needs the loss as a tensor that "
                                 "requires grad (computed from the parameters)")
             loss.backward()
-        self._collect_grads()
-        return loss.detach()
-
-    def _fo_all(self) -> None:
         for s in self._shards:
-            s.c.fo_step()
+            self._collect_grads(s, none_is_skip=False)
+        return loss.detach()
 
     # ------------------------------------------------------------------------------------
     # torch.optim API.
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the gradients. The buffers registered with hyzo (Hybrid, FO) are zeroed
-        in place whatever ``set_to_none`` says: the C optimizer holds their addresses."""
+        in place whatever ``set_to_none`` says (torch's ``set_to_none=False``): the C
+        optimizer holds their addresses, and backward then accumulates into them with no
+        copy. Frozen parameters are handled as torch does."""
         if not self._needs_grads:
             super().zero_grad(set_to_none=set_to_none)
             return
         self._zero_own_grads()
+        registered = set()
         for s in self._shards:
             for p, gbuf in zip(s.params, s.grads):
+                registered.add(id(p))
                 if gbuf is not None and p.grad is not gbuf:
                     p.grad = gbuf
+        # Parameters hyzo does not hold (frozen): torch's own rule.
+        with torch.no_grad():
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if id(p) in registered or p.grad is None:
+                        continue
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.zero_()
 
     def state_dict(self) -> Dict[str, Any]:
         """torch's state dict (param groups, with lr, seed, ...) plus the C state of every
-        shard as a uint8 tensor under ``"hyzo"``: a resumed run continues bit-identically
-        (restore the parameters too)."""
+        shard (both rule states of a :class:`Hybrid`) as a uint8 tensor under ``"hyzo"``:
+        a resumed run continues bit-identically (restore the parameters too).
+
+        Each state is written by the library straight into its tensor: one copy of the
+        optimizer state in memory, however large."""
         sd = super().state_dict()
+        bufs = []
+        for s in self._shards:
+            n = s.c.state_size()
+            t = torch.empty(n, dtype=torch.uint8)
+            s.c.save_state_into(t.data_ptr(), n)
+            bufs.append(t)
         sd["hyzo"] = {
             "format": 1,
             "library_version": _lib.version(),
-            "shards": [torch.frombuffer(bytearray(s.c.save_state()), dtype=torch.uint8)
-                       for s in self._shards],
+            "shards": bufs,
         }
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Restores :meth:`state_dict` (the optimizer must have the same param groups)."""
+        """Restores :meth:`state_dict` (the optimizer must have the same param groups, with
+        the same trainable parameters). The saved states are read in place (uint8 CPU
+        tensors, e.g. from ``torch.load(..., mmap=True)``, or bytes-like objects). A state
+        that does not fit (another configuration, corrupted, truncated) is refused and the
+        optimizer stays as it was."""
         state_dict = dict(state_dict)
         hz = state_dict.pop("hyzo", None)
         if hz is None:
@@ -424,20 +589,28 @@ class _HyzoOptimizer(torch.optim.Optimizer):
         # restores hyperparameters; on any failure the optimizer stays as it was.
         shards: List[_ShardState] = []
         try:
+            for g in self.param_groups:
+                self._normalize_group(g, loaded=True)
             shards = self._make_shards()
             if len(bufs) != len(shards):
                 raise ValueError(f"load_state_dict: {len(bufs)} saved shards, this optimizer "
                                  f"has {len(shards)}")
             for s, b in zip(shards, bufs):
                 if isinstance(b, torch.Tensor):
-                    b = b.detach().cpu().contiguous().numpy().tobytes()
-                s.c.load_state(bytes(b))
+                    b = b.detach()
+                    if b.device.type != "cpu":
+                        b = b.cpu()
+                    b = b.contiguous().view(torch.uint8).reshape(-1)
+                    s.c.load_state_from(b.data_ptr(), b.numel())
+                else:
+                    s.c.load_state(b)
         except BaseException:
             for s in shards:
                 s.c.close()
             self.param_groups[:] = saved_groups
             raise
         old, self._shards = self._shards, shards
+        self._trainable = self._trainable_flags()
         for s in old:
             s.c.close()
 
@@ -448,11 +621,54 @@ class _HyzoOptimizer(torch.optim.Optimizer):
 
     @property
     def skipped(self) -> int:
-        """Zeroth-order steps skipped because a loss was not finite."""
-        return self._shards[0].c.stats()[1]
+        """Zeroth-order steps skipped because a loss or a projected gradient was not finite
+        (spec v2 §4: parameters restored, no state updated)."""
+        return max((s.c.stats()[1] for s in self._shards), default=0)
+
+    @property
+    def updates(self) -> int:
+        """Updates applied to the state of the main rule (its step count ``t``): ``rule``
+        of :class:`ZO` and :class:`FO`; ``zo_rule`` of :class:`Hybrid` (every step's rule
+        when ``fo_rule=None``). Of the first group with trainable parameters."""
+        return self._shards[0].c.updates()[0] if self._shards else 0
+
+    @property
+    def fo_updates(self) -> int:
+        """Updates applied to the state of :class:`Hybrid`'s ``fo_rule`` (its ``t``; 0
+        without one). Of the first group with trainable parameters."""
+        return self._shards[0].c.updates()[1] if self._shards else 0
 
     def __getstate__(self) -> Dict[str, Any]:
         raise TypeError("hyzo optimizers cannot be pickled or deep-copied; use state_dict()")
+
+
+def _check_disjoint(plan: Sequence[Tuple[int, torch.device, List[_Planned]]]) -> None:
+    """No two registered tensors (parameters and gradient buffers, across every group)
+    share memory, and no two parameters share a global element: each C optimizer checks
+    its own group, this checks across groups."""
+    memory: Dict[Any, List[Tuple[int, int, str]]] = {}
+    elements: List[Tuple[int, int, str]] = []
+    for _, dev, items in plan:
+        key = (dev.type, dev.index)
+        for it in items:
+            for t, what in ((it.p, it.where), (it.grad, f"the gradient of {it.where}")):
+                if t is None:
+                    continue
+                start = t.data_ptr()
+                memory.setdefault(key, []).append(
+                    (start, start + t.numel() * t.element_size(), what))
+            elements.append((it.offset, it.offset + it.p.numel(), it.where))
+    for ranges in memory.values():
+        _no_overlap(ranges, "memory")
+    _no_overlap(elements, "global elements (offsets)")
+
+
+def _no_overlap(ranges: List[Tuple[int, int, str]], what: str) -> None:
+    ranges = sorted(ranges)
+    for (a0, a1, aw), (b0, b1, bw) in zip(ranges, ranges[1:]):
+        if b0 < a1:
+            raise ValueError(f"{aw} and {bw} overlap in {what}: [{a0}, {a1}) and [{b0}, {b1}) "
+                             "(param groups must hold distinct tensors and distinct offsets)")
 
 
 class ZO(_HyzoOptimizer):
@@ -460,6 +676,7 @@ class ZO(_HyzoOptimizer):
 
     Args:
         params: parameters or param groups (dicts with ``params`` and per-group options).
+            Parameters with ``requires_grad=False`` are left alone.
         lr: learning rate.
         eps: smoothing radius ``μ`` of the finite differences.
         rule: update rule: ``"sgd"``, ``"momentum"``, ``"sign"``, ``"signum"``, ``"adamw"``,
@@ -467,7 +684,7 @@ class ZO(_HyzoOptimizer):
         betas: ``(β1, β2)`` of momentum / signum / AdamW / AdaZO.
         weight_decay: decoupled weight decay ``λ``.
         directions: ``"gaussian"``, ``"rademacher"`` or ``"sphere"``.
-        num_directions: directions ``q`` per step.
+        num_directions: directions ``q`` per step (at most 65536).
         estimator: ``"two_sided"`` (``2q`` evaluations) or ``"one_sided"`` (``q + 1``).
         precision: rounding of f16/bf16 parameters: ``"nearest"``, ``"stochastic"``,
             ``"compensated"``.
@@ -475,14 +692,16 @@ class ZO(_HyzoOptimizer):
             default generator (broadcast from rank 0 with a process group).
         process_group: all-reduce (mean) each loss over this group (``True``: the world).
         adam_eps: Adam's ``ε``.
-        num_threads: threads of the CPU backend per C optimizer (``None``: all cores).
+        num_threads: threads of the CPU backend per C optimizer (``None``: all cores; at
+            most 1024).
 
     ``step(closure)`` calls ``closure()`` ``2q`` (two-sided) or ``q + 1`` (one-sided) times
     under ``torch.no_grad()`` and returns a detached 0-d tensor: the loss at the unperturbed
     point for the one-sided estimator, the mean of the ``2q`` perturbed losses for the
     two-sided one (which equals the unperturbed loss up to ``O(μ²)``). If the closure raises,
-    the step is abandoned (parameters restored) and the exception propagates. A step with a
-    non-finite loss updates nothing and counts in :attr:`skipped`.
+    the step is abandoned (parameters restored) and the exception propagates. A step whose
+    losses or projected gradients are not finite updates nothing (parameters restored, state
+    untouched) and counts in :attr:`skipped`.
     """
 
     def __init__(
@@ -510,6 +729,14 @@ class ZO(_HyzoOptimizer):
         super().__init__(params, defaults, process_group=process_group,
                          num_threads=num_threads)
 
+    def _check_groups(self) -> None:
+        super()._check_groups()
+        for i, g in enumerate(self.param_groups):
+            if _as_float(g["hybrid_alpha"]) != 0:
+                raise ValueError(f"param group {i}: hybrid_alpha={g['hybrid_alpha']!r} mixes a "
+                                 "gradient into zeroth-order steps; ZO computes none (use "
+                                 "Hybrid)")
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> torch.Tensor:  # type: ignore[override]
         """One zeroth-order step (see the class documentation)."""
@@ -517,14 +744,52 @@ class ZO(_HyzoOptimizer):
         return self._zo_step(closure)  # type: ignore[arg-type]
 
 
-class Hybrid(_HyzoOptimizer):
-    """Hybrid first-/zeroth-order optimizer (blocks of ``fo_steps`` first-order steps and
-    ``zo_steps`` zeroth-order steps, starting with first-order, sharing state).
+class _PaperDefault(str):
+    """A default rule name that :class:`Hybrid` can tell from the same name passed
+    explicitly (``rule=`` excludes an explicit ``fo_rule``/``zo_rule``)."""
 
-    Arguments: ``Hybrid(params, fo_steps=20, zo_steps=20, lr=1e-3, ...)``, then the same
-    as :class:`ZO` (default ``rule="adamw"``), plus ``hybrid_alpha`` (``α`` of the mixed estimate
-    ``α ∇ + (1 − α) ĝ`` used by zeroth-order steps; with ``α > 0`` every zeroth-order step
-    first computes a gradient at the unperturbed point: one extra forward and backward).
+
+_FO_DEFAULT = _PaperDefault("adamw")
+_ZO_DEFAULT = _PaperDefault("adazo")
+
+
+class Hybrid(_HyzoOptimizer):
+    """Hybrid first-/zeroth-order optimizer: blocks of ``fo_steps`` first-order steps and
+    ``zo_steps`` zeroth-order steps, starting with first-order (spec v2 §5).
+
+    By default this is the seed paper's optimizer: first-order steps apply AdamW
+    (``fo_rule``) and zeroth-order steps AdaZO (``zo_rule``), each with a state and a step
+    count ``t`` of its own that the other kind of step never reads or writes. (A shared
+    state, spec v1, lets the zeroth-order estimate inflate the first-order second moment and
+    starve the first-order steps.) Separate AdamW and AdaZO states take 16 bytes per
+    parameter; a stateless zeroth-order rule (``zo_rule="sgd"`` or ``"sign"``) saves 8 of
+    them.
+
+    Args:
+        params, fo_steps, zo_steps: the parameters (or param groups) and the schedule.
+        lr: the group learning rate: of first-order steps, and of zeroth-order steps unless
+            ``zo_lr`` is given. Schedulers change it as for any torch optimizer.
+        fo_rule: rule of first-order steps, ``"adamw"`` by default (any rule of :class:`ZO`),
+            or ``None``: no first-order rule of its own, every step applies ``zo_rule`` to
+            one shared state (spec v1's hybrid).
+        zo_rule: rule of zeroth-order steps, ``"adazo"`` by default.
+        zo_lr: learning rate of zeroth-order steps (``None``: ``lr``). It keeps its ratio to
+            ``lr``: the group stores ``zo_lr_ratio = zo_lr / lr`` and zeroth-order steps use
+            ``group["lr"] * group["zo_lr_ratio"]``, so a scheduler (or you) changing
+            ``group["lr"]`` scales both learning rates alike. A param group may give its own
+            ``zo_lr`` (a ratio to its own ``lr``) or ``zo_lr_ratio``.
+        weight_decay: decoupled weight decay of first-order steps, and of zeroth-order steps
+            unless ``zo_weight_decay`` is given (``None``: ``weight_decay``). Decoupled
+            decay is multiplied by each step's learning rate, so it follows schedulers too.
+        rule: shorthand for ``fo_rule=None, zo_rule=rule``: one rule and one shared state
+            for every step (how ``Hybrid`` was spelled before spec v2); exclusive with
+            ``fo_rule``/``zo_rule``.
+        betas, adam_eps: shared by both rules.
+        hybrid_alpha: ``α`` of the mixed estimate ``α ∇ + (1 − α) ĝ`` of zeroth-order steps
+            (an update of ``zo_rule``'s state); with ``α > 0`` every zeroth-order step first
+            computes a gradient at the unperturbed point (one extra forward and backward).
+        eps, directions, num_directions, estimator, precision, seed, process_group,
+            num_threads: as :class:`ZO`.
 
     ``step(closure)``: in a first-order step, zeroes the gradients, runs ``closure()`` with
     grad enabled, calls ``loss.backward()`` itself (DDP averages the gradients as usual) and
@@ -532,7 +797,13 @@ class Hybrid(_HyzoOptimizer):
     detached 0-d tensor). ``fo_steps = zo_steps = 0`` means no schedule: pass
     ``phase="fo"`` or ``"zo"`` to every ``step``. Gradient buffers are allocated at
     construction (``p.grad``, zeroed) and registered with the C optimizer; ``zero_grad``
-    zeroes them in place.
+    zeroes them in place; a trainable parameter the loss does not reach gets a zero
+    gradient. :attr:`updates` and :attr:`fo_updates` are the step counts ``t`` of the
+    zeroth- and first-order states.
+
+    Param group keys: ``lr``, ``fo_rule``, ``zo_rule``, ``zo_lr_ratio``, ``weight_decay``,
+    ``zo_weight_decay``, ``betas``, ``adam_eps``, ``precision``, ``hybrid_alpha``,
+    ``global_offset``, and the shared ones of :class:`ZO`.
     """
 
     _needs_grads = True
@@ -544,7 +815,7 @@ class Hybrid(_HyzoOptimizer):
         zo_steps: int = 20,
         lr: float = 1e-3,
         eps: float = 1e-3,
-        rule: str = "adamw",
+        rule: Optional[str] = None,
         betas: Sequence[float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         directions: str = "gaussian",
@@ -555,19 +826,73 @@ class Hybrid(_HyzoOptimizer):
         process_group: Any = None,
         hybrid_alpha: float = 0.0,
         *,
+        fo_rule: Optional[str] = _FO_DEFAULT,
+        zo_rule: str = _ZO_DEFAULT,
+        zo_lr: Optional[float] = None,
+        zo_weight_decay: Optional[float] = None,
         adam_eps: float = 1e-8,
         num_threads: Optional[int] = None,
     ) -> None:
-        defaults = _defaults(lr=lr, eps=eps, rule=rule, betas=betas, weight_decay=weight_decay,
-                             directions=directions, num_directions=num_directions,
-                             estimator=estimator, precision=precision, seed=seed,
-                             adam_eps=adam_eps, fo_steps=fo_steps, zo_steps=zo_steps,
-                             hybrid_alpha=hybrid_alpha)
+        if rule is not None:
+            if fo_rule is not _FO_DEFAULT or zo_rule is not _ZO_DEFAULT:
+                raise ValueError("Hybrid: pass either rule (one rule and one shared state for "
+                                 "every step) or fo_rule/zo_rule, not both")
+            fo_rule, zo_rule = None, rule
+        defaults = _defaults(lr=lr, eps=eps, fo_rule=fo_rule, zo_rule=zo_rule, betas=betas,
+                             weight_decay=weight_decay, directions=directions,
+                             num_directions=num_directions, estimator=estimator,
+                             precision=precision, seed=seed, adam_eps=adam_eps,
+                             fo_steps=fo_steps, zo_steps=zo_steps, hybrid_alpha=hybrid_alpha,
+                             zo_lr_ratio=_zo_lr_ratio(zo_lr, lr, "zo_lr"),
+                             zo_weight_decay=_optional_nonneg("zo_weight_decay",
+                                                              zo_weight_decay))
         super().__init__(params, defaults, process_group=process_group,
                          num_threads=num_threads)
 
+    def _normalize_group(self, group: Dict[str, Any], loaded: bool = False) -> None:
+        """A group's ``rule`` becomes ``zo_rule`` with ``fo_rule=None``, its ``zo_lr`` the
+        ratio ``zo_lr_ratio`` to its ``lr``; a loaded group of the single-rule Hybrid (before
+        spec v2) gets the keys it lacks."""
+        where = "param group"
+        if "rule" in group:
+            if "fo_rule" in group or "zo_rule" in group:
+                raise ValueError(f"{where}: pass either 'rule' (one shared state) or "
+                                 "'fo_rule'/'zo_rule', not both")
+            group["zo_rule"] = group.pop("rule")
+            group["fo_rule"] = None
+        if "zo_lr" in group:
+            if "zo_lr_ratio" in group:
+                raise ValueError(f"{where}: pass either 'zo_lr' or 'zo_lr_ratio', not both")
+            lr = group.get("lr", self.defaults.get("lr"))
+            group["zo_lr_ratio"] = _zo_lr_ratio(group.pop("zo_lr"), lr, f"{where}: zo_lr")
+        elif "zo_lr_ratio" in group and group["zo_lr_ratio"] is not None:
+            group["zo_lr_ratio"] = _optional_nonneg(f"{where}: zo_lr_ratio",
+                                                    group["zo_lr_ratio"])
+        if "zo_weight_decay" in group:
+            group["zo_weight_decay"] = _optional_nonneg(f"{where}: zo_weight_decay",
+                                                        group["zo_weight_decay"])
+        if loaded:
+            group.setdefault("zo_lr_ratio", None)
+            group.setdefault("zo_weight_decay", None)
+
+    def _rule_settings(self, g: Dict[str, Any]) -> Dict[str, Any]:
+        # The C optimizer's main rule is the zeroth-order one; fo_lr / fo_weight_decay are
+        # always set (they equal lr / weight_decay unless zo_lr / zo_weight_decay differ).
+        lr = _as_float(g["lr"])
+        ratio = g.get("zo_lr_ratio")
+        wd = _as_float(g["weight_decay"])
+        zo_wd = g.get("zo_weight_decay")
+        return dict(rule=g["zo_rule"], lr=lr if ratio is None else lr * float(ratio),
+                    weight_decay=wd if zo_wd is None else float(zo_wd),
+                    fo_rule=g["fo_rule"], fo_lr=lr, fo_weight_decay=wd)
+
     def next_phase(self) -> str:
         """``"fo"`` or ``"zo"``: the kind of the next step (``"any"`` without schedule)."""
+        self._sync_trainable()
+        if not self._shards:  # nothing trainable (yet): the schedule's first step
+            g = self.param_groups[0]
+            return "any" if g["fo_steps"] == g["zo_steps"] == 0 else (
+                "fo" if g["fo_steps"] > 0 else "zo")
         return self._shards[0].c.next_phase()
 
     def step(self, closure: Optional[Callable[[], Any]] = None,  # type: ignore[override]
@@ -586,7 +911,8 @@ class Hybrid(_HyzoOptimizer):
             raise ValueError(f"phase: the hybrid schedule calls for a {scheduled!r} step")
         if phase == "fo":
             loss = self._compute_grads(closure)  # type: ignore[arg-type]
-            self._fo_all()
+            for s in self._shards:
+                s.c.fo_step()
             return loss
         if any(_as_float(g["hybrid_alpha"]) > 0 for g in self.param_groups):
             self._compute_grads(closure)  # type: ignore[arg-type]
@@ -607,9 +933,23 @@ class FO(_HyzoOptimizer):
         rule: ``"adamw"`` (default), ``"adazo"``, ``"sgd"``, ``"momentum"``, ``"sign"``,
             ``"signum"``.
         seed: seeds stochastic rounding (``precision="stochastic"``).
+
+    Gradients: a parameter whose ``.grad`` is ``None`` at ``step()`` is skipped, as
+    ``torch.optim.AdamW`` skips it: its values are not changed (no update, no weight
+    decay). hyzo keeps one state per param group, so its moment buffers still see a step
+    with a zero gradient (they decay by ``β1``/``β2``; torch leaves them as they were), and
+    in ``precision="compensated"`` its bf16 residual may absorb part of that step. A group
+    whose parameters all have ``.grad`` None is not stepped at all (nothing changes, as in
+    torch). ``zero_grad()`` zeroes the gradient buffers in place (as torch's
+    ``set_to_none=False``, so that ``backward()`` accumulates into the buffers hyzo holds,
+    with no copy): a parameter the next loss does not reach then has a zero gradient and is
+    updated with it, as ``torch.optim.AdamW`` does after ``zero_grad(set_to_none=False)``.
+    Gradients set another way (``model.zero_grad()``, a new tensor in ``.grad``) are copied
+    into hyzo's buffers at ``step()``.
     """
 
     _needs_grads = True
+    _assign_grads_at_build = False
 
     def __init__(
         self,
@@ -631,38 +971,78 @@ class FO(_HyzoOptimizer):
         super().__init__(params, defaults, num_threads=num_threads)
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Optional[Any]:  # type: ignore[override]
-        """A first-order step on the parameters' ``.grad`` (missing gradients count as 0)."""
+        """A first-order step on the parameters' ``.grad`` (``None``: skipped, see above)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._prepare()
-        self._collect_grads()
-        self._fo_all()
+        for s in self._shards:
+            missing = self._collect_grads(s, none_is_skip=True)
+            if len(missing) == len(s.params):
+                continue  # nothing to update in this group: leave its state as it is
+            # The C optimizer updates every tensor it holds: put the skipped ones back.
+            kept = [(s.params[i], s.params[i].detach().clone()) for i in missing]
+            s.c.fo_step()
+            if kept:
+                with torch.no_grad():
+                    for p, before in kept:
+                        p.copy_(before)
         return loss
 
 
 # ----------------------------------------------------------------------------------------
 
 
+def _enum_name(v: str) -> str:
+    return v.lower().replace("-", "_")
+
+
 def _defaults(**kw: Any) -> Dict[str, Any]:
-    """Normalizes the options (enum names lower-case) and checks their types early."""
-    for k in ("rule", "directions", "estimator", "precision"):
+    """Normalizes the options (enum names lower-case) and checks their types early; the
+    optimizer checks the values with the library."""
+    for k in _ENUM_KEYS:
+        if k not in kw or (k == "fo_rule" and kw[k] is None):
+            continue
         if not isinstance(kw[k], str):
             raise TypeError(f"{k}: expected a string, got {kw[k]!r}")
-        kw[k] = kw[k].lower().replace("-", "_")
-    kw["betas"] = tuple(float(b) for b in kw["betas"])
+        kw[k] = _enum_name(str(kw[k]))
+        if k.endswith("rule"):
+            _lib.rule_code(k, kw[k])  # an unknown rule is reported under its own name
+    try:
+        kw["betas"] = tuple(float(b) for b in kw["betas"])
+    except (TypeError, ValueError):
+        raise ValueError(f"betas: expected two floats, got {kw['betas']!r}") from None
     if len(kw["betas"]) != 2:
         raise ValueError(f"betas: expected two floats, got {kw['betas']!r}")
     if kw["seed"] is not None:
-        s = kw["seed"]
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**64:
-            raise ValueError(f"seed: expected an integer in [0, 2**64) or None, got {s!r}")
+        kw["seed"] = _lib.check_int("seed", kw["seed"], 0, 2**64)
     kw["global_offset"] = None
-    # Validate values with the library now, for a clear error at construction.
-    _lib.make_config(**{k: (_as_float(v) if k == "lr" else v) for k, v in kw.items()
-                        if k not in ("global_offset",) and not (k == "seed" and v is None)})
     return kw
+
+
+def _optional_nonneg(name: str, v: Any) -> Optional[float]:
+    """None, or a finite float >= 0."""
+    if v is None:
+        return None
+    f = _as_float(v)
+    if not (math.isfinite(f) and f >= 0):
+        raise ValueError(f"{name}: expected a finite float >= 0 or None, got {v!r}")
+    return f
+
+
+def _zo_lr_ratio(zo_lr: Any, lr: Any, name: str) -> Optional[float]:
+    """``zo_lr / lr``, the ratio zeroth-order steps keep to the group's lr."""
+    zo = _optional_nonneg(name, zo_lr)
+    if zo is None:
+        return None
+    base = _as_float(lr)
+    if zo == 0:
+        return 0.0
+    if not (math.isfinite(base) and base > 0):
+        raise ValueError(f"{name}: {zo} cannot be kept as a ratio to lr = {lr!r}; give lr > 0 "
+                         "(zeroth-order steps use lr * zo_lr / lr_at_construction)")
+    return zo / base
 
 
 def _as_float(v: Any) -> float:

@@ -123,4 +123,5 @@ def test_closure_exception_on_cuda_restores():
 
 def test_two_devices_in_one_group_is_an_error():
     with pytest.raises(ValueError, match="several devices"):
-        ht.ZO([torch.zeros(4), torch.zeros(4, device="cuda")], lr=0.1)
+        ht.ZO([torch.zeros(4, requires_grad=True),
+               torch.zeros(4, device="cuda", requires_grad=True)], lr=0.1)

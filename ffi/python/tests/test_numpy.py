@@ -308,3 +308,128 @@ def test_library_info():
     assert hyzo.__version__.count(".") == 2
     assert hyzo.library_path.endswith("libhyzo.so")
     assert isinstance(hyzo.cuda_available(), bool)
+
+
+# --------------------------------------------------------------------------------------
+# a first-order rule of its own (spec v2 §5)
+
+
+def test_fo_rule_has_its_own_state_and_lr(rng):
+    """With fo_rule, first-order steps run their rule on their own state with fo_lr: with
+    no zeroth-order step in between they equal a single-rule optimizer at that lr."""
+    x0 = rng.standard_normal(50).astype(np.float32)
+    a, b = x0.copy(), x0.copy()
+    ga, gb = np.zeros_like(a), np.zeros_like(b)
+    oa = hyzo.Optimizer([a], grads=[ga], rule="adazo", lr=1.0, fo_rule="adamw", fo_lr=0.01,
+                        fo_weight_decay=0.1, weight_decay=5.0)
+    ob = hyzo.Optimizer([b], grads=[gb], rule="adamw", lr=0.01, weight_decay=0.1)
+    for _ in range(4):
+        ga[:] = 2 * a
+        gb[:] = 2 * b
+        oa.fo_step()
+        ob.fo_step()
+    np.testing.assert_array_equal(bits(a), bits(b))
+    assert (oa.updates, oa.fo_updates) == (0, 4) and (ob.updates, ob.fo_updates) == (4, 0)
+    assert oa.fo_lr == pytest.approx(0.01) and ob.fo_lr is None
+    # A zeroth-order step updates the other state only.
+    oa.step(lambda: quad(a))
+    assert (oa.updates, oa.fo_updates, oa.steps) == (1, 4, 5)
+    # fo_lr None: first-order steps follow lr again.
+    oa.set_fo_lr(None)
+    assert oa.fo_lr is None
+    oa.fo_lr = 0.5
+    assert oa.fo_lr == 0.5
+    oa.set_fo_weight_decay(None)
+    with pytest.raises(ValueError, match="fo_lr"):
+        oa.set_fo_lr(float("nan"))  # NaN is not a spelling of "follow lr" in Python
+    with pytest.raises(ValueError, match="fo_lr"):
+        oa.set_fo_lr(-1.0)
+    with pytest.raises(ValueError, match="fo_rule"):
+        hyzo.Optimizer([x0.copy()], fo_rule="lion")
+    with pytest.raises(ValueError, match="fo_weight_decay"):
+        hyzo.Optimizer([x0.copy()], fo_rule="adamw", fo_weight_decay=float("nan"))
+
+
+def test_fo_rule_state_round_trip_through_files(rng, tmp_path):
+    """save_state/load_state (files, streamed by the library) and state_dict (memory) hold
+    the same bytes, and either resumes the run bit for bit."""
+    x0 = rng.standard_normal(300).astype(BF16)
+    kw = dict(rule="adazo", fo_rule="adamw", lr=0.01, fo_lr=0.02, fo_steps=2, zo_steps=2,
+              seed=8, precision="compensated", num_directions=2)
+
+    def run(opt, x, g, steps):
+        for _ in range(steps):
+            if opt.next_phase() == "fo":
+                g[:] = (2 * x.astype(np.float32)).astype(g.dtype)
+                opt.fo_step()
+            else:
+                opt.step(lambda: quad(x))
+
+    a, ga = x0.copy(), np.zeros(300, np.float32)
+    oa = hyzo.Optimizer([a], grads=[ga], **kw)
+    run(oa, a, ga, 5)
+    path = tmp_path / "state.hyzo"
+    oa.save_state(path)
+    saved_x, saved = a.copy(), oa.state_dict()
+    assert isinstance(saved, bytearray) and path.read_bytes() == bytes(saved)
+    run(oa, a, ga, 6)
+
+    for load in ("file", "bytes", "memoryview"):
+        b, gb = saved_x.copy(), np.zeros(300, np.float32)
+        ob = hyzo.Optimizer([b], grads=[gb], **kw)
+        if load == "file":
+            ob.load_state(str(path))
+        elif load == "bytes":
+            ob.load_state_dict(bytes(saved))
+        else:
+            ob.load_state_dict(memoryview(np.frombuffer(bytes(saved), np.uint8)))
+        assert (ob.steps, ob.updates, ob.fo_updates) == (5, 2, 3)
+        run(ob, b, gb, 6)
+        np.testing.assert_array_equal(bits(a), bits(b))
+
+
+def test_bad_state_files_change_nothing(rng, tmp_path):
+    x = rng.standard_normal(20).astype(np.float32)
+    g = np.zeros_like(x)
+    opt = hyzo.Optimizer([x], grads=[g], rule="adazo", fo_rule="adamw", seed=0)
+    g[:] = 1
+    opt.fo_step()
+    opt.step(lambda: quad(x))
+    good = bytes(opt.state_dict())
+    with pytest.raises(hyzo.HyzoIOError) as e:
+        opt.load_state(tmp_path / "missing")
+    assert isinstance(e.value, OSError) and "missing" in str(e.value)
+    with pytest.raises(OSError):
+        opt.save_state(tmp_path / "no-such-dir" / "state")
+    corrupt = bytearray(good)
+    corrupt[70] ^= 0x10
+    (tmp_path / "corrupt").write_bytes(bytes(corrupt))
+    (tmp_path / "short").write_bytes(good[:-9])
+    other = hyzo.Optimizer([x.copy()], grads=[g.copy()], rule="adamw", seed=0)  # no fo_rule
+    g[:] = 1
+    other.fo_step()
+    other.save_state(tmp_path / "foreign")
+    for name in ("corrupt", "short", "foreign"):
+        with pytest.raises(hyzo.InvalidArgumentError):
+            opt.load_state(tmp_path / name)
+        assert bytes(opt.state_dict()) == good, name
+    with pytest.raises(ValueError, match="NUL"):
+        opt.save_state("bad\0name")
+    with pytest.raises(TypeError, match="bytes-like"):
+        opt.load_state_dict(12345)
+    # A failed save never leaves a partial file where the state goes (written beside it,
+    # then renamed).
+    assert not (tmp_path / "no-such-dir").exists()
+
+
+def test_displace_binding_adds_scale_times_the_direction(rng):
+    """hyzo_optimizer_displace through the binding: x + scale * z at the global indices."""
+    x0 = rng.standard_normal(40).astype(np.float32)
+    x = x0.copy()
+    opt = hyzo.Optimizer([(x, 1000)], directions="rademacher")
+    opt._c.displace(seed=9, step=3, direction=1, scale=0.25)
+    z = hyzo.directions("rademacher", 9, 3, 1, 1000, 40)
+    np.testing.assert_array_equal(x, x0 + np.float32(0.25) * z)
+    assert opt.steps == 0
+    with pytest.raises(ValueError, match="step"):
+        opt._c.displace(seed=9, step=2**32, direction=0, scale=1.0)
