@@ -40,6 +40,8 @@ lint: setup
 
 test-rust: setup
 	$(CUDA_ENV); cargo test --release
+	# A saved state over 4 GiB (skips, saying so, without 7 GiB of memory and 10 GiB of disk).
+	$(CUDA_ENV); cargo test --release --test big_state -- --ignored --nocapture
 
 # Every kernel for every architecture (warnings and spills are errors), and the NVRTC path.
 check-kernels: setup
