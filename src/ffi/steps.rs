@@ -146,8 +146,8 @@ pub unsafe extern "C" fn hyzo_zo_abort(opt: *mut hyzo_optimizer) -> hyzo_status 
 
 /// The last finished zeroth-order step: `*loss` is its loss at the unperturbed point (the
 /// mean of the `2q` losses for the two-sided estimator, `L_0` for the one-sided; NaN when the
-/// losses were fed from the device), `*skipped` is 1 when a loss was not finite and nothing
-/// was updated. `HYZO_ERR_BAD_STATE` when no zeroth-order step finished since the optimizer
+/// losses were fed from the device), `*skipped` is 1 when a loss or a projected gradient was
+/// not finite and nothing was updated. `HYZO_ERR_BAD_STATE` when no zeroth-order step finished since the optimizer
 /// was created or its state loaded.
 ///
 /// # Safety
@@ -239,7 +239,8 @@ pub unsafe extern "C" fn hyzo_next_phase(
 }
 
 /// Steps taken (first- and zeroth-order, skipped ones included) and zeroth-order steps
-/// skipped because a loss was not finite. On CUDA this synchronizes the optimizer's stream.
+/// skipped because a loss or a projected gradient was not finite (spec §4). On CUDA this
+/// synchronizes the optimizer's stream.
 ///
 /// # Safety
 /// `opt` must be NULL or a live optimizer; `steps` and `skipped` NULL or writable.
