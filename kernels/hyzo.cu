@@ -632,7 +632,8 @@ HYZO_KERNEL hyzo_sq_norm_final(const __grid_constant__ HyzoPass p) {
 /* ---- device losses: g_d, the finiteness check and the skip counter -----------------------
  * Mirrors Optimizer::projected_grads: two-sided g_d = (L[2d] − L[2d+1]) / (2μ), one-sided
  * g_d = (L[d+1] − L[0]) / μ; the coefficient is g_d · base_d. A step with a non-finite
- * loss, g_d or coefficient (spec v2 §4) sets *skip_flag (the update pass then only
+ * loss, g_d or coefficient (spec v2 §4), or whose coefficients could make an estimate
+ * beyond MAX_ESTIMATE (backend/mod.rs), sets *skip_flag (the update pass then only
  * restores) and counts in *skip_count. */
 HYZO_KERNEL hyzo_device_losses(const __grid_constant__ HyzoLossPass p) {
     const float* losses = (const float*)p.losses;
@@ -653,8 +654,12 @@ HYZO_KERNEL hyzo_device_losses(const __grid_constant__ HyzoLossPass p) {
         bad |= !isfinite(gd) || !isfinite(t.coeff);
         out[d] = t;
     }
-    const int any_bad = __syncthreads_or(bad);
+    int any_bad = __syncthreads_or(bad);
     if (threadIdx.x == 0) {
+        /* The estimate's bound (backend::max_coefficient_sum): the host's f32 sum, in order. */
+        float sum = 0.0f;
+        for (hyzo_u32 d = 0; d < p.q; d++) sum = fadd_(sum, fabsf(out[d].coeff));
+        if (!(sum <= p.max_coefficient_sum)) any_bad = 1;
         *(hyzo_u32*)p.skip_flag = any_bad ? 1u : 0u;
         if (any_bad) *(hyzo_u64*)p.skip_count += 1;
     }

@@ -125,7 +125,7 @@ typedef struct HyzoLossPass {
     hyzo_u32 q;
     hyzo_u32 estimator;
     float eps;
-    hyzo_u32 reserved;
+    float max_coefficient_sum; /* skip when Σ_d |g_d base_d| (f32, in order) exceeds it */
     HyzoTerm inline_base[HYZO_MAX_TERMS];
 } HyzoLossPass;
 
@@ -199,7 +199,7 @@ HYZO_LAYOUT(HyzoLossPass, skip_count, 32);
 HYZO_LAYOUT(HyzoLossPass, q, 40);
 HYZO_LAYOUT(HyzoLossPass, estimator, 44);
 HYZO_LAYOUT(HyzoLossPass, eps, 48);
-HYZO_LAYOUT(HyzoLossPass, reserved, 52);
+HYZO_LAYOUT(HyzoLossPass, max_coefficient_sum, 52);
 HYZO_LAYOUT(HyzoLossPass, inline_base, 56);
 HYZO_SIZE(HyzoLossPass, 120);
 

@@ -29,6 +29,16 @@ impl DirectionKind {
         DirectionKind::Sphere,
     ];
 
+    /// The largest `|z|` an entry of the generated kind can take: Box-Muller's radius at the
+    /// smallest `u = 2^-33` is `sqrt(66 ln 2) = 6.7637` (fast GPU arithmetic adds at most the
+    /// spec's tolerance); Rademacher entries are ±1.
+    pub fn max_abs(self) -> f32 {
+        match self.generated() {
+            DirectionKind::Rademacher => 1.0,
+            _ => 6.77,
+        }
+    }
+
     /// The kind whose raw entries are generated: the sphere is a scaled Gaussian.
     pub fn generated(self) -> DirectionKind {
         match self {

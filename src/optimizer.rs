@@ -498,11 +498,15 @@ impl<'a> Optimizer<'a> {
             };
             let g = self.projected_grads(&step.losses);
             let zo = coefficients(Some(&g));
-            // Spec v2 §4: non-finite losses or projected gradients skip the step; so does a
-            // coefficient that overflows (it would write Inf into every parameter).
+            // Spec v2 §4: non-finite losses or projected gradients skip the step; so does an
+            // estimate beyond MAX_ESTIMATE (it would write Inf or 1e30 into the weights or
+            // Adam's moments, for good).
+            let limit = crate::backend::max_coefficient_sum(self.config.direction);
+            let coefficient_sum = zo.iter().fold(0f32, |s, t| s + t.coeff.abs());
             let finite = step.losses.iter().all(|l| l.is_finite())
                 && g.iter().all(|v| v.is_finite())
-                && zo.iter().all(|t| t.coeff.is_finite());
+                && zo.iter().all(|t| t.coeff.is_finite())
+                && coefficient_sum <= limit;
             if !finite {
                 let pass = PerturbPass {
                     gen: step.gen,
@@ -527,6 +531,7 @@ impl<'a> Optimizer<'a> {
             device_losses: on_device.then_some(DeviceLosses {
                 estimator: self.config.estimator,
                 eps: self.config.eps,
+                max_coefficient_sum: crate::backend::max_coefficient_sum(self.config.direction),
             }),
             ..self.update_pass(Phase::ZerothOrder, step.gen)
         };

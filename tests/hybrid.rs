@@ -490,3 +490,56 @@ fn displace_adds_a_regenerable_direction_once() {
     assert_eq!([a, b].concat(), got);
     assert!(whole.displace(1, 0, 0, f32::NAN).is_err());
 }
+
+/// Finite losses so far apart that the estimate would be ~1e38: Adam's second moment would
+/// become Inf for good (and SGD would write 1e34 into the weights). Skipped like a
+/// non-finite one; a large but sane estimate is applied.
+#[test]
+fn an_estimate_beyond_the_bound_skips_the_step() {
+    let (mut x, mut g) = (vec![0.5f32; N], vec![0f32; N]);
+    let config = Config {
+        rule: Rule::AdamW,
+        ..paper_hybrid(0, 0)
+    };
+    let mut opt = optimizer(config, &mut x, &mut g);
+    let before = params(&opt);
+    let state = opt.save_state().unwrap();
+    let mut calls = 0;
+    let report = opt
+        .zo_step(|_| {
+            calls += 1;
+            if calls == 1 {
+                1e35
+            } else {
+                0.0
+            }
+        })
+        .unwrap();
+    assert!(report.skipped);
+    // Restored up to the rounding of the three passes (f32, nearest: spec v2 §4).
+    let restored = params(&opt);
+    assert!(restored
+        .iter()
+        .zip(&before)
+        .all(|(a, b)| (a - b).abs() <= 2.0 * f32::EPSILON * b.abs()));
+    let after = opt.save_state().unwrap();
+    assert_eq!(
+        after[HEADER..after.len() - 4],
+        state[HEADER..state.len() - 4]
+    );
+    // (L+ − L−) / 2μ = 5e9: large, sane, applied.
+    let mut calls = 0;
+    let report = opt
+        .zo_step(|_| {
+            calls += 1;
+            if calls == 1 {
+                1e7
+            } else {
+                0.0
+            }
+        })
+        .unwrap();
+    assert!(!report.skipped);
+    assert_ne!(params(&opt), before);
+    assert!(params(&opt).iter().all(|v| v.is_finite()));
+}

@@ -82,6 +82,22 @@ pub struct DeviceLosses {
     pub estimator: crate::config::Estimator,
     /// The smoothing radius `μ`.
     pub eps: f32,
+    /// The step is skipped when `Σ_d |g_d · base_d|` (f32, in order of `d`) exceeds this:
+    /// [`max_coefficient_sum`].
+    pub max_coefficient_sum: f32,
+}
+
+/// The largest estimate a zeroth-order update applies, per element: `|ĝ| ≤ 2^60`. Squared
+/// (Adam's second moments) that stays far from f32's overflow; no real projected gradient
+/// comes near it, while a loss difference of 1e35 over a small μ would write a moment of
+/// Inf that never decays, or weights of 1e30.
+pub const MAX_ESTIMATE: f32 = (1u64 << 60) as f32;
+
+/// The bound on `Σ_d |w_d|` (the coefficients of the estimate) that keeps `|ĝ| ≤`
+/// [`MAX_ESTIMATE`] for directions of `kind`; host and device compare the same f32 sum with
+/// this same value.
+pub fn max_coefficient_sum(kind: crate::direction::DirectionKind) -> f32 {
+    MAX_ESTIMATE / kind.max_abs()
 }
 
 /// The state buffers a backend keeps per element (spec v2 §5: one set per rule).

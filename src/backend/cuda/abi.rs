@@ -82,7 +82,7 @@ pub struct HyzoLossPass {
     pub q: u32,
     pub estimator: u32,
     pub eps: f32,
-    pub reserved: u32,
+    pub max_coefficient_sum: f32,
     pub inline_base: [HyzoTerm; MAX_TERMS],
 }
 
@@ -197,7 +197,7 @@ mod tests {
             q,
             estimator,
             eps,
-            reserved,
+            max_coefficient_sum,
             inline_base
         ));
         v

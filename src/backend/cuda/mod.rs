@@ -800,7 +800,7 @@ impl Backend for CudaBackend {
                 q: q as u32,
                 estimator: dl.estimator as u32,
                 eps: dl.eps,
-                reserved: 0,
+                max_coefficient_sum: dl.max_coefficient_sum,
                 inline_base: [HyzoTerm::default(); MAX_TERMS],
             };
             lp.base = self.stage_terms(pass.zo, &mut lp.inline_base)?;
