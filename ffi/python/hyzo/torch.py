@@ -525,6 +525,31 @@ class _HyzoOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------
     # torch.optim API.
 
+    @torch.no_grad()
+    def perturb_(self, std: float, seed: int, step: int = 0, direction: int = 0) -> None:
+        """Adds ``std * z`` once to every trainable parameter, ``z`` the direction ``(seed,
+        step, direction)`` of the optimizer's kind (``directions``; ``"sphere"`` gives its
+        unscaled Gaussian) at each element's global offset: a seeded displacement that any
+        process regenerates exactly for the shard it holds (``hyzo.directions`` gives the
+        same ``z``), e.g. the noise control of an experiment.
+
+        One perturbation pass per param group, written back with the group's ``precision``
+        (as a perturbation pass: nearest for ``"stochastic"``); the optimizer's state, step
+        counts and schedule do not change, and no collective runs. The seed is the caller's,
+        independent of the optimizer's ``seed``: the same ``(seed, step, direction)`` as a
+        zeroth-order step would repeat that step's direction. ``std`` must be finite;
+        ``step`` and ``direction`` are u32 (directions ``0xFFFFFF00`` and above are the
+        library's own streams, spec §2)."""
+        std = _as_float(std)
+        if not math.isfinite(std):
+            raise ValueError(f"perturb_: std must be finite, got {std!r}")
+        seed = _lib.u64("seed", seed)
+        step = _lib.u32("step", step)
+        direction = _lib.u32("direction", direction)
+        self._prepare()
+        for s in self._shards:
+            s.c.displace(seed, step, direction, std)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the gradients. The buffers registered with hyzo (Hybrid, FO) are zeroed
         in place whatever ``set_to_none`` says (torch's ``set_to_none=False``): the C

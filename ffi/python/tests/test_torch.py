@@ -591,3 +591,75 @@ def test_cannot_pickle():
     opt = ht.ZO(make_params(), lr=0.1, seed=0)
     with pytest.raises(TypeError, match="state_dict"):
         copy.deepcopy(opt)
+
+
+# --------------------------------------------------------------------------------------
+# perturb_: one seeded displacement
+
+
+def test_perturb_adds_the_named_direction_at_global_offsets():
+    """perturb_ adds std * z(seed, step, direction) at each element's global index: the
+    entries hyzo.directions gives (exactly, for Rademacher), the same bits for a vector
+    split into two groups at offsets as for the unsharded one, whatever the optimizer."""
+    g = torch.Generator().manual_seed(3)
+    for kind in ("rademacher", "gaussian"):
+        full = torch.randn(101, generator=g).requires_grad_()
+        a = full[:40].detach().clone().requires_grad_()
+        b = full[40:].detach().clone().requires_grad_()
+        before = full.detach().clone()
+        o_full = ht.ZO([full], lr=0.01, seed=4, rule="adamw", directions=kind)
+        o_shard = ht.Hybrid([{"params": [b], "global_offset": 40}, {"params": [ht.Shard(a, 0)]}],
+                            lr=0.01, seed=9, fo_steps=1, zo_steps=1, directions=kind)
+        o_full.perturb_(0.5, seed=123, step=7, direction=2)
+        o_shard.perturb_(0.5, 123, 7, 2)
+        np.testing.assert_array_equal(bits(full), bits(torch.cat([a.detach(), b.detach()])))
+        z = torch.from_numpy(hyzo.directions(kind, 123, 7, 2, 0, 101))
+        if kind == "rademacher":  # 0.5 * (+-1) is exact: one rounding of the sum
+            np.testing.assert_array_equal(bits(full), bits(before + 0.5 * z))
+        else:
+            torch.testing.assert_close(full.detach(), before + 0.5 * z, rtol=1e-6, atol=1e-6)
+        # Another optimizer, another seed of its own: the same displacement (regenerable
+        # from the name alone).
+        again = before.clone().requires_grad_()
+        other = (ht.FO([again], lr=0.1, seed=77) if kind == "gaussian" else
+                 ht.ZO([again], lr=0.1, seed=77, directions=kind))
+        other.perturb_(0.5, 123, 7, 2)
+        np.testing.assert_array_equal(bits(again), bits(full))
+
+
+def test_perturb_leaves_state_counts_and_frozen_parameters_alone():
+    """No state, step count or schedule moves; a frozen parameter is not displaced; the
+    next step is the one the schedule called for."""
+    params = make_params()
+    frozen = nn.Parameter(torch.ones(6), requires_grad=False)
+    opt = ht.Hybrid(params + [frozen], lr=0.01, seed=5, fo_steps=1, zo_steps=2,
+                    num_directions=2)
+    for _ in range(2):
+        opt.step(lambda: quad_loss(params))
+    state = opt.state_dict()["hyzo"]["shards"][0].clone()
+    counts = (opt.steps, opt.updates, opt.fo_updates, opt.next_phase())
+    moved = [p.detach().clone() for p in params]
+    opt.perturb_(0.1, seed=1)
+    assert torch.equal(opt.state_dict()["hyzo"]["shards"][0], state)
+    assert (opt.steps, opt.updates, opt.fo_updates, opt.next_phase()) == counts
+    assert torch.equal(frozen, torch.ones(6))
+    assert all(not torch.equal(p.detach(), m) for p, m in zip(params, moved))
+    opt.perturb_(0.0, seed=1)  # std 0: no change
+    opt.perturb_(torch.tensor(0.1), seed=2**64 - 1, step=2**32 - 1, direction=0)
+
+
+def test_perturb_refuses_bad_arguments():
+    p = make_params((torch.float32,))
+    opt = ht.ZO(p, lr=0.1, seed=0)
+    before = p[0].detach().clone()
+    for kw, err in ((dict(std=float("nan"), seed=0), "finite"),
+                    (dict(std=float("inf"), seed=0), "finite"),
+                    (dict(std=1.0, seed=-1), "seed"),
+                    (dict(std=1.0, seed=2**64), "seed"),
+                    (dict(std=1.0, seed=0, step=2**32), "step"),
+                    (dict(std=1.0, seed=0, direction=-1), "direction")):
+        with pytest.raises(ValueError, match=err):
+            opt.perturb_(**kw)
+    with pytest.raises(ValueError, match="finite"):  # finite in Python, inf as a float32
+        opt.perturb_(1e39, seed=0)
+    assert torch.equal(p[0].detach(), before)
