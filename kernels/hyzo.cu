@@ -305,16 +305,33 @@ __device__ __forceinline__ HyzoTerm term_at(const HyzoPass& p, hyzo_u32 k) {
     return p.inline_terms[k];
 }
 
-/* What every pass of a launch shares: the parameters and the round keys of the seed. */
+/* What every pass of a launch shares: the parameters, the round keys of the seed and the
+ * step (the launch's, or in the device-counter mode the device counter's, HyzoPass.counters,
+ * read once at kernel start; the probe kernels keep the launch value). */
 struct Launch {
     const HyzoPass& p;
     HyzoKeys keys;
+    hyzo_u32 step;
 };
+
+template <class S>
+__device__ __forceinline__ hyzo_u32 launch_step(const HyzoPass& p) {
+    /* In that mode p.step is the pass's distance from the counter's step: 0 for the passes
+     * of a step, another value for a displacement at another step. */
+    if (!S::probe && p.counters != 0)
+        return (hyzo_u32)((const volatile HyzoCounters*)p.counters)->step + p.step;
+    return p.step;
+}
+
+template <class S>
+__device__ __forceinline__ Launch make_launch(const HyzoPass& p) {
+    return Launch{p, hyzo_keys(p.seed), launch_step<S>(p)};
+}
 
 /* z of one direction for group g (the variant and kind of the Spec). */
 template <class S>
 __device__ __forceinline__ void direction8(const Launch& L, hyzo_u32 direction, hyzo_u64 g, float z[8]) {
-    hyzo_direction8k<S::fast>(S::kind(L.p), L.keys, L.p.step, direction, g, z);
+    hyzo_direction8k<S::fast>(S::kind(L.p), L.keys, L.step, direction, g, z);
 }
 
 /* x += c z for one term (`add_terms` of cpu.rs). */
@@ -374,14 +391,14 @@ struct PerturbBody {
         const hyzo_u32 n = S::nterms(p);
 #pragma unroll 2
         for (hyzo_u32 k = 0; k < n; k++) add_term<S>(L, gr.g, term_at(p, k), x);
-        store_param<S::fast>(t, dt, gr, prec, false, L.keys, p.step, x);
+        store_param<S::fast>(t, dt, gr, prec, false, L.keys, L.step, x);
     }
     __device__ void end_chunk(hyzo_u64) {}
 };
 
 template <class S>
 __device__ __forceinline__ void perturb_pass(const HyzoPass& p) {
-    const Launch L{p, hyzo_keys(p.seed)};
+    const Launch L = make_launch<S>(p);
     PerturbBody<S> body{L};
     for_each_chunk<S>(p, body);
 }
@@ -422,7 +439,7 @@ struct UpdateBody {
             for (int e = 0; e < 8; e++) v[e] = 0.0f;
         if (ZO && !S::probe && skip) {
             if (p.has_restore) add_term<S>(L, gr.g, p.restore, x);
-            store_param<S::fast>(t, dt, gr, prec, false, L.keys, p.step, x);
+            store_param<S::fast>(t, dt, gr, prec, false, L.keys, L.step, x);
             return;
         }
         float g[8];
@@ -463,7 +480,7 @@ struct UpdateBody {
         hyzo_apply_rule8(rr, x, g, m, v);
         if (uses_m && t.m != 0) store8_f32(t.m, t.vec_m, t, gr, m);
         if (uses_v && t.v != 0) store8_f32(t.v, t.vec_v, t, gr, v);
-        store_param<S::fast>(t, dt, gr, prec, true, L.keys, p.step, x);
+        store_param<S::fast>(t, dt, gr, prec, true, L.keys, L.step, x);
     }
     __device__ void end_chunk(hyzo_u64) {}
 };
@@ -474,13 +491,16 @@ __device__ __forceinline__ bool read_skip(const HyzoPass& p) {
 
 /* The rule of an update pass. When steps may have been skipped on the device (skip_count
  * set), the host's t counts them and the bias corrections are redone here for the true t:
- * the host cannot know it without a synchronization. */
+ * the host cannot know it without a synchronization. In the device-counter mode t is the
+ * device's count of attempted updates of the state set, plus this one. */
 template <class S>
 __device__ __forceinline__ HyzoRule update_rule(const HyzoPass& p) {
     HyzoRule r = p.rule;
     const hyzo_u32 rule = S::rule(r);
-    if (!S::probe && p.skip_count != 0 && (rule == HYZO_ADAMW || rule == HYZO_ADAZO)) {
-        const hyzo_u64 t = p.t - *(const volatile hyzo_u64*)p.skip_count;
+    const bool counted = !S::probe && p.counters != 0;
+    if (!S::probe && (p.skip_count != 0 || counted) && (rule == HYZO_ADAMW || rule == HYZO_ADAZO)) {
+        hyzo_u64 t = counted ? ((const volatile HyzoCounters*)p.counters)->t[p.state_set & 1] + 1 : p.t;
+        if (p.skip_count != 0) t -= *(const volatile hyzo_u64*)p.skip_count;
         r.bias_correction1 = hyzo_bias_correction(r.beta1, t);
         r.bias_correction2 = hyzo_bias_correction(r.beta2, t);
     }
@@ -489,7 +509,7 @@ __device__ __forceinline__ HyzoRule update_rule(const HyzoPass& p) {
 
 template <class S, bool ZO>
 __device__ __forceinline__ void update_pass(const HyzoPass& p) {
-    const Launch L{p, hyzo_keys(p.seed)};
+    const Launch L = make_launch<S>(p);
     UpdateBody<S, ZO> body{L, ZO && !S::probe && read_skip(p), update_rule<S>(p)};
     for_each_chunk<S>(p, body);
 }
@@ -535,7 +555,7 @@ struct SqNormBody {
 template <class S>
 __device__ __forceinline__ void sq_norm_pass(const HyzoPass& p) {
     __shared__ double shared[HYZO_THREADS / 32];
-    const Launch L{p, hyzo_keys(p.seed)};
+    const Launch L = make_launch<S>(p);
     SqNormBody<S> body{L, shared, 0.0};
     for_each_chunk<S>(p, body);
 }
@@ -627,6 +647,18 @@ HYZO_KERNEL hyzo_sq_norm_final(const __grid_constant__ HyzoPass p) {
     for (hyzo_u64 c = threadIdx.x; c < p.total_chunks; c += HYZO_THREADS) acc += partials[c];
     const double total = block_sum(acc, shared);
     if (threadIdx.x == 0) ((double*)p.partials)[p.total_chunks] = total;
+}
+
+/* ---- the device counters: one thread advances them after an update pass -----------------
+ * Launched (and captured) after each update pass of the device-counter mode: step + 1 and
+ * t[state_set] + 1. A step the device skipped (*skip_flag) still advances t[main], as the
+ * host counts attempts: its skip count advanced too, so t − skip_count, the t of the bias
+ * corrections, stays where it was. */
+HYZO_KERNEL hyzo_advance_counters(const __grid_constant__ HyzoPass p) {
+    if (threadIdx.x != 0 || blockIdx.x != 0 || p.counters == 0) return;
+    HyzoCounters* c = (HyzoCounters*)p.counters;
+    c->step += 1;
+    c->t[p.state_set & 1] += 1;
 }
 
 /* ---- device losses: g_d, the finiteness check and the skip counter -----------------------

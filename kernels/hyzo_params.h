@@ -112,7 +112,23 @@ typedef struct HyzoPass {
                               bias corrections are those of t - *skip_count */
     hyzo_u32 state_set;    /* HYZO_STATE_*: the m, v an update reads and writes */
     hyzo_u32 reserved;
+    hyzo_u64 counters;     /* device HyzoCounters, or 0: when set, a pass's step is the
+                              counter's plus `step` (0 within a step), and an update's t
+                              the counter's t[state_set] + 1 instead of `t` */
 } HyzoPass;
+
+/* The step counters on the device (CudaBackend's device-counter mode, for CUDA graphs that
+ * replay across steps): the host's `Counters` of src/state.rs. `step` names the directions
+ * and the stochastic-rounding stream; t[set] counts the attempted updates of a state set,
+ * so an update pass uses t[set] + 1 (minus the device's skip count for the main set, as
+ * for HyzoPass.t). hyzo_advance_counters, launched after each update pass, advances them;
+ * a device-side skip advances t[main] and the skip count together, so the t the bias
+ * corrections use stays where it was. The host sets them (at the first step, after a load,
+ * after a host-side skip) and reads them back after graph replays. */
+typedef struct HyzoCounters {
+    hyzo_u64 step;
+    hyzo_u64 t[2];         /* indexed by HYZO_STATE_* */
+} HyzoCounters;
 
 /* The launch parameters of hyzo_device_losses: projected gradients from losses in device
  * memory, the finiteness check, and the skip counter. */
@@ -189,7 +205,12 @@ HYZO_LAYOUT(HyzoPass, t, 192);
 HYZO_LAYOUT(HyzoPass, skip_count, 200);
 HYZO_LAYOUT(HyzoPass, state_set, 208);
 HYZO_LAYOUT(HyzoPass, reserved, 212);
-HYZO_SIZE(HyzoPass, 216);
+HYZO_LAYOUT(HyzoPass, counters, 216);
+HYZO_SIZE(HyzoPass, 224);
+
+HYZO_LAYOUT(HyzoCounters, step, 0);
+HYZO_LAYOUT(HyzoCounters, t, 8);
+HYZO_SIZE(HyzoCounters, 24);
 
 HYZO_LAYOUT(HyzoLossPass, losses, 0);
 HYZO_LAYOUT(HyzoLossPass, base, 8);

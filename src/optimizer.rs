@@ -229,6 +229,9 @@ impl<'a> Optimizer<'a> {
         }
         self.backend
             .allocate_state(&self.shard, self.state_layout())?;
+        // A backend that keeps the counts on the device (CUDA graphs) starts from ours.
+        self.backend
+            .set_counters(self.counters.step, self.counters.updates)?;
         self.prepared = true;
         Ok(())
     }
@@ -447,6 +450,11 @@ impl<'a> Optimizer<'a> {
             }
             Ok(Some(report)) => {
                 self.counters.step += 1;
+                if report.skipped {
+                    // No update pass ran to advance a device's counts.
+                    self.backend
+                        .set_counters(self.counters.step, self.counters.updates)?;
+                }
                 Ok(Feed::Done(report))
             }
             Err(e) => {
@@ -746,6 +754,22 @@ impl<'a> Optimizer<'a> {
         // The device counter restarts from zero; the loaded counters hold every skip.
         self.backend.reset_device_skipped()?;
         self.counters = counters;
+        self.backend
+            .set_counters(self.counters.step, self.counters.updates)?;
+        Ok(())
+    }
+
+    /// Takes the step and update counts from the device, where a backend keeps them (the
+    /// CUDA backend's device-counter mode, `CudaBackend::set_device_counters`): after a
+    /// captured step was replayed as a CUDA graph, the device ran steps the host did not
+    /// count. Synchronizes; a no-op for other backends. Call it after replays, before
+    /// anything that reads the counts (`steps`, `updates`, the hybrid schedule, saving).
+    pub fn sync_counters(&mut self) -> Result<()> {
+        self.check_not_in_step("sync_counters")?;
+        if let Some((step, updates)) = self.backend.device_counters()? {
+            self.counters.step = step;
+            self.counters.updates = updates;
+        }
         Ok(())
     }
 }

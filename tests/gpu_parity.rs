@@ -836,6 +836,116 @@ fn graph_replay_equals_eager() {
     assert!(eager == replay, "graph replay differs from the eager step");
 }
 
+/// The device-counter mode: one zeroth-order step (device losses) captured once and
+/// replayed N times equals N ordinary steps bit for bit (parameters, both moments, the
+/// counters), with a step skipped on the device in the middle (its losses infinite: the
+/// step number advances, the bias corrections' t does not), and a displacement at another
+/// step after the replays (its step travels as a distance from the device's).
+#[test]
+fn graph_replays_across_steps() {
+    if !gpu() {
+        return;
+    }
+    const N: usize = 7;
+    const SKIP: usize = 3;
+    let config = Config {
+        seed: 33,
+        lr: 1e-2,
+        eps: 1e-2,
+        num_directions: 2,
+        rule: Rule::AdamW,
+        precision: Precision::Stochastic,
+        ..Config::default()
+    };
+    let layout = vec![
+        Spec {
+            dtype: DType::BF16,
+            grad: None,
+            numel: 5_003,
+            offset: 3,
+            misalign: 0,
+        },
+        Spec {
+            dtype: DType::F32,
+            grad: None,
+            numel: 777,
+            offset: 5_006,
+            misalign: 4,
+        },
+    ];
+    let run = |graph: bool| -> (Vec<u8>, [u64; 3]) {
+        let twin = Twin::new(layout.clone(), 8);
+        let dev = twin.dev_shard();
+        let mut backend = CudaBackend::new(0).unwrap();
+        backend.set_device_counters(graph);
+        let stream = backend.stream();
+        let mut opt = Optimizer::with_backend(config.clone(), dev, Box::new(backend)).unwrap();
+        opt.local_sq_norms().unwrap();
+        // The "forward pass": the loss is the f32 tensor's element 0, copied on the stream.
+        let loss_at = twin.dev_at[1].0 as usize;
+        let loss_src = twin.dev.ptr() + loss_at as u64;
+        let step = |opt: &mut Optimizer| {
+            opt.begin().unwrap();
+            while let Feed::NeedsForward = opt.feed_device(loss_src).unwrap() {}
+        };
+        // Step SKIP sees an infinite loss (the same host writes around it in both runs).
+        let mut saved = [0f32];
+        let mut poison = |opt: &mut Optimizer, on: bool| {
+            opt.synchronize().unwrap();
+            if on {
+                twin.dev.download_at(loss_at, &mut saved).unwrap();
+                twin.dev.upload_at(loss_at, &[f32::INFINITY]).unwrap();
+            } else {
+                twin.dev.upload_at(loss_at, &saved).unwrap();
+            }
+        };
+        if graph {
+            let mut be = CudaBackend::new(0).unwrap();
+            // SAFETY: capture on the optimizer's stream through a second handle.
+            unsafe { be.set_stream(stream).unwrap() };
+            be.begin_capture().unwrap();
+            step(&mut opt);
+            let g = be.end_capture().unwrap();
+            for i in 0..N {
+                if i == SKIP {
+                    poison(&mut opt, true);
+                }
+                g.launch_on(stream).unwrap();
+                if i == SKIP {
+                    poison(&mut opt, false);
+                }
+            }
+            opt.sync_counters().unwrap();
+        } else {
+            for i in 0..N {
+                if i == SKIP {
+                    poison(&mut opt, true);
+                }
+                step(&mut opt);
+                if i == SKIP {
+                    poison(&mut opt, false);
+                }
+            }
+            opt.sync_counters().unwrap(); // a no-op without device counters
+        }
+        opt.displace(5, 2, 1, 0.25).unwrap();
+        opt.synchronize().unwrap();
+        let mut out = vec![0u8; twin.dev.bytes()];
+        twin.dev.download(&mut out).unwrap();
+        out.extend(opt.save_state().unwrap());
+        let counts = [opt.steps(), opt.updates().unwrap(), opt.skipped().unwrap()];
+        (out, counts)
+    };
+    let (eager, eager_counts) = run(false);
+    let (replay, replay_counts) = run(true);
+    assert_eq!(eager_counts, [N as u64, N as u64 - 1, 1]);
+    assert_eq!(replay_counts, eager_counts);
+    assert!(
+        eager == replay,
+        "N graph replays differ from N ordinary steps"
+    );
+}
+
 /// The backend on the caller's stream and memory: nothing borrowed is freed, and passes
 /// run in the caller's stream order.
 #[test]

@@ -167,6 +167,20 @@ pub trait Backend: Send {
     fn reset_device_skipped(&mut self) -> Result<()> {
         Ok(())
     }
+    /// The optimizer's step and update counts (`updates[StateSet as usize]`: attempted
+    /// updates of each state), told whenever the host sets them outside an update pass: at
+    /// the first step, after a load, after a host-side skip. A backend that keeps them on
+    /// the device (the CUDA backend's device-counter mode, for CUDA graphs replayed across
+    /// steps) stores them; the others ignore them.
+    fn set_counters(&mut self, step: u64, updates: [u64; 2]) -> Result<()> {
+        let _ = (step, updates);
+        Ok(())
+    }
+    /// The step and update counts as the device advanced them (synchronizes), or `None`
+    /// when the backend does not keep them (see [`Backend::set_counters`]).
+    fn device_counters(&mut self) -> Result<Option<(u64, [u64; 2])>> {
+        Ok(None)
+    }
     /// Makes later passes run on the caller's stream (a `CUstream`, 0 for the default).
     fn set_stream(&mut self, stream: u64) -> Result<()> {
         let _ = stream;

@@ -68,6 +68,15 @@ pub struct HyzoPass {
     pub skip_count: u64,
     pub state_set: u32,
     pub reserved: u32,
+    pub counters: u64,
+}
+
+/// `HyzoCounters`: the step counters of the device-counter mode.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HyzoCounters {
+    pub step: u64,
+    pub t: [u64; 2],
 }
 
 /// `HyzoLossPass`: the parameters of `hyzo_device_losses`.
@@ -113,6 +122,7 @@ impl HyzoPass {
             skip_count: 0,
             state_set: 0,
             reserved: 0,
+            counters: 0,
         }
     }
 }
@@ -185,8 +195,10 @@ mod tests {
             t,
             skip_count,
             state_set,
-            reserved
+            reserved,
+            counters
         ));
+        v.extend(f!(HyzoCounters, step, t));
         v.extend(f!(
             HyzoLossPass,
             losses,
@@ -210,6 +222,7 @@ mod tests {
             "HyzoTerm" => size_of::<HyzoTerm>(),
             "HyzoPass" => size_of::<HyzoPass>(),
             "HyzoLossPass" => size_of::<HyzoLossPass>(),
+            "HyzoCounters" => size_of::<HyzoCounters>(),
             other => panic!("unknown struct {other}"),
         }
     }
@@ -265,7 +278,7 @@ mod tests {
             rust.len(),
             "every Rust field is pinned in the header"
         );
-        assert_eq!(sizes, 5);
+        assert_eq!(sizes, 6);
     }
 
     #[test]

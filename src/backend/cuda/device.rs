@@ -156,6 +156,7 @@ pub(crate) fn kernel_names() -> Vec<String> {
     }
     v.push("hyzo_sq_norm_final".into());
     v.push("hyzo_device_losses".into());
+    v.push("hyzo_advance_counters".into());
     v
 }
 

@@ -16,6 +16,12 @@
 //!   update allocates, synchronizes or reads device memory from the host (for `q` up to
 //!   8 terms, which travel in the launch parameters), so the whole step can be captured in
 //!   a CUDA graph ([`CudaBackend::begin_capture`]).
+//! - Graphs that replay across steps: in the device-counter mode
+//!   ([`CudaBackend::set_device_counters`]) every pass reads the step number, and every
+//!   update pass the bias-correction `t`, from a device struct (`HyzoCounters`) that a
+//!   one-thread kernel advances after each update pass (also captured). One captured step
+//!   then serves a whole training loop; [`crate::Optimizer::sync_counters`] brings the
+//!   host's counts up to date after replays.
 
 pub(crate) mod abi;
 mod device;
@@ -35,7 +41,10 @@ use crate::error::{invalid, Error, Result};
 use crate::rules::{Rule, RuleParams};
 use crate::shard::{Location, ParamShard, TensorSpec};
 
-use abi::{HyzoLossPass, HyzoPass, HyzoTensor, HyzoTerm, CHUNK_GROUPS, GROUP, MAX_TERMS, THREADS};
+use abi::{
+    HyzoCounters, HyzoLossPass, HyzoPass, HyzoTensor, HyzoTerm, CHUNK_GROUPS, GROUP, MAX_TERMS,
+    THREADS,
+};
 use device::{check, kernel_name, Device, Kernel, Pass, Variant};
 
 pub use device::compile_ptx;
@@ -334,14 +343,23 @@ pub struct CudaBackend {
     terms_in: Option<CudaBuffer>,
     /// Coefficients computed by `hyzo_device_losses`.
     terms_out: Option<CudaBuffer>,
-    /// u32 skip flag at 0, u64 skip counter at 8.
+    /// u32 skip flag at 0, u64 skip counter at 8, `HyzoCounters` at [`COUNTERS_AT`].
     flags: Option<CudaBuffer>,
     /// sq_norm's per-chunk partials, then the total.
     partials: Option<CudaBuffer>,
     capacity: usize,
     /// Run the exact kernels (the CPU's Gaussian bit for bit) instead of the fast ones.
     exact: bool,
+    /// The device-counter mode ([`CudaBackend::set_device_counters`]).
+    device_counters: bool,
+    /// In that mode, the step the device's counter holds when the passes issued so far
+    /// have run (as last set or read, plus the update passes issued since): a pass for
+    /// another step (`displace`) carries its distance from it.
+    host_step: u64,
 }
+
+/// Byte offset of the `HyzoCounters` in the flags buffer.
+const COUNTERS_AT: u64 = 16;
 
 // SAFETY: the stream handle is only used with the context bound; the backend is used by one
 // thread at a time (&mut self).
@@ -381,6 +399,8 @@ impl CudaBackend {
             partials: None,
             capacity: 0,
             exact: std::env::var_os("HYZO_CUDA_EXACT").is_some_and(|v| v != "0"),
+            device_counters: false,
+            host_step: 0,
         })
     }
 
@@ -395,6 +415,25 @@ impl CudaBackend {
     /// Whether the exact kernels are selected ([`CudaBackend::set_exact`]).
     pub fn is_exact(&self) -> bool {
         self.exact
+    }
+
+    /// Chooses where the step number and the bias-correction `t` come from. Off (the
+    /// default), they travel in each launch's parameters, so a captured graph replays the
+    /// captured step exactly (same directions, same `t`). On, every pass reads them from a
+    /// device struct that each update pass advances (step + 1, and the `t` of its state
+    /// set; a step skipped on the device leaves the bias corrections' `t` where it was),
+    /// so a graph of one whole step, replayed N times, runs N consecutive steps, bit for bit
+    /// those of N ordinary steps. The optimizer sets the struct from its own counts at the
+    /// first step, after a load and after a host-side skip ([`Backend::set_counters`]), so
+    /// choose the mode before handing the backend to an [`crate::Optimizer`]; after
+    /// replays, [`crate::Optimizer::sync_counters`] reads the counts back.
+    pub fn set_device_counters(&mut self, on: bool) {
+        self.device_counters = on;
+    }
+
+    /// Whether the device-counter mode is on ([`CudaBackend::set_device_counters`]).
+    pub fn device_counters_enabled(&self) -> bool {
+        self.device_counters
     }
 
     /// The device ordinal.
@@ -506,6 +545,18 @@ impl CudaBackend {
         self.total_chunks.min(resident).clamp(1, u32::MAX as u64) as u32
     }
 
+    /// After an update pass in the device-counter mode: advances the device's step and the
+    /// `t` of the pass's state set (one thread, ordered on the stream after the pass).
+    fn advance_counters(&mut self, p: &HyzoPass) -> Result<()> {
+        if p.counters == 0 {
+            return Ok(());
+        }
+        let f = self.dev.kernels.get("hyzo_advance_counters")?.func;
+        self.launch(f, 1, p)?;
+        self.host_step += 1;
+        Ok(())
+    }
+
     /// Launches an element kernel over the shard's chunks.
     fn launch_pass(&self, pass: Pass, p: &HyzoPass) -> Result<()> {
         let k = self.kernel(pass, p)?;
@@ -548,6 +599,11 @@ impl CudaBackend {
             _ => 0,
         };
         p.precision = precision as u32;
+        if self.device_counters {
+            p.counters = self.flags.as_ref().map_or(0, |f| f.ptr() + COUNTERS_AT);
+            // The kernels use the counter's step plus this distance (0 within a step).
+            p.step = gen.step.wrapping_sub(self.host_step as u32);
+        }
         p
     }
 
@@ -728,7 +784,7 @@ impl Backend for CudaBackend {
         }
         let table_buf = CudaBuffer::on(&self.dev, std::mem::size_of_val(table.as_slice()))?;
         table_buf.upload(&table)?;
-        let flags = zeroed(16)?;
+        let flags = zeroed(COUNTERS_AT as usize + std::mem::size_of::<HyzoCounters>())?;
         let partials = CudaBuffer::on(&self.dev, 8 * (chunk as usize + 1))?;
         self.specs = tensors.to_vec();
         self.segments = segments;
@@ -773,7 +829,8 @@ impl Backend for CudaBackend {
         }
         let fo_only = pass.restore.is_none() && pass.zo.is_empty() && pass.device_losses.is_none();
         if fo_only {
-            return self.launch_pass(Pass::FoUpdate, &p);
+            self.launch_pass(Pass::FoUpdate, &p)?;
+            return self.advance_counters(&p);
         }
         if let Some(r) = pass.restore {
             p.has_restore = 1;
@@ -810,7 +867,8 @@ impl Backend for CudaBackend {
         } else {
             p.terms = self.stage_terms(pass.zo, &mut p.inline_terms)?;
         }
-        self.launch_pass(Pass::RestoreAndUpdate, &p)
+        self.launch_pass(Pass::RestoreAndUpdate, &p)?;
+        self.advance_counters(&p)
     }
 
     fn sq_norm(&mut self, shard: &ParamShard, gen: Generator, direction: u32) -> Result<f64> {
@@ -925,6 +983,40 @@ impl Backend for CudaBackend {
         let mut v = [0u64; 1];
         flags.download_at(8, &mut v)?;
         Ok(v[0])
+    }
+
+    fn set_counters(&mut self, step: u64, updates: [u64; 2]) -> Result<()> {
+        let Some(flags) = self.flags.as_ref().filter(|_| self.device_counters) else {
+            return Ok(());
+        };
+        let c = HyzoCounters { step, t: updates };
+        self.host_step = step;
+        self.dev.bind()?;
+        // SAFETY: the flags buffer holds the counters at COUNTERS_AT; from pageable memory
+        // the driver stages the copy before returning, ordered on the stream after the
+        // passes issued so far.
+        check(
+            unsafe {
+                sys::cuMemcpyHtoDAsync_v2(
+                    flags.ptr() + COUNTERS_AT,
+                    &c as *const HyzoCounters as *const c_void,
+                    std::mem::size_of::<HyzoCounters>(),
+                    self.stream.raw(),
+                )
+            },
+            "cuMemcpyHtoDAsync (counters)",
+        )
+    }
+
+    fn device_counters(&mut self) -> Result<Option<(u64, [u64; 2])>> {
+        let Some(flags) = self.flags.as_ref().filter(|_| self.device_counters) else {
+            return Ok(None);
+        };
+        self.stream_sync()?;
+        let mut c = [HyzoCounters::default()];
+        flags.download_at(COUNTERS_AT as usize, &mut c)?;
+        self.host_step = c[0].step;
+        Ok(Some((c[0].step, c[0].t)))
     }
 
     fn synchronize(&mut self) -> Result<()> {
