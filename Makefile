@@ -38,8 +38,9 @@ lint: setup
 	cargo fmt --all -- --check
 	$(CUDA_ENV); cargo clippy --release --all-targets -- -D warnings
 
+# The NVRTC test (minutes: every kernel for two architectures) runs once, in check-kernels.
 test-rust: setup
-	$(CUDA_ENV); cargo test --release
+	$(CUDA_ENV); cargo test --release -- --skip embedded_source_compiles_to_ptx_with_nvrtc
 	# A saved state over 4 GiB (skips, saying so, without 7 GiB of memory and 10 GiB of disk).
 	$(CUDA_ENV); cargo test --release --test big_state -- --ignored --nocapture
 

@@ -261,7 +261,7 @@ fn directions(args: &DirectionsArgs) -> Result<(), clap::Error> {
 
 fn info() {
     println!("hyzo {}", hyzo::VERSION);
-    println!("spec: perturbation spec version 1 (Philox4x32-10)");
+    println!("spec: perturbation spec version 2 (Philox4x32-10)");
     println!(
         "backend cpu: available, {} threads",
         rayon::current_num_threads()
