@@ -1,0 +1,85 @@
+"""hyzo.demo: identical figures run after run on one machine, and the pieces its claims
+rest on (the base on the attack's grid, the grid measurements)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+
+from hyzo import demo  # noqa: E402
+
+
+def _run(out: str) -> None:
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    subprocess.run([sys.executable, "-m", "hyzo.demo", "--tiny", "--quiet", "--out", out],
+                   check=True, env=env, stdout=subprocess.DEVNULL, timeout=600)
+
+
+def test_two_runs_write_identical_json(tmp_path):
+    """The demo in a tiny configuration, twice in fresh processes: byte-identical
+    results.json (timings are kept out of it), every row and attack present, and a plot."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _run(a)
+    _run(b)
+    with open(os.path.join(a, "results.json"), "rb") as f:
+        ja = f.read()
+    with open(os.path.join(b, "results.json"), "rb") as f:
+        jb = f.read()
+    assert ja == jb
+    r = json.loads(ja)
+    for obj in demo.OBJECTIVES:
+        rows = r["mean_std"][obj]["0.25"]
+        assert list(rows) == demo.ROWS
+        for name in demo.ROWS:
+            for k in ("forget", "retain", "forget 4-bit g32", "forget 4-bit per-channel",
+                      "forget 8-bit per-channel", "forget relearned", "grid values changed",
+                      "mean |delta| / step"):
+                assert 0.0 <= rows[name][k]["mean"], (name, k)
+        # The displacement controls use the hybrid's measured RMS, and it is not zero.
+        hyb = r["per_seed"][0]["runs"][obj]["0.25"][demo.HYBRID]
+        ctl = r["per_seed"][0]["runs"][obj]["0.25"][demo.NOISE_ADAMW]
+        assert ctl["displacement_rms"] == hyb["zo_changes_rms"] > 0
+    assert os.path.getsize(os.path.join(a, "robustness.png")) > 10_000
+
+
+def test_base_sits_on_the_attack_grid():
+    """Re-quantizing the int4 base with its own scheme changes no value (the built-in
+    assumption), and the grid measurements read zero on it."""
+    torch.manual_seed(0)
+    model = demo.TinyLM(40)
+    base = demo.quantized(model, *demo.BASE_SCHEME)
+    again = demo.quantized(base, *demo.BASE_SCHEME)
+    for p, q in zip(base.parameters(), again.parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=0)
+    assert demo.grid_change(base, base) == (0.0, 0.0)
+    # Moving one weight off a zero code by 0.6 of its step changes exactly that value.
+    moved = demo.quantized(model, *demo.BASE_SCHEME)
+    w = moved.head.weight
+    step = demo._fake_quant(base.head.weight, *demo.BASE_SCHEME)[1]
+    i, j = [int(v) for v in torch.nonzero(base.head.weight == 0)[0]]
+    with torch.no_grad():
+        w[i, j] += 0.6 * step[i, j]
+    frac, mean_steps = demo.grid_change(moved, base)
+    n = sum(p.numel() for p in base.parameters() if p.dim() == 2)
+    assert frac == pytest.approx(1 / n)
+    assert mean_steps == pytest.approx(0.6 / n, rel=1e-4)
+
+
+def test_accuracy_is_an_exact_ratio():
+    """6 of 60 right is <= 0.1 (a float32 mean would read 0.100000001)."""
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], x.shape[1], 4)
+            logits[:6, -1, 1] = 1.0  # the first six answer 1, the rest 0
+            return logits
+
+    facts = torch.ones(60, 5, dtype=torch.long)
+    assert demo.accuracy(Fixed(), facts) <= 0.1
