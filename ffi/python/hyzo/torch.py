@@ -531,7 +531,8 @@ class _HyzoOptimizer(torch.optim.Optimizer):
         step, direction)`` of the optimizer's kind (``directions``; ``"sphere"`` gives its
         unscaled Gaussian) at each element's global offset: a seeded displacement that any
         process regenerates exactly for the shard it holds (``hyzo.directions`` gives the
-        same ``z``), e.g. the noise control of an experiment.
+        same ``z`` on the CPU; CUDA's fast Gaussian is within spec §3's tolerance of it),
+        e.g. the noise control of an experiment.
 
         One perturbation pass per param group, written back with the group's ``precision``
         (as a perturbation pass: nearest for ``"stochastic"``); the optimizer's state, step

@@ -24,15 +24,6 @@ HEADER = REPO / "ffi" / "hyzo.h"
 UNBOUND = {
     "hyzo_status_string": "the binding maps each status to an exception class itself",
 }
-# In the header since the hybrid's first-order rule, state format 2 (issue 11) and seeded
-# displacements, and not yet in _lib.py when this test was written: each may be missing
-# from _lib.py, and is checked like any other once it is bound (then remove it here).
-PENDING_FUNCTIONS = {
-    "hyzo_optimizer_set_fo_lr", "hyzo_optimizer_set_fo_weight_decay",
-    "hyzo_optimizer_save_state_file", "hyzo_optimizer_load_state_file",
-    "hyzo_optimizer_updates", "hyzo_optimizer_displace",
-}
-PENDING_ENUM_VALUES = {"hyzo_status": {"HYZO_ERR_IO"}, "hyzo_rule": {"HYZO_RULE_NONE"}}
 
 # What <stdint.h> provides, as plain typedefs: the system header's compiler extensions are
 # not C that pycparser reads.
@@ -150,8 +141,6 @@ def test_every_header_function_is_bound_with_its_c_types(header):
         if name in UNBOUND:
             assert name not in bound, f"{name} is bound: remove it from UNBOUND"
             continue
-        if name in PENDING_FUNCTIONS and name not in bound:
-            continue
         assert name in bound, f"{name} is in ffi/hyzo.h but not declared in hyzo/_lib.py"
         fn = bound[name]
         assert fn.argtypes is not None, f"{name}: no argtypes declared"
@@ -167,8 +156,8 @@ def test_every_header_function_is_bound_with_its_c_types(header):
 def test_every_bound_function_is_in_the_header(header):
     extra = sorted(set(_bound_functions()) - set(header.functions))
     assert not extra, f"declared in hyzo/_lib.py but not in ffi/hyzo.h: {extra}"
-    gone = sorted((set(UNBOUND) | PENDING_FUNCTIONS) - set(header.functions))
-    assert not gone, f"no longer in ffi/hyzo.h, remove from UNBOUND/PENDING: {gone}"
+    gone = sorted(set(UNBOUND) - set(header.functions))
+    assert not gone, f"no longer in ffi/hyzo.h, remove from UNBOUND: {gone}"
 
 
 def test_structs_have_the_headers_fields_in_order(header):
@@ -197,10 +186,7 @@ def test_enum_values_match_the_header(header):
     assert set(header.enums) == set(ours), (
         f"enums of the header: {sorted(header.enums)}; those compared here: {sorted(ours)}")
     for name, values in header.enums.items():
-        pending = PENDING_ENUM_VALUES.get(name, set())
-        assert pending <= set(values), f"{name}: {pending - set(values)} left the header"
-        expected = {k: v for k, v in values.items() if k not in pending or k in ours[name]}
-        assert ours[name] == expected, f"{name}: _lib.py has {ours[name]}, the header {expected}"
+        assert ours[name] == values, f"{name}: _lib.py has {ours[name]}, the header {values}"
 
 
 def test_the_checks_catch_a_mismatch(header):
