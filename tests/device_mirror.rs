@@ -118,22 +118,21 @@ fn special_words() -> Vec<u32> {
     v
 }
 
-#[test]
-fn philox_and_gaussian_pairs_match_bit_for_bit() {
-    let Some(exe) = driver() else { return };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+/// 2000 random counters and keys through the driver's Philox command `cmd` (`P`: the
+/// plain generator, `K`: with precomputed round keys), against the Rust generator.
+fn philox_matches(exe: &std::path::Path, cmd: &str, rng: &mut rand::rngs::StdRng) {
     let mut input = String::new();
     let mut cases = Vec::new();
     for _ in 0..2000 {
         let c: [u32; 4] = rng.gen();
         let k: [u32; 2] = rng.gen();
         input += &format!(
-            "P {:x} {:x} {:x} {:x} {:x} {:x}\n",
+            "{cmd} {:x} {:x} {:x} {:x} {:x} {:x}\n",
             c[0], c[1], c[2], c[3], k[0], k[1]
         );
         cases.push((c, k));
     }
-    let out = run(&exe, &input);
+    let out = run(exe, &input);
     for ((c, k), o) in cases.iter().zip(&out) {
         let want = philox4x32_10(*c, *k);
         assert_eq!(
@@ -141,13 +140,23 @@ fn philox_and_gaussian_pairs_match_bit_for_bit() {
             want.to_vec()
         );
     }
+}
+
+/// Every pair of the special words.
+fn special_pairs() -> Vec<(u32, u32)> {
     let specials = special_words();
-    let mut pairs: Vec<(u32, u32)> = Vec::new();
-    for &x in &specials {
-        for &y in &specials {
-            pairs.push((x, y));
-        }
-    }
+    specials
+        .iter()
+        .flat_map(|&x| specials.iter().map(move |&y| (x, y)))
+        .collect()
+}
+
+#[test]
+fn philox_and_gaussian_pairs_match_bit_for_bit() {
+    let Some(exe) = driver() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    philox_matches(&exe, "P", &mut rng);
+    let mut pairs = special_pairs();
     for _ in 0..300_000 {
         pairs.push((rng.gen(), rng.gen()));
     }
@@ -176,32 +185,8 @@ fn philox_and_gaussian_pairs_match_bit_for_bit() {
 fn precomputed_keys_and_fast_gaussian_formula() {
     let Some(exe) = driver() else { return };
     let mut rng = rand::rngs::StdRng::seed_from_u64(12);
-    let mut input = String::new();
-    let mut cases = Vec::new();
-    for _ in 0..2000 {
-        let c: [u32; 4] = rng.gen();
-        let k: [u32; 2] = rng.gen();
-        input += &format!(
-            "K {:x} {:x} {:x} {:x} {:x} {:x}\n",
-            c[0], c[1], c[2], c[3], k[0], k[1]
-        );
-        cases.push((c, k));
-    }
-    let out = run(&exe, &input);
-    for ((c, k), o) in cases.iter().zip(&out) {
-        let want = philox4x32_10(*c, *k);
-        assert_eq!(
-            o.iter().map(|w| *w as u32).collect::<Vec<_>>(),
-            want.to_vec()
-        );
-    }
-    let specials = special_words();
-    let mut pairs: Vec<(u32, u32)> = Vec::new();
-    for &x in &specials {
-        for &y in &specials {
-            pairs.push((x, y));
-        }
-    }
+    philox_matches(&exe, "K", &mut rng);
+    let mut pairs = special_pairs();
     // Around the near-1 threshold (~x = 2^20) and the last words.
     for d in 0..64u32 {
         for x in [u32::MAX - (1 << 20) - 32 + d, u32::MAX - d, d] {
