@@ -631,6 +631,32 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Calls `f(buffer, byte offset, scratch)` for each piece of at most `IO_CHUNK` bytes of
+    /// the state, in the saved layout's order (`Backend::save_state`), with `scratch` sized
+    /// to the piece: saving and loading walk the state the same way.
+    fn for_each_state_piece(
+        &self,
+        mut f: impl FnMut(&CudaBuffer, usize, &mut Vec<u8>) -> Result<()>,
+    ) -> Result<()> {
+        let mut scratch = Vec::new();
+        for (t, s) in self.specs.iter().zip(&self.segments) {
+            for b in StateBuffer::ALL {
+                let (Some(buf), Some(at)) = (&self.state[b as usize], s.0[b as usize]) else {
+                    continue;
+                };
+                let total = b.element_size() * t.numel as usize;
+                let mut done = 0;
+                while done < total {
+                    let n = IO_CHUNK.min(total - done);
+                    scratch.resize(n, 0u8);
+                    f(buf, at + done, &mut scratch)?;
+                    done += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn stream_sync(&self) -> Result<()> {
         self.dev.bind()?;
         // SAFETY: a valid stream.
@@ -903,46 +929,18 @@ impl Backend for CudaBackend {
 
     fn save_state(&mut self, sink: &mut StateSink) -> Result<()> {
         self.stream_sync()?;
-        let mut scratch = Vec::new();
-        for (t, s) in self.specs.iter().zip(&self.segments) {
-            for b in StateBuffer::ALL {
-                let (Some(buf), Some(at)) = (&self.state[b as usize], s.0[b as usize]) else {
-                    continue;
-                };
-                let total = b.element_size() * t.numel as usize;
-                let mut done = 0;
-                while done < total {
-                    let n = IO_CHUNK.min(total - done);
-                    scratch.resize(n, 0u8);
-                    buf.download_at(at + done, &mut scratch)?;
-                    sink(&scratch)?;
-                    done += n;
-                }
-            }
-        }
-        Ok(())
+        self.for_each_state_piece(|buf, at, scratch| {
+            buf.download_at(at, scratch)?;
+            sink(scratch)
+        })
     }
 
     fn load_state(&mut self, source: &mut StateSource) -> Result<()> {
         self.stream_sync()?;
-        let mut scratch = Vec::new();
-        for (t, s) in self.specs.iter().zip(&self.segments) {
-            for b in StateBuffer::ALL {
-                let (Some(buf), Some(at)) = (&self.state[b as usize], s.0[b as usize]) else {
-                    continue;
-                };
-                let total = b.element_size() * t.numel as usize;
-                let mut done = 0;
-                while done < total {
-                    let n = IO_CHUNK.min(total - done);
-                    scratch.resize(n, 0u8);
-                    source(&mut scratch)?;
-                    buf.upload_at(at + done, &scratch)?;
-                    done += n;
-                }
-            }
-        }
-        Ok(())
+        self.for_each_state_piece(|buf, at, scratch| {
+            source(scratch)?;
+            buf.upload_at(at, scratch)
+        })
     }
 
     fn reset_device_skipped(&mut self) -> Result<()> {
