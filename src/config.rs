@@ -193,20 +193,20 @@ impl Config {
 
     /// The rule, learning rate, weight decay and state of a step of kind `phase`.
     pub fn phase_rule(&self, phase: Phase) -> PhaseRule {
-        match (phase, self.fo_rule) {
-            (Phase::FirstOrder, Some(rule)) => PhaseRule {
-                rule,
+        match phase {
+            // The first-order rule with its own state when there is one; the main rule and
+            // its state otherwise. The learning rate and decay overrides apply either way.
+            Phase::FirstOrder => PhaseRule {
+                rule: self.fo_rule.unwrap_or(self.rule),
                 lr: self.fo_lr.unwrap_or(self.lr),
                 weight_decay: self.fo_weight_decay.unwrap_or(self.weight_decay),
-                state: StateSet::FirstOrder,
+                state: if self.fo_rule.is_some() {
+                    StateSet::FirstOrder
+                } else {
+                    StateSet::Main
+                },
             },
-            (Phase::FirstOrder, None) => PhaseRule {
-                rule: self.rule,
-                lr: self.fo_lr.unwrap_or(self.lr),
-                weight_decay: self.fo_weight_decay.unwrap_or(self.weight_decay),
-                state: StateSet::Main,
-            },
-            (Phase::ZerothOrder, _) => PhaseRule {
+            Phase::ZerothOrder => PhaseRule {
                 rule: self.rule,
                 lr: self.lr,
                 weight_decay: self.weight_decay,
