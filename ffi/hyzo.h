@@ -96,6 +96,10 @@ typedef enum {
   HYZO_DIRECTION_RADEMACHER = 1,
   // Gaussian scaled to unit norm over every element of the optimizer.
   HYZO_DIRECTION_SPHERE = 2,
+  // Low-rank `Z = A Bᵀ / sqrt(r)` on tensors given a 2-D shape
+  // (`hyzo_optimizer_set_shape`), applied by the caller's forward pass and never written
+  // during a step (spec §7); the Gaussian on every other tensor.
+  HYZO_DIRECTION_LOWRANK = 3,
 } hyzo_direction;
 
 // Finite-difference estimator of a zeroth-order step (spec §4).
@@ -174,6 +178,9 @@ typedef struct {
   // Weight decay of first-order steps (finite, >= 0), or NaN (the default):
   // `weight_decay`.
   float fo_weight_decay;
+  // Rank `r` of `HYZO_DIRECTION_LOWRANK` directions, 1..=1024 (default 1; ignored by
+  // the other kinds). A `rows × cols` tensor gets rank `min(r, rows, cols)`.
+  uint32_t rank;
 } hyzo_config;
 
 #ifdef __cplusplus
@@ -211,6 +218,47 @@ int hyzo_cuda_available(void);
 // # Safety
 // `out` must be valid for writes of `count` floats.
 hyzo_status hyzo_directions_fill(hyzo_direction kind, uint64_t seed, uint32_t step, uint32_t direction, uint64_t start, uint64_t count, float *out);
+
+// Gives tensor `tensor_index` (0-based, in registration order) a row-major 2-D shape
+// `rows × cols` (`rows · cols` must equal its `numel`). Under `HYZO_DIRECTION_LOWRANK`
+// the tensor then takes the low-rank direction `Z = A Bᵀ / sqrt(r_t)`,
+// `r_t = min(rank, rows, cols)`, which no pass writes during a step: the caller's forward
+// adds `c (x B) Aᵀ / sqrt(r_t)` to a linear layer's output (`hyzo_zo_forward_perturbation`,
+// `hyzo_optimizer_lowrank_factors`), and the update pass writes the tensor once. Other
+// direction kinds ignore shapes. Only before the optimizer's state is allocated (as
+// `hyzo_optimizer_add_tensor`).
+//
+// # Safety
+// `opt` must be NULL or a live optimizer.
+hyzo_status hyzo_optimizer_set_shape(hyzo_optimizer *opt, size_t tensor_index, uint64_t rows, uint64_t cols);
+
+// Writes to `*len` the floats of one direction's low-rank factors: `(rows + cols) · r_t`
+// summed over the tensors with a shape, 0 without low-rank directions.
+//
+// # Safety
+// `opt` must be NULL or a live optimizer; `len` NULL or writable.
+hyzo_status hyzo_optimizer_lowrank_factors_len(const hyzo_optimizer *opt, uint64_t *len);
+
+// Writes the low-rank factors of direction `direction` (below `num_directions`) of the
+// current step (the step in progress, or else the next one) to `out`, `len` f32
+// (`hyzo_optimizer_lowrank_factors_len`) in the optimizer's memory (host for a CPU
+// optimizer, device memory for a CUDA one, written in order on its stream without
+// synchronizing): for each tensor with a shape, in registration order, `A` (rows × r_t)
+// then `B` (cols × r_t), row-major.
+//
+// # Safety
+// `opt` must be NULL or a live optimizer; `out` valid for writes of `len` f32 in the
+// optimizer's memory.
+hyzo_status hyzo_optimizer_lowrank_factors(hyzo_optimizer *opt, uint32_t direction, float *out, uint64_t len);
+
+// The perturbation `c Z_d` the next forward pass must add for the tensors with a low-rank
+// direction: writes `d` to `*direction` and `c` to `*coeff` (`c = 0` when that forward
+// carries none: no step in progress, or the one-sided `L_0`). Two-sided steps give `+eps`
+// for `L⁺_d` and `−eps` for `L⁻_d`; one-sided ones `+eps` for `L_d`.
+//
+// # Safety
+// `opt` must be NULL or a live optimizer; `direction` and `coeff` NULL or writable.
+hyzo_status hyzo_zo_forward_perturbation(const hyzo_optimizer *opt, uint32_t *direction, float *coeff);
 
 // Creates an optimizer with the configuration `*cfg` (copied) whose tensors live on
 // `device`. For `HYZO_DEVICE_CPU`, `device_ordinal` is ignored and passes use every core

@@ -1,12 +1,13 @@
 //! The optimizer's configuration: every choice of the spec in one plain struct.
 
-use crate::direction::{DirectionKind, FIRST_RESERVED_DIRECTION};
+use crate::direction::{DirectionKind, FIRST_RESERVED_DIRECTION, LOWRANK_MAX_DIRECTIONS, MAX_RANK};
 
 /// The most directions a zeroth-order step may use (`num_directions`): far more than any
 /// use of ZO (q is 1 to 64 in practice), and small enough that a step's per-direction
 /// bookkeeping is a few hundred kilobytes.
 pub const MAX_DIRECTIONS: u32 = 1 << 16;
 const _: () = assert!(MAX_DIRECTIONS < FIRST_RESERVED_DIRECTION);
+const _: () = assert!(MAX_DIRECTIONS <= LOWRANK_MAX_DIRECTIONS);
 use crate::dtype::Precision;
 use crate::error::{invalid, Result};
 use crate::rules::Rule;
@@ -101,6 +102,9 @@ pub struct Config {
     /// `α` of the mixed estimate `α ∇ + (1 − α) ĝ` used by zeroth-order steps; 0 uses the
     /// zeroth-order estimate alone, otherwise every tensor needs a gradient.
     pub hybrid_alpha: f32,
+    /// Rank `r` of low-rank directions (spec §7), `1 ≤ r ≤` [`MAX_RANK`]; used only with
+    /// [`DirectionKind::LowRank`].
+    pub rank: u32,
 }
 
 impl Default for Config {
@@ -124,6 +128,7 @@ impl Default for Config {
             fo_steps: 0,
             zo_steps: 0,
             hybrid_alpha: 0.0,
+            rank: 1,
         }
     }
 }
@@ -176,7 +181,22 @@ impl Config {
                 self.hybrid_alpha
             ));
         }
+        if self.direction == DirectionKind::LowRank && !(1..=MAX_RANK).contains(&self.rank) {
+            return invalid(format!(
+                "rank: must be in 1..={MAX_RANK} with low-rank directions, got {}",
+                self.rank
+            ));
+        }
         Ok(())
+    }
+
+    /// The rank the shard's tensors get (0 without low-rank directions).
+    pub fn lowrank_rank(&self) -> u32 {
+        if self.direction == DirectionKind::LowRank {
+            self.rank
+        } else {
+            0
+        }
     }
 
     /// The paper's hybrid (spec v2 §5): AdamW for first-order steps and AdaZO for

@@ -19,14 +19,18 @@ pub enum DirectionKind {
     Rademacher = 1,
     /// A Gaussian direction scaled to unit L2 norm over every element the optimizer holds.
     Sphere = 2,
+    /// Spec §7: `Z = A Bᵀ / sqrt(r)` on tensors registered with a 2-D shape (applied by the
+    /// forward pass, never written during a step); the Gaussian on every other tensor.
+    LowRank = 3,
 }
 
 impl DirectionKind {
     /// All kinds, in ABI order.
-    pub const ALL: [DirectionKind; 3] = [
+    pub const ALL: [DirectionKind; 4] = [
         DirectionKind::Gaussian,
         DirectionKind::Rademacher,
         DirectionKind::Sphere,
+        DirectionKind::LowRank,
     ];
 
     /// The largest `|z|` an entry of the generated kind can take: Box-Muller's radius at the
@@ -39,20 +43,35 @@ impl DirectionKind {
         }
     }
 
-    /// The kind whose raw entries are generated: the sphere is a scaled Gaussian.
+    /// The largest `|z|` of a direction of this kind with rank `rank` (only low-rank
+    /// directions depend on it): a low-rank entry is a sum of `r` products of two Gaussian
+    /// entries, divided by `sqrt(r)`.
+    pub fn max_abs_with_rank(self, rank: u32) -> f32 {
+        match self {
+            DirectionKind::LowRank => {
+                let g = DirectionKind::Gaussian.max_abs();
+                g * g * (rank.max(1) as f32).sqrt()
+            }
+            k => k.max_abs(),
+        }
+    }
+
+    /// The kind whose raw entries are generated element by element: the sphere is a scaled
+    /// Gaussian; a low-rank direction's factors, and its other tensors, are Gaussian.
     pub fn generated(self) -> DirectionKind {
         match self {
-            DirectionKind::Sphere => DirectionKind::Gaussian,
+            DirectionKind::Sphere | DirectionKind::LowRank => DirectionKind::Gaussian,
             k => k,
         }
     }
 
-    /// Parses `gaussian`, `rademacher` or `sphere`.
+    /// Parses `gaussian`, `rademacher`, `sphere` or `lowrank`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "gaussian" => Some(Self::Gaussian),
             "rademacher" => Some(Self::Rademacher),
             "sphere" => Some(Self::Sphere),
+            "lowrank" => Some(Self::LowRank),
             _ => None,
         }
     }
@@ -261,6 +280,96 @@ pub fn fill_scalar(kind: DirectionKind, id: DirectionId, start: u64, out: &mut [
     for (i, o) in out.iter_mut().enumerate() {
         *o = direction_at(kind, id, start + i as u64);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Low-rank directions (spec §7).
+
+/// The Philox direction of the `A` factor of direction `d` (spec §7).
+pub const LOWRANK_A_STREAM: u32 = 0x8000_0000;
+/// The Philox direction of the `B` factor of direction `d` (spec §7).
+pub const LOWRANK_B_STREAM: u32 = 0xC000_0000;
+/// User-visible directions stay below this when low-rank directions are used, so that the
+/// factor streams `0x80000000 + d`, `0xC0000000 + d` never meet each other or the reserved
+/// directions.
+pub const LOWRANK_MAX_DIRECTIONS: u32 = 1 << 24;
+/// The largest rank a configuration may ask for.
+pub const MAX_RANK: u32 = 1024;
+
+/// The shape of a low-rank direction on one tensor: `Z = A Bᵀ · scale`, `A` rows × rank,
+/// `B` cols × rank (row-major), `rank = min(r, rows, cols)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LowRankShape {
+    /// Rows of the tensor (row-major).
+    pub rows: u64,
+    /// Columns of the tensor.
+    pub cols: u64,
+    /// The tensor's rank `r_t = min(r, rows, cols)`.
+    pub rank: u64,
+}
+
+impl LowRankShape {
+    /// The shape of a `rows × cols` tensor under rank `r`.
+    pub fn new(rows: u64, cols: u64, r: u32) -> Self {
+        Self {
+            rows,
+            cols,
+            rank: (r as u64).min(rows).min(cols).max(1),
+        }
+    }
+
+    /// Floats of `A` (`rows · rank`).
+    pub fn a_len(&self) -> u64 {
+        self.rows * self.rank
+    }
+
+    /// Floats of `A` and `B` together.
+    pub fn factors_len(&self) -> u64 {
+        (self.rows + self.cols) * self.rank
+    }
+
+    /// `c_r = f32(1 / sqrt(rank))`, rounded from f64.
+    pub fn scale(&self) -> f32 {
+        (1.0 / (self.rank as f64).sqrt()) as f32
+    }
+
+    /// Entry `(i, k)` from row `a` of `A` and row `b` of `B` (`rank` entries each): the
+    /// spec's f32 sum in order, each operation rounded, times [`LowRankShape::scale`].
+    #[inline(always)]
+    pub fn entry(a: &[f32], b: &[f32], scale: f32) -> f32 {
+        let mut acc = 0f32;
+        for (x, y) in a.iter().zip(b) {
+            acc += x * y;
+        }
+        acc * scale
+    }
+}
+
+/// Writes the factors of direction `id` (its `direction` is the user-visible `d`) for a
+/// tensor at global offset `offset` into `out` ([`LowRankShape::factors_len`] floats): `A`
+/// (rows × rank) then `B` (cols × rank), row-major, as every backend computes them.
+pub fn lowrank_factors(id: DirectionId, offset: u64, shape: LowRankShape, out: &mut [f32]) {
+    assert_eq!(
+        out.len() as u64,
+        shape.factors_len(),
+        "low-rank factors' length"
+    );
+    let stream = |base: u32| DirectionId::new(id.seed, id.step, base.wrapping_add(id.direction));
+    let (a, b) = out.split_at_mut(shape.a_len() as usize);
+    fill(DirectionKind::Gaussian, stream(LOWRANK_A_STREAM), offset, a);
+    fill(DirectionKind::Gaussian, stream(LOWRANK_B_STREAM), offset, b);
+}
+
+/// Entry `(i, k)` of a low-rank direction in f64 from the exact factors, for tests.
+pub fn lowrank_exact(id: DirectionId, offset: u64, shape: LowRankShape, i: u64, k: u64) -> f64 {
+    let stream = |base: u32| DirectionId::new(id.seed, id.step, base.wrapping_add(id.direction));
+    let sum: f64 = (0..shape.rank)
+        .map(|p| {
+            gaussian_exact(stream(LOWRANK_A_STREAM), offset + i * shape.rank + p)
+                * gaussian_exact(stream(LOWRANK_B_STREAM), offset + k * shape.rank + p)
+        })
+        .sum();
+    sum / (shape.rank as f64).sqrt()
 }
 
 #[cfg(test)]

@@ -97,6 +97,8 @@ impl<'a> Optimizer<'a> {
         backend: Box<dyn Backend + 'a>,
     ) -> Result<Self> {
         config.validate()?;
+        let mut shard = shard;
+        shard.set_lowrank_rank(config.lowrank_rank());
         Ok(Self {
             config,
             shard,
@@ -167,6 +169,104 @@ impl<'a> Optimizer<'a> {
             return bad_state("add_tensor: tensors can only be added before the first step");
         }
         self.shard.add_raw(spec)
+    }
+
+    /// Gives tensor `i` a row-major 2-D shape `rows × cols`; only before the first step.
+    /// Under low-rank directions (spec §7) it then takes `Z = A Bᵀ / sqrt(r)`, which the
+    /// forward pass applies ([`Optimizer::forward_perturbation`], [`Optimizer::lowrank_factors`])
+    /// and which no perturbation pass writes; other configurations ignore shapes.
+    pub fn set_shape(&mut self, i: usize, rows: u64, cols: u64) -> Result<()> {
+        if self.prepared {
+            return bad_state("set_shape: shapes can only be given before the first step");
+        }
+        self.shard.set_shape(i, rows, cols)
+    }
+
+    /// Floats of one direction's low-rank factors (spec §7): `(rows + cols) · r_t` summed
+    /// over the tensors with a low-rank direction, in the order of
+    /// [`ParamShard::lowrank_tensors`]; 0 without low-rank directions.
+    pub fn lowrank_factors_len(&self) -> u64 {
+        self.shard
+            .lowrank_tensors()
+            .iter()
+            .map(|(_, s)| s.factors_len())
+            .sum()
+    }
+
+    /// The directions the factors and the forward perturbation refer to: the step in
+    /// progress, or the next one.
+    fn current_generator(&self) -> Generator {
+        self.zo.as_ref().map_or_else(|| self.generator(), |s| s.gen)
+    }
+
+    fn check_lowrank_direction(&self, direction: u32) -> Result<()> {
+        if self.config.direction != DirectionKind::LowRank {
+            return bad_state("lowrank_factors: the optimizer does not use low-rank directions");
+        }
+        if direction >= self.config.num_directions {
+            return invalid(format!(
+                "direction: {direction} is not below num_directions = {}",
+                self.config.num_directions
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes the low-rank factors of `direction` of the current step (the step in progress,
+    /// or the next one) to `out`, in the backend's memory (host for the CPU backend, device
+    /// for CUDA, ordered on its stream): for each tensor with a low-rank direction, in
+    /// order, `A` (rows × r_t) then `B` (cols × r_t), row-major, f32. The forward pass of a
+    /// step adds `c (x B) Aᵀ · f32(1 / sqrt(r_t))` to a linear layer's output, `c` from
+    /// [`Optimizer::forward_perturbation`].
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of `len` f32 in the backend's memory.
+    pub unsafe fn lowrank_factors_raw(&mut self, direction: u32, out: u64, len: u64) -> Result<()> {
+        self.check_lowrank_direction(direction)?;
+        let want = self.lowrank_factors_len();
+        if len != want {
+            return invalid(format!("len: {len} floats given, the factors take {want}"));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        if out == 0 {
+            return invalid("out: null pointer");
+        }
+        if out % 4 != 0 {
+            return invalid(format!("out: address {out:#x} is not aligned to 4 bytes"));
+        }
+        let gen = self.current_generator();
+        self.backend
+            .lowrank_factors(&self.shard, gen, direction, out, len)
+    }
+
+    /// [`Optimizer::lowrank_factors_raw`] into a new host vector (host shards only).
+    pub fn lowrank_factors(&mut self, direction: u32) -> Result<Vec<f32>> {
+        if self.shard.location() != crate::shard::Location::Host {
+            return invalid("lowrank_factors: a device shard's factors go to device memory (lowrank_factors_raw)");
+        }
+        self.check_lowrank_direction(direction)?;
+        let len = self.lowrank_factors_len();
+        let n =
+            usize::try_from(len).map_err(|_| crate::Error::OutOfMemory(format!("{len} floats")))?;
+        let mut out = Vec::new();
+        out.try_reserve_exact(n)
+            .map_err(|_| crate::Error::OutOfMemory(format!("low-rank factors of {n} floats")))?;
+        out.resize(n, 0f32);
+        // SAFETY: `out` holds `len` f32 in host memory, the CPU backend's.
+        unsafe { self.lowrank_factors_raw(direction, out.as_mut_ptr() as u64, len)? };
+        Ok(out)
+    }
+
+    /// The perturbation `c Z_d` that the next forward pass carries, as `(d, c)`: what the
+    /// forward must add for the tensors with a low-rank direction (spec §7), which no pass
+    /// writes. `None` when it carries none (no step in progress; one-sided `L_0`).
+    pub fn forward_perturbation(&self) -> Option<Term> {
+        match self.zo.as_ref()?.carried.as_slice() {
+            [t] => Some(*t),
+            _ => None,
+        }
     }
 
     /// Steps taken (first- and zeroth-order, skipped ones included).
@@ -248,7 +348,11 @@ impl<'a> Optimizer<'a> {
         Generator {
             seed: self.config.seed,
             step: self.counters.step as u32,
-            kind: self.config.direction.generated(),
+            // Low-rank passes tell the backend to leave those tensors to the forward.
+            kind: match self.config.direction {
+                DirectionKind::LowRank => DirectionKind::LowRank,
+                k => k.generated(),
+            },
         }
     }
 
@@ -464,6 +568,10 @@ impl<'a> Optimizer<'a> {
         }
     }
 
+    fn max_coefficient_sum(&self) -> f32 {
+        crate::backend::max_coefficient_sum(self.config.direction, self.config.rank)
+    }
+
     /// The projected gradients of a finished step from host losses.
     fn projected_grads(&self, losses: &[f32]) -> Vec<f32> {
         let mu = self.config.eps;
@@ -509,7 +617,7 @@ impl<'a> Optimizer<'a> {
             // Spec v2 §4: non-finite losses or projected gradients skip the step; so does an
             // estimate beyond MAX_ESTIMATE (it would write Inf or 1e30 into the weights or
             // Adam's moments, for good).
-            let limit = crate::backend::max_coefficient_sum(self.config.direction);
+            let limit = self.max_coefficient_sum();
             let coefficient_sum = zo.iter().fold(0f32, |s, t| s + t.coeff.abs());
             let finite = step.losses.iter().all(|l| l.is_finite())
                 && g.iter().all(|v| v.is_finite())
@@ -539,7 +647,7 @@ impl<'a> Optimizer<'a> {
             device_losses: on_device.then_some(DeviceLosses {
                 estimator: self.config.estimator,
                 eps: self.config.eps,
-                max_coefficient_sum: crate::backend::max_coefficient_sum(self.config.direction),
+                max_coefficient_sum: self.max_coefficient_sum(),
             }),
             ..self.update_pass(Phase::ZerothOrder, step.gen)
         };
@@ -649,7 +757,7 @@ impl<'a> Optimizer<'a> {
     }
 
     fn fingerprint(&self) -> u64 {
-        state::fingerprint(&self.config, self.shard.tensors())
+        state::fingerprint(&self.config, &self.shard)
     }
 
     /// Size in bytes of a saved state ([`Optimizer::save_state`]).

@@ -73,6 +73,11 @@ impl TensorView<'_> {
 #[derive(Debug)]
 pub struct ParamShard<'a> {
     tensors: Vec<TensorSpec>,
+    /// The 2-D shape `(rows, cols)` of each tensor that has one (spec §7).
+    shapes: Vec<Option<(u64, u64)>>,
+    /// The rank of low-rank directions (spec §7), 0 when the optimizer uses none: then no
+    /// tensor has a low-rank direction, shape or not.
+    rank: u32,
     location: Location,
     _borrow: PhantomData<&'a mut [u8]>,
 }
@@ -93,6 +98,8 @@ impl<'a> ParamShard<'a> {
     pub fn with_location(location: Location) -> Self {
         Self {
             tensors: Vec::new(),
+            shapes: Vec::new(),
+            rank: 0,
             location,
             _borrow: PhantomData,
         }
@@ -156,7 +163,57 @@ impl<'a> ParamShard<'a> {
     pub unsafe fn add_raw(&mut self, spec: TensorSpec) -> Result<usize> {
         validate(&self.tensors, &spec)?;
         self.tensors.push(spec);
+        self.shapes.push(None);
         Ok(self.tensors.len() - 1)
+    }
+
+    /// Gives tensor `i` the row-major 2-D shape `rows × cols` (`rows · cols = numel`): under
+    /// low-rank directions (spec §7) it then gets `Z = A Bᵀ / sqrt(r)`, applied by the
+    /// forward pass, instead of a written Gaussian.
+    pub fn set_shape(&mut self, i: usize, rows: u64, cols: u64) -> Result<()> {
+        let Some(t) = self.tensors.get(i) else {
+            return invalid(format!(
+                "tensor_index: {i} out of range ({} tensors)",
+                self.len()
+            ));
+        };
+        if rows == 0 || cols == 0 || rows.checked_mul(cols) != Some(t.numel) {
+            return invalid(format!(
+                "rows, cols: {rows} x {cols} is not a shape of tensor {i}'s {} elements",
+                t.numel
+            ));
+        }
+        self.shapes[i] = Some((rows, cols));
+        Ok(())
+    }
+
+    /// The 2-D shape of tensor `i`, if it was given one.
+    pub fn shape(&self, i: usize) -> Option<(u64, u64)> {
+        self.shapes.get(i).copied().flatten()
+    }
+
+    /// Sets the rank of low-rank directions (0: none); the optimizer does, from its
+    /// configuration.
+    pub(crate) fn set_lowrank_rank(&mut self, rank: u32) {
+        self.rank = rank;
+    }
+
+    /// The low-rank direction's shape on tensor `i`: `Some` when the optimizer uses
+    /// low-rank directions and the tensor has a 2-D shape.
+    pub fn lowrank(&self, i: usize) -> Option<crate::direction::LowRankShape> {
+        if self.rank == 0 {
+            return None;
+        }
+        self.shape(i)
+            .map(|(rows, cols)| crate::direction::LowRankShape::new(rows, cols, self.rank))
+    }
+
+    /// The low-rank shapes of the tensors that have one, with their indices, in order: the
+    /// order of the factors in [`crate::Optimizer::lowrank_factors`].
+    pub fn lowrank_tensors(&self) -> Vec<(usize, crate::direction::LowRankShape)> {
+        (0..self.len())
+            .filter_map(|i| self.lowrank(i).map(|s| (i, s)))
+            .collect()
     }
 
     /// The registered tensors.

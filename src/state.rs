@@ -27,7 +27,6 @@ use std::path::Path;
 
 use crate::config::{Config, StateSet};
 use crate::error::{invalid, Error, Result};
-use crate::shard::TensorSpec;
 
 const MAGIC: &[u8; 8] = b"HYZOSTAT";
 const FORMAT: u32 = 2;
@@ -75,7 +74,8 @@ pub(crate) struct Checked {
 /// FNV-1a over what fixes the state's layout and meaning (not the learning rates or
 /// decays, which schedulers change). Unchanged from format 1 for optimizers without a
 /// first-order rule, so their format-1 states keep loading.
-pub(crate) fn fingerprint(config: &Config, tensors: &[TensorSpec]) -> u64 {
+pub(crate) fn fingerprint(config: &Config, shard: &crate::shard::ParamShard) -> u64 {
+    let tensors = shard.tensors();
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |v: u64| {
         for b in v.to_le_bytes() {
@@ -99,6 +99,15 @@ pub(crate) fn fingerprint(config: &Config, tensors: &[TensorSpec]) -> u64 {
     if let Some(rule) = config.fo_rule {
         eat(u64::from_le_bytes(*b"fo_rule\0"));
         eat(rule as u64);
+    }
+    // Low-rank directions depend on the rank and the shapes (spec §7).
+    if config.direction == crate::direction::DirectionKind::LowRank {
+        eat(config.rank as u64);
+        for (i, s) in shard.lowrank_tensors() {
+            eat(i as u64);
+            eat(s.rows);
+            eat(s.cols);
+        }
     }
     h
 }

@@ -196,6 +196,7 @@ fn out_of_range_values_are_rejected_naming_the_flag() {
         (directions("--count", "18446744073709551615"), "--count"),
         (directions("--count", "99999999999999999999"), "--count"),
         (directions("--kind", "sphere"), "--kind"),
+        (directions("--kind", "lowrank"), "--kind"),
         (directions("--direction", "0x100000000"), "--direction"),
         (directions("--start", "18446744073709551614"), "--count"),
         (vec!["bench", "--elements", "0"], "--elements"),

@@ -252,6 +252,7 @@ fn core_config(c: &hyzo_config) -> Config {
             DirectionKind::Gaussian,
             DirectionKind::Rademacher,
             DirectionKind::Sphere,
+            DirectionKind::LowRank,
         ][c.direction as usize],
         estimator: [Estimator::TwoSided, Estimator::OneSided][c.estimator as usize],
         rule: Rule::ALL[c.rule as usize],
@@ -270,6 +271,7 @@ fn core_config(c: &hyzo_config) -> Config {
         fo_rule: Rule::ALL.get(c.fo_rule as usize).copied(),
         fo_lr: (!c.fo_lr.is_nan()).then_some(c.fo_lr),
         fo_weight_decay: (!c.fo_weight_decay.is_nan()).then_some(c.fo_weight_decay),
+        rank: c.rank,
     }
 }
 

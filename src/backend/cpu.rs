@@ -8,10 +8,13 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::backend::{
-    Backend, Generator, PerturbPass, StateLayout, StateSink, StateSource, Term, UpdatePass,
+    is_lowrank, Backend, Generator, PerturbPass, StateLayout, StateSink, StateSource, Term,
+    UpdatePass,
 };
 use crate::config::StateSet;
-use crate::direction::{fill, DirectionId, STOCHASTIC_ROUNDING_DIRECTION};
+use crate::direction::{
+    fill, lowrank_factors, DirectionId, LowRankShape, STOCHASTIC_ROUNDING_DIRECTION,
+};
 use crate::dtype::{DType, Element, Precision};
 use crate::error::{invalid, Error, Result};
 use crate::rules;
@@ -151,6 +154,9 @@ fn work_items(tensors: &[TensorSpec]) -> Vec<Work> {
 
 /// Raw pointers of a chunk's parameters, gradient and state, valid for `len` elements.
 struct ChunkMem {
+    tensor: usize,
+    /// Local index of the chunk's first element in its tensor.
+    local: usize,
     data: *mut u8,
     dtype: DType,
     grad: *const u8,
@@ -176,6 +182,8 @@ impl ChunkMem {
             }
         };
         Self {
+            tensor: w.tensor,
+            local: w.start,
             data: (t.data as *mut u8).add(w.start * t.dtype.size()),
             dtype: t.dtype,
             grad: if t.grad == 0 {
@@ -294,19 +302,62 @@ unsafe fn perturb_chunk<T: Element>(c: &ChunkMem, pass: &PerturbPass) {
     }
 }
 
-unsafe fn update_chunk<T: Element>(c: &ChunkMem, pass: &UpdatePass) {
-    // One monomorphised loop per rule: no dispatch per element.
-    match pass.rule.rule {
-        0 => update_chunk_rule::<T, 0>(c, pass),
-        1 => update_chunk_rule::<T, 1>(c, pass),
-        2 => update_chunk_rule::<T, 2>(c, pass),
-        3 => update_chunk_rule::<T, 3>(c, pass),
-        4 => update_chunk_rule::<T, 4>(c, pass),
-        _ => update_chunk_rule::<T, 5>(c, pass),
+/// The factors of the zeroth-order terms of an update on one low-rank tensor (spec §7), in
+/// the order of the terms.
+struct LowRankTerms {
+    shape: LowRankShape,
+    /// `A` then `B` of each term.
+    factors: Vec<Vec<f32>>,
+}
+
+impl LowRankTerms {
+    fn new(gen: Generator, offset: u64, shape: LowRankShape, terms: &[Term]) -> Result<Self> {
+        let mut factors = Vec::with_capacity(terms.len());
+        for t in terms {
+            let n = usize::try_from(shape.factors_len())
+                .map_err(|_| Error::OutOfMemory("low-rank factors".into()))?;
+            let mut f = zeroed(n, 0f32, "low-rank factors")?;
+            let id = DirectionId::new(gen.seed, gen.step, t.direction);
+            lowrank_factors(id, offset, shape, &mut f);
+            factors.push(f);
+        }
+        Ok(Self { shape, factors })
+    }
+
+    /// `z[e]` = entry `local + e` of the direction of term `k`.
+    fn fill(&self, k: usize, local: usize, z: &mut [f32]) {
+        let (r, cols) = (self.shape.rank as usize, self.shape.cols as usize);
+        let (a, b) = self.factors[k].split_at(self.shape.a_len() as usize);
+        let scale = self.shape.scale();
+        for (e, out) in z.iter_mut().enumerate() {
+            let l = local + e;
+            let (i, j) = (l / cols, l % cols);
+            *out = LowRankShape::entry(&a[i * r..(i + 1) * r], &b[j * r..(j + 1) * r], scale);
+        }
     }
 }
 
-unsafe fn update_chunk_rule<T: Element, const RULE: u32>(c: &ChunkMem, pass: &UpdatePass) {
+unsafe fn update_chunk<T: Element>(
+    c: &ChunkMem,
+    pass: &UpdatePass,
+    lowrank: Option<&LowRankTerms>,
+) {
+    // One monomorphised loop per rule: no dispatch per element.
+    match pass.rule.rule {
+        0 => update_chunk_rule::<T, 0>(c, pass, lowrank),
+        1 => update_chunk_rule::<T, 1>(c, pass, lowrank),
+        2 => update_chunk_rule::<T, 2>(c, pass, lowrank),
+        3 => update_chunk_rule::<T, 3>(c, pass, lowrank),
+        4 => update_chunk_rule::<T, 4>(c, pass, lowrank),
+        _ => update_chunk_rule::<T, 5>(c, pass, lowrank),
+    }
+}
+
+unsafe fn update_chunk_rule<T: Element, const RULE: u32>(
+    c: &ChunkMem,
+    pass: &UpdatePass,
+    lowrank: Option<&LowRankTerms>,
+) {
     let compensated = pass.precision == Precision::Compensated;
     let gen = pass.gen;
     let mut x = [0f32; SUB];
@@ -322,24 +373,32 @@ unsafe fn update_chunk_rule<T: Element, const RULE: u32>(c: &ChunkMem, pass: &Up
         let n = SUB.min(c.len - k);
         let global = c.global + k as u64;
         load::<T>(c, k, &mut x[..n], compensated);
-        if let Some(r) = pass.restore {
-            add_terms(gen, &[r], global, &mut x[..n], &mut z[..n]);
-        }
         g[..n].fill(0.0);
-        for t in pass.zo {
-            // The restored direction is also an estimate term: reuse it, don't regenerate.
-            if pass.restore.is_some_and(|r| r.direction == t.direction) {
-                for (a, zi) in g[..n].iter_mut().zip(&z[..n]) {
-                    *a += t.coeff * *zi;
+        match lowrank {
+            Some(lr) => {
+                // Never perturbed, so there is nothing to restore (spec §7).
+                for (i, t) in pass.zo.iter().enumerate() {
+                    lr.fill(i, c.local + k, &mut z[..n]);
+                    for (a, zi) in g[..n].iter_mut().zip(&z[..n]) {
+                        *a += t.coeff * *zi;
+                    }
                 }
-            } else {
-                add_terms(
-                    gen,
-                    std::slice::from_ref(t),
-                    global,
-                    &mut g[..n],
-                    &mut z2[..n],
-                );
+            }
+            None => {
+                if let Some(r) = pass.restore {
+                    add_terms(gen, &[r], global, &mut x[..n], &mut z[..n]);
+                }
+                for t in pass.zo {
+                    // The restored direction is also an estimate term: reuse it.
+                    if pass.restore.is_some_and(|r| r.direction == t.direction) {
+                        for (a, zi) in g[..n].iter_mut().zip(&z[..n]) {
+                            *a += t.coeff * *zi;
+                        }
+                    } else {
+                        let term = std::slice::from_ref(t);
+                        add_terms(gen, term, global, &mut g[..n], &mut z2[..n]);
+                    }
+                }
             }
         }
         if let Some(alpha) = pass.grad_weight {
@@ -452,10 +511,33 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    unsafe fn lowrank_factors(
+        &mut self,
+        shard: &ParamShard,
+        gen: Generator,
+        direction: u32,
+        out: u64,
+        len: u64,
+    ) -> Result<()> {
+        let out = std::slice::from_raw_parts_mut(out as *mut f32, len as usize);
+        let id = DirectionId::new(gen.seed, gen.step, direction);
+        let mut at = 0usize;
+        for (i, shape) in shard.lowrank_tensors() {
+            let n = shape.factors_len() as usize;
+            lowrank_factors(id, shard.tensors()[i].offset, shape, &mut out[at..at + n]);
+            at += n;
+        }
+        Ok(())
+    }
+
     fn perturb(&mut self, shard: &ParamShard, pass: &PerturbPass) -> Result<()> {
+        // Low-rank tensors are perturbed by the forward pass (spec §7).
+        let gen = pass.gen;
         // SAFETY: each chunk is a disjoint, live range (see for_each_chunk).
         self.for_each_chunk(shard, StateSet::Main, |c| unsafe {
-            by_dtype!(c.dtype, perturb_chunk, c, pass)
+            if !is_lowrank(&gen, shard, c.tensor) {
+                by_dtype!(c.dtype, perturb_chunk, c, pass)
+            }
         })
     }
 
@@ -466,9 +548,18 @@ impl Backend for CpuBackend {
         if pass.grad_weight.is_some() && !shard.has_grads() {
             return invalid("grad: a step that uses gradients needs one for every tensor");
         }
+        let mut lowrank = Vec::new();
+        for (i, t) in shard.tensors().iter().enumerate() {
+            lowrank.push(match shard.lowrank(i) {
+                Some(shape) if is_lowrank(&pass.gen, shard, i) => {
+                    Some(LowRankTerms::new(pass.gen, t.offset, shape, pass.zo)?)
+                }
+                _ => None,
+            });
+        }
         // SAFETY: as in perturb.
         self.for_each_chunk(shard, pass.state, |c| unsafe {
-            by_dtype!(c.dtype, update_chunk, c, pass)
+            by_dtype!(c.dtype, update_chunk, c, pass, lowrank[c.tensor].as_ref())
         })
     }
 

@@ -13,7 +13,10 @@ use crate::rules::RuleParams;
 use crate::shard::ParamShard;
 
 /// Names the directions of one step: `(seed, step, ·)` and the kind generated (Gaussian or
-/// Rademacher; a sphere direction is a Gaussian whose scale is folded into coefficients).
+/// Rademacher; a sphere direction is a Gaussian whose scale is folded into coefficients), or
+/// `LowRank` (spec §7): the tensors with a [`ParamShard::lowrank`] shape get `Z = A Bᵀ / sqrt(r)`,
+/// which perturbation passes leave to the forward (they skip those tensors) and update passes
+/// rebuild without a restore; every other tensor gets the Gaussian.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Generator {
     /// Run seed.
@@ -96,8 +99,13 @@ pub const MAX_ESTIMATE: f32 = (1u64 << 60) as f32;
 /// The bound on `Σ_d |w_d|` (the coefficients of the estimate) that keeps `|ĝ| ≤`
 /// [`MAX_ESTIMATE`] for directions of `kind`; host and device compare the same f32 sum with
 /// this same value.
-pub fn max_coefficient_sum(kind: crate::direction::DirectionKind) -> f32 {
-    MAX_ESTIMATE / kind.max_abs()
+pub fn max_coefficient_sum(kind: crate::direction::DirectionKind, rank: u32) -> f32 {
+    MAX_ESTIMATE / kind.max_abs_with_rank(rank)
+}
+
+/// Whether tensor `i` of `shard` takes the low-rank direction in passes of `gen`.
+pub fn is_lowrank(gen: &Generator, shard: &ParamShard, i: usize) -> bool {
+    gen.kind == crate::direction::DirectionKind::LowRank && shard.lowrank(i).is_some()
 }
 
 /// The state buffers a backend keeps per element (spec v2 §5: one set per rule).
@@ -137,6 +145,28 @@ pub trait Backend: Send {
     /// Allocates zeroed state for `shard` as `layout` says. Called once, before the first
     /// pass; a failed allocation is an error (`OutOfMemory`), never an abort.
     fn allocate_state(&mut self, shard: &ParamShard, layout: StateLayout) -> Result<()>;
+    /// Writes the low-rank factors (spec §7) of `direction` of `gen`'s step to `out`, an
+    /// address in the backend's memory holding `len` f32: for each tensor of
+    /// [`ParamShard::lowrank_tensors`] in order, `A` (rows × rank) then `B` (cols × rank),
+    /// row-major. `len` is the sum of their [`crate::direction::LowRankShape::factors_len`];
+    /// the caller has checked it.
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of `len` f32 in the backend's memory.
+    unsafe fn lowrank_factors(
+        &mut self,
+        shard: &ParamShard,
+        gen: Generator,
+        direction: u32,
+        out: u64,
+        len: u64,
+    ) -> Result<()> {
+        let _ = (shard, gen, direction, out, len);
+        crate::error::invalid(format!(
+            "low-rank directions: not supported by the {} backend",
+            self.name()
+        ))
+    }
     /// Runs a perturbation pass.
     fn perturb(&mut self, shard: &ParamShard, pass: &PerturbPass) -> Result<()>;
     /// Runs an update pass.

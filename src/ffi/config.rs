@@ -23,6 +23,7 @@ pub(crate) fn config_from_c(c: &hyzo_config) -> Result<Config> {
         fo_rule: fo_rule_from(c.fo_rule, "cfg->fo_rule")?,
         fo_lr: unset_if_nan(c.fo_lr),
         fo_weight_decay: unset_if_nan(c.fo_weight_decay),
+        rank: c.rank,
     };
     // The core names the field; prefix it with the argument.
     config.validate().map_err(|e| match e {
@@ -54,6 +55,7 @@ pub(crate) fn config_to_c(c: &Config) -> hyzo_config {
             .map_or(hyzo_rule::HYZO_RULE_NONE as u32, |r| r as u32),
         fo_lr: c.fo_lr.unwrap_or(f32::NAN),
         fo_weight_decay: c.fo_weight_decay.unwrap_or(f32::NAN),
+        rank: c.rank,
     }
 }
 
@@ -95,5 +97,6 @@ pub extern "C" fn hyzo_config_default() -> hyzo_config {
         fo_rule: hyzo_rule::HYZO_RULE_NONE as u32,
         fo_lr: f32::NAN,
         fo_weight_decay: f32::NAN,
+        rank: 0,
     })
 }

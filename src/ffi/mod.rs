@@ -37,6 +37,7 @@ use crate::shard::{Location, ParamShard, TensorSpec};
 mod config;
 mod guard;
 mod library;
+mod lowrank;
 mod optimizer;
 mod state;
 mod steps;
@@ -44,6 +45,7 @@ mod steps;
 pub use config::*;
 use guard::*;
 pub use library::*;
+pub use lowrank::*;
 pub use optimizer::*;
 pub use state::*;
 pub use steps::*;
@@ -127,6 +129,10 @@ pub enum hyzo_direction {
     HYZO_DIRECTION_RADEMACHER = 1,
     /// Gaussian scaled to unit norm over every element of the optimizer.
     HYZO_DIRECTION_SPHERE = 2,
+    /// Low-rank `Z = A Bᵀ / sqrt(r)` on tensors given a 2-D shape
+    /// (`hyzo_optimizer_set_shape`), applied by the caller's forward pass and never written
+    /// during a step (spec §7); the Gaussian on every other tensor.
+    HYZO_DIRECTION_LOWRANK = 3,
 }
 
 /// Finite-difference estimator of a zeroth-order step (spec §4).
@@ -226,6 +232,9 @@ pub struct hyzo_config {
     /// Weight decay of first-order steps (finite, >= 0), or NaN (the default):
     /// `weight_decay`.
     pub fo_weight_decay: f32,
+    /// Rank `r` of `HYZO_DIRECTION_LOWRANK` directions, 1..=1024 (default 1; ignored by
+    /// the other kinds). A `rows × cols` tensor gets rank `min(r, rows, cols)`.
+    pub rank: u32,
 }
 
 /// An optimizer over a set of registered tensors (opaque). Create it with

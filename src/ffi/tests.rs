@@ -145,13 +145,27 @@ fn create_validates_everything() {
             HYZO_ERR_INVALID_ARGUMENT,
             "cfg",
         );
-        let cases: [(Edit, &str); 15] = [
+        let cases: [(Edit, &str); 17] = [
             (|c| c.lr = f32::NAN, "cfg->lr"),
             (|c| c.lr = -1.0, "cfg->lr"),
             (|c| c.eps = 0.0, "cfg->eps"),
             (|c| c.eps = f32::NAN, "cfg->eps"),
             (|c| c.num_directions = 0, "cfg->num_directions"),
-            (|c| c.direction = 3, "cfg->direction"),
+            (|c| c.direction = 4, "cfg->direction"),
+            (
+                |c| {
+                    c.direction = 3;
+                    c.rank = 0;
+                },
+                "cfg->rank",
+            ),
+            (
+                |c| {
+                    c.direction = 3;
+                    c.rank = 1025;
+                },
+                "cfg->rank",
+            ),
             (|c| c.estimator = 2, "cfg->estimator"),
             (|c| c.rule = 6, "cfg->rule"),
             (|c| c.rule = u32::MAX, "cfg->rule"),
@@ -720,11 +734,13 @@ fn directions_fill_matches_the_core() {
             crate::direction::fill_scalar(kind, DirectionId::new(11, 3, 2), 5, &mut want);
             assert_eq!(out, want);
         }
-        expect(
-            hyzo_directions_fill(3, 0, 0, 0, 0, 1, out.as_mut_ptr()),
-            HYZO_ERR_INVALID_ARGUMENT,
-            "kind",
-        );
+        for kind in [3, 4] {
+            expect(
+                hyzo_directions_fill(kind, 0, 0, 0, 0, 1, out.as_mut_ptr()),
+                HYZO_ERR_INVALID_ARGUMENT,
+                "kind",
+            );
+        }
         expect(
             hyzo_directions_fill(0, 0, 0, 0, 0, 1, null_mut()),
             HYZO_ERR_INVALID_ARGUMENT,

@@ -724,6 +724,13 @@ fn place(cursor: &mut usize, numel: u64, offset: u64, size: usize) -> usize {
     start
 }
 
+fn refuse_lowrank(shard: &ParamShard, gen: &Generator) -> Result<()> {
+    if (0..shard.len()).any(|i| crate::backend::is_lowrank(gen, shard, i)) {
+        return invalid("low-rank directions: not yet supported by the CUDA backend");
+    }
+    Ok(())
+}
+
 impl Backend for CudaBackend {
     fn name(&self) -> String {
         format!("cuda:{}", self.dev.ordinal)
@@ -825,6 +832,7 @@ impl Backend for CudaBackend {
 
     fn perturb(&mut self, shard: &ParamShard, pass: &PerturbPass) -> Result<()> {
         self.check_shard(shard)?;
+        refuse_lowrank(shard, &pass.gen)?;
         self.dev.bind()?;
         let mut p = self.base_pass(
             pass.gen,
@@ -838,6 +846,7 @@ impl Backend for CudaBackend {
 
     fn update(&mut self, shard: &ParamShard, pass: &UpdatePass) -> Result<()> {
         self.check_shard(shard)?;
+        refuse_lowrank(shard, &pass.gen)?;
         if pass.grad_weight.is_some() && !shard.has_grads() {
             return invalid("grad: a step that uses gradients needs one for every tensor");
         }

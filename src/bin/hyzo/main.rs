@@ -89,6 +89,8 @@ fn parse_kind(s: &str) -> Result<DirectionKind, String> {
         Some(DirectionKind::Sphere) => Err("a sphere direction depends on the whole model's \
                                             norm; print its Gaussian with --kind gaussian"
             .into()),
+        Some(DirectionKind::LowRank) => Err("a low-rank direction depends on a tensor's shape;                                              its factors are Gaussian streams 0x80000000 + d                                              and 0xC0000000 + d (spec §7): print those with                                              --kind gaussian"
+            .into()),
         Some(kind) => Ok(kind),
         None => Err("expected gaussian or rademacher".into()),
     }
