@@ -98,6 +98,33 @@ public:
         add_tensor_raw(data, HYZO_F32, numel, global_offset, grad, HYZO_F32);
     }
 
+    /// Gives tensor `index` a row-major rows x cols shape: under HYZO_DIRECTION_LOWRANK it
+    /// takes a low-rank direction that the forward applies (spec §7). Before the first step.
+    void set_shape(std::size_t index, std::uint64_t rows, std::uint64_t cols) {
+        check(hyzo_optimizer_set_shape(opt_, index, rows, cols));
+    }
+
+    /// Floats of one direction's low-rank factors (A then B of each shaped tensor).
+    std::uint64_t lowrank_factors_len() const {
+        std::uint64_t len = 0;
+        check(hyzo_optimizer_lowrank_factors_len(opt_, &len));
+        return len;
+    }
+
+    /// Writes the factors of `direction` of the current step to `out` (lowrank_factors_len()
+    /// floats, in the optimizer's memory).
+    void lowrank_factors(std::uint32_t direction, float *out, std::uint64_t len) {
+        check(hyzo_optimizer_lowrank_factors(opt_, direction, out, len));
+    }
+
+    /// The term c Z_d the next forward adds to low-rank tensors, as {d, c} (c = 0: none).
+    std::pair<std::uint32_t, float> forward_perturbation() const {
+        std::uint32_t direction = 0;
+        float coeff = 0.0f;
+        check(hyzo_zo_forward_perturbation(opt_, &direction, &coeff));
+        return {direction, coeff};
+    }
+
     void set_lr(float lr) { check(hyzo_optimizer_set_lr(opt_, lr)); }
     void set_weight_decay(float wd) { check(hyzo_optimizer_set_weight_decay(opt_, wd)); }
     /// Learning rate / weight decay of first-order steps; NaN: follow set_lr / set_weight_decay.

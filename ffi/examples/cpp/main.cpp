@@ -6,6 +6,62 @@
 
 #include "hyzo.hpp"
 
+// Low-rank directions (spec §7): the weight matrix W (rows x cols) is never written during a
+// step; the forward adds c (x B) A^T / sqrt(r) for the step's direction instead.
+static int lowrank_example() {
+    const std::size_t rows = 4, cols = 8, rank = 2;
+    std::vector<float> w(rows * cols, 0.0f), target(rows * cols);
+    for (std::size_t i = 0; i < target.size(); i++) target[i] = std::cos(0.7f * static_cast<float>(i));
+
+    hyzo_config cfg = hyzo::default_config();
+    cfg.direction = HYZO_DIRECTION_LOWRANK;
+    cfg.rank = rank;
+    cfg.lr = 0.05f;
+    cfg.eps = 1e-2f;
+    cfg.num_directions = 2;
+    cfg.seed = 7;
+    hyzo::Optimizer opt = hyzo::Optimizer::cpu(cfg, 1);
+    opt.add_tensor(w.data(), w.size(), 0);
+    opt.set_shape(0, rows, cols);
+    std::vector<float> factors(opt.lowrank_factors_len());
+    const float scale = 1.0f / std::sqrt(static_cast<float>(rank));
+    int written = 0;
+
+    // ||(W + c Z) x - T x||^2 over the unit vectors x = e_k: the forward of a linear layer.
+    auto loss = [&] {
+        auto [d, c] = opt.forward_perturbation();
+        if (c != 0.0f) opt.lowrank_factors(d, factors.data(), factors.size());
+        const float *a = factors.data(), *b = factors.data() + rows * rank;
+        float s = 0.0f;
+        for (std::size_t i = 0; i < rows; i++)
+            for (std::size_t k = 0; k < cols; k++) {
+                float z = 0.0f;
+                for (std::size_t p = 0; p < rank; p++) z += a[i * rank + p] * b[k * rank + p];
+                const float e = w[i * cols + k] + (c != 0.0f ? c * z * scale : 0.0f) - target[i * cols + k];
+                s += e * e;
+            }
+        return s / static_cast<float>(rows * cols);
+    };
+    auto plain = [&] {
+        float s = 0.0f;
+        for (std::size_t i = 0; i < w.size(); i++) s += (w[i] - target[i]) * (w[i] - target[i]);
+        return s / static_cast<float>(w.size());
+    };
+    const float first = plain();
+    for (int step = 0; step < 400; step++) {
+        const auto before = w;
+        opt.begin();
+        while (true) {
+            if (w != before) written++;
+            if (!opt.feed(loss())) break;
+        }
+    }
+    const float last = plain();
+    std::printf("low-rank (r = %zu): loss %.5f -> %.5f; W written during a forward: %d times\n",
+                rank, first, last, written);
+    return (last < 0.5f * first && written == 0) ? 0 : 1;
+}
+
 int main() {
     const std::size_t n = 64;
     std::vector<float> w(n, 0.0f), target(n);
@@ -75,6 +131,8 @@ int main() {
             std::printf("caught: %s; parameters restored (max change %g)\n", e.what(), worst);
             if (!(worst < 1e-5f)) failures++;
         }
+
+        failures += lowrank_example();
     } catch (const hyzo::Error &e) {
         std::fprintf(stderr, "unexpected hyzo error: %s\n", e.what());
         return 1;
