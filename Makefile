@@ -12,6 +12,9 @@ CUDA_WHEELS := nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==1
 	nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88 \
 	nvidia-cuda-cuobjdump==13.2.51 nvidia-cuda-nvdisasm==13.2.51 \
 	nvidia-curand==10.4.0.35
+# libclang for bindgen (tests/abi.rs regenerates src/backend/cuda/abi_generated.rs from
+# kernels/hyzo_params.h and compares): the checked-in file comes from this exact version.
+CLANG_WHEELS := libclang==18.1.1
 # Points build.rs at the wheels' nvcc (a no-op when they are absent).
 CUDA_ENV = eval "$$(scripts/cuda-env)"
 DEMO_ARGS ?=
@@ -24,11 +27,16 @@ demo: setup
 	scripts/test-python --setup-only
 	$(PY) -m hyzo.demo $(DEMO_ARGS)
 
-setup: $(VENV)/.cuda-stamp
+setup: $(VENV)/.cuda-stamp $(VENV)/.clang-stamp
 
 $(VENV)/.cuda-stamp:
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps $(CUDA_WHEELS)
+	touch $@
+
+# Its own stamp, so that a .venv made before it was added gets it too.
+$(VENV)/.clang-stamp: $(VENV)/.cuda-stamp
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps $(CLANG_WHEELS)
 	touch $@
 
 build: setup
@@ -39,8 +47,10 @@ lint: setup
 	$(CUDA_ENV); cargo clippy --release --all-targets -- -D warnings
 
 # The NVRTC test (minutes: every kernel for two architectures) runs once, in check-kernels.
+# HYZO_REQUIRE_LIBCLANG: tests/abi.rs fails, rather than skips, without libclang.
 test-rust: setup
-	$(CUDA_ENV); cargo test --release -- --skip embedded_source_compiles_to_ptx_with_nvrtc
+	$(CUDA_ENV); HYZO_REQUIRE_LIBCLANG=1 cargo test --release -- \
+		--skip embedded_source_compiles_to_ptx_with_nvrtc
 	# A saved state over 4 GiB (skips, saying so, without 7 GiB of memory and 10 GiB of disk).
 	$(CUDA_ENV); cargo test --release --test big_state -- --ignored --nocapture
 

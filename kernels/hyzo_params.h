@@ -1,8 +1,20 @@
-/* The plain structs shared by the kernels (kernels/hyzo.cu) and the Rust backend
- * (src/backend/cuda/abi.rs). Every field offset and struct size is pinned twice: by the
- * HYZO_LAYOUT / HYZO_SIZE lines below, which the CUDA compilers check with static_assert,
- * and by a Rust test that reads these same lines and compares them with `offset_of!`.
- * Change a struct here and in abi.rs together, with its layout lines.
+/* The plain structs and constants shared by the kernels (kernels/hyzo.cu) and the Rust
+ * backend. The Rust side is GENERATED from this file by bindgen, into
+ * src/backend/cuda/abi_generated.rs (checked in; src/backend/cuda/abi.rs includes it), with
+ * compile-time asserts of every field offset, struct size and alignment. After changing a
+ * struct or a constant here, regenerate it (libclang: the pinned wheel in .venv, `make setup`):
+ *
+ *     HYZO_UPDATE_ABI=1 cargo test --test abi
+ *
+ * `cargo test --test abi` (part of `make test`) fails while the generated file is stale.
+ * Comments here become the Rust docs.
+ *
+ * No hand-written layout pins: they used to be here (static_assert of each offset, read back
+ * by a Rust test), and both sides now derive every offset from these declarations. What the
+ * pins added was nvcc's view checked against clang's (bindgen's); for these types (fixed-width
+ * integers and floats, naturally aligned, no bit-fields or packing) CUDA lays out device
+ * structs as the host compiler does, so that check cannot fail, and it cost a second list of
+ * numbers to edit with every field.
  *
  * Self-contained on purpose (no system header): NVRTC compiles it without include paths. */
 #ifndef HYZO_PARAMS_H
@@ -144,84 +156,5 @@ typedef struct HyzoLossPass {
     float max_coefficient_sum; /* skip when Σ_d |g_d base_d| (f32, in order) exceeds it */
     HyzoTerm inline_base[HYZO_MAX_TERMS];
 } HyzoLossPass;
-
-/* Layout pins (parsed by the Rust test `abi_layout_matches_the_header`). */
-#ifdef __CUDACC_RTC__
-/* NVRTC has no offsetof; the nvcc build and the host compilers check these pins. */
-#define HYZO_LAYOUT(T, f, off) static_assert(sizeof(((T*)0)->f) > 0, #T "." #f)
-#else
-#define HYZO_LAYOUT(T, f, off) static_assert(__builtin_offsetof(T, f) == (off), #T "." #f)
-#endif
-#define HYZO_SIZE(T, n) static_assert(sizeof(T) == (n), "sizeof " #T)
-
-HYZO_LAYOUT(HyzoTensor, data, 0);
-HYZO_LAYOUT(HyzoTensor, grad, 8);
-HYZO_LAYOUT(HyzoTensor, lo, 16);
-HYZO_LAYOUT(HyzoTensor, m, 24);
-HYZO_LAYOUT(HyzoTensor, v, 32);
-HYZO_LAYOUT(HyzoTensor, fo_m, 40);
-HYZO_LAYOUT(HyzoTensor, fo_v, 48);
-HYZO_LAYOUT(HyzoTensor, numel, 56);
-HYZO_LAYOUT(HyzoTensor, offset, 64);
-HYZO_LAYOUT(HyzoTensor, first_chunk, 72);
-HYZO_LAYOUT(HyzoTensor, dtype, 80);
-HYZO_LAYOUT(HyzoTensor, grad_dtype, 84);
-HYZO_SIZE(HyzoTensor, 88);
-
-HYZO_LAYOUT(HyzoRule, rule, 0);
-HYZO_LAYOUT(HyzoRule, lr, 4);
-HYZO_LAYOUT(HyzoRule, beta1, 8);
-HYZO_LAYOUT(HyzoRule, beta2, 12);
-HYZO_LAYOUT(HyzoRule, eps, 16);
-HYZO_LAYOUT(HyzoRule, weight_decay, 20);
-HYZO_LAYOUT(HyzoRule, bias_correction1, 24);
-HYZO_LAYOUT(HyzoRule, bias_correction2, 28);
-HYZO_SIZE(HyzoRule, 32);
-
-HYZO_LAYOUT(HyzoTerm, direction, 0);
-HYZO_LAYOUT(HyzoTerm, coeff, 4);
-HYZO_SIZE(HyzoTerm, 8);
-
-HYZO_LAYOUT(HyzoPass, table, 0);
-HYZO_LAYOUT(HyzoPass, terms, 8);
-HYZO_LAYOUT(HyzoPass, skip_flag, 16);
-HYZO_LAYOUT(HyzoPass, partials, 24);
-HYZO_LAYOUT(HyzoPass, seed, 32);
-HYZO_LAYOUT(HyzoPass, total_chunks, 40);
-HYZO_LAYOUT(HyzoPass, ntensors, 48);
-HYZO_LAYOUT(HyzoPass, step, 52);
-HYZO_LAYOUT(HyzoPass, kind, 56);
-HYZO_LAYOUT(HyzoPass, precision, 60);
-HYZO_LAYOUT(HyzoPass, nterms, 64);
-HYZO_LAYOUT(HyzoPass, has_restore, 68);
-HYZO_LAYOUT(HyzoPass, restore, 72);
-HYZO_LAYOUT(HyzoPass, restore_slot, 80);
-HYZO_LAYOUT(HyzoPass, has_grad, 84);
-HYZO_LAYOUT(HyzoPass, grad_weight, 88);
-HYZO_LAYOUT(HyzoPass, direction, 92);
-HYZO_LAYOUT(HyzoPass, rule, 96);
-HYZO_LAYOUT(HyzoPass, inline_terms, 128);
-HYZO_LAYOUT(HyzoPass, t, 192);
-HYZO_LAYOUT(HyzoPass, skip_count, 200);
-HYZO_LAYOUT(HyzoPass, state_set, 208);
-HYZO_LAYOUT(HyzoPass, reserved, 212);
-HYZO_LAYOUT(HyzoPass, counters, 216);
-HYZO_SIZE(HyzoPass, 224);
-
-HYZO_LAYOUT(HyzoCounters, step, 0);
-HYZO_LAYOUT(HyzoCounters, t, 8);
-HYZO_SIZE(HyzoCounters, 24);
-
-HYZO_LAYOUT(HyzoLossPass, losses, 0);
-HYZO_LAYOUT(HyzoLossPass, base, 8);
-HYZO_LAYOUT(HyzoLossPass, out, 16);
-HYZO_LAYOUT(HyzoLossPass, skip_flag, 24);
-HYZO_LAYOUT(HyzoLossPass, skip_count, 32);
-HYZO_LAYOUT(HyzoLossPass, q, 40);
-HYZO_LAYOUT(HyzoLossPass, estimator, 44);
-HYZO_LAYOUT(HyzoLossPass, eps, 48);
-HYZO_LAYOUT(HyzoLossPass, max_coefficient_sum, 52);
-HYZO_LAYOUT(HyzoLossPass, inline_base, 56);
-HYZO_SIZE(HyzoLossPass, 120);
 
 #endif /* HYZO_PARAMS_H */
