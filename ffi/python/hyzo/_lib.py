@@ -107,7 +107,9 @@ RULES: Dict[str, int] = {"sgd": 0, "momentum": 1, "sign": 2, "signum": 3, "adamw
 RULE_NONE = RULES["none"]
 # The rules a user can name.
 UPDATE_RULES: Dict[str, int] = {k: v for k, v in RULES.items() if k != "none"}
-DIRECTIONS: Dict[str, int] = {"gaussian": 0, "rademacher": 1, "sphere": 2}
+# "lowrank" (spec v3 §7): 2-D tensors registered with a shape get A B^T / sqrt(r) directions
+# added by the forward (hyzo.torch's hooks); the others get the Gaussian.
+DIRECTIONS: Dict[str, int] = {"gaussian": 0, "rademacher": 1, "sphere": 2, "lowrank": 3}
 ESTIMATORS: Dict[str, int] = {"two_sided": 0, "one_sided": 1}
 PRECISIONS: Dict[str, int] = {"nearest": 0, "stochastic": 1, "compensated": 2}
 PHASES: Dict[int, str] = {0: "fo", 1: "zo", 2: "any"}
@@ -144,6 +146,7 @@ class hyzo_config(ctypes.Structure):
         ("fo_rule", ctypes.c_uint32),
         ("fo_lr", ctypes.c_float),
         ("fo_weight_decay", ctypes.c_float),
+        ("rank", ctypes.c_uint32),
     ]
 
 
@@ -207,6 +210,10 @@ _sig("hyzo_optimizer_set_fo_lr", _u32, _c_opt, _f32)
 _sig("hyzo_optimizer_set_fo_weight_decay", _u32, _c_opt, _f32)
 _sig("hyzo_optimizer_get_config", _u32, _c_opt, _P(hyzo_config))
 _sig("hyzo_optimizer_num_tensors", _u32, _c_opt, _P(_u64))
+_sig("hyzo_optimizer_set_shape", _u32, _c_opt, ctypes.c_size_t, _u64, _u64)
+_sig("hyzo_optimizer_lowrank_factors_len", _u32, _c_opt, _P(_u64))
+_sig("hyzo_optimizer_lowrank_factors", _u32, _c_opt, _u32, _P(_f32), _u64)
+_sig("hyzo_zo_forward_perturbation", _u32, _c_opt, _P(_u32), _P(_f32))
 _sig("hyzo_zo_begin", _u32, _c_opt)
 _sig("hyzo_zo_begin_with_sq_norms", _u32, _c_opt, _P(ctypes.c_double), _u32)
 _sig("hyzo_optimizer_local_sq_norms", _u32, _c_opt, _P(ctypes.c_double), _u32)
@@ -327,6 +334,7 @@ def make_config(
     fo_rule: Optional[str] = None,
     fo_lr: Optional[float] = None,
     fo_weight_decay: Optional[float] = None,
+    rank: int = 1,
 ) -> hyzo_config:
     """Builds a ``hyzo_config`` from Python options (strings for the enums).
 
@@ -364,6 +372,7 @@ def make_config(
     cfg.fo_rule = RULE_NONE if fo_rule is None else rule_code("fo_rule", fo_rule)
     cfg.fo_lr = _optional_float("fo_lr", fo_lr, "lr")
     cfg.fo_weight_decay = _optional_float("fo_weight_decay", fo_weight_decay, "weight_decay")
+    cfg.rank = u32("rank", rank)
     return cfg
 
 
@@ -493,6 +502,34 @@ class COptimizer:
         n = _u64()
         self._call("hyzo_optimizer_num_tensors", ctypes.byref(n))
         return n.value
+
+    def set_shape(self, index: int, rows: int, cols: int) -> None:
+        """Registers tensor ``index`` (registration order, from 0) as a row-major ``rows x
+        cols`` matrix: under ``directions="lowrank"`` it gets low-rank directions, added by
+        the forward and never written by a perturbation pass. Before the first step."""
+        self._call("hyzo_optimizer_set_shape", check_int("tensor index", index, 0, 2**63),
+                   u64("rows", rows), u64("cols", cols))
+
+    def lowrank_factors_len(self) -> int:
+        """Floats per direction of :meth:`lowrank_factors`: the sum over shaped tensors of
+        ``(rows + cols) * min(rank, rows, cols)``."""
+        n = _u64()
+        self._call("hyzo_optimizer_lowrank_factors_len", ctypes.byref(n))
+        return n.value
+
+    def lowrank_factors(self, direction: int, out_ptr: int, length: int) -> None:
+        """Writes the factors of ``direction`` of the current (or next) step into ``length``
+        f32 at ``out_ptr`` (the optimizer's memory: host or device; stream-ordered): per
+        shaped tensor in registration order, ``A`` (rows x r) then ``B`` (cols x r)."""
+        self._call("hyzo_optimizer_lowrank_factors", u32("direction", direction),
+                   ctypes.cast(ctypes.c_void_p(out_ptr), _P(_f32)), u64("len", length))
+
+    def forward_perturbation(self) -> Tuple[int, float]:
+        """``(direction, coeff)``: the next forward adds ``coeff * Z_direction`` to the
+        low-rank tensors (``coeff == 0``: nothing)."""
+        d, c = _u32(), _f32()
+        self._call("hyzo_zo_forward_perturbation", ctypes.byref(d), ctypes.byref(c))
+        return d.value, c.value
 
     # -- steps --
     def begin(self, sq_norms: Optional[Sequence[float]] = None) -> None:

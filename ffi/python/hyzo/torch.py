@@ -36,7 +36,16 @@ Options per group: ``lr``, ``weight_decay``, ``rule`` (``fo_rule``, ``zo_rule``,
 ``zo_lr_ratio``, ``zo_weight_decay`` in :class:`Hybrid`), ``betas``, ``adam_eps``,
 ``precision``, ``hybrid_alpha``, ``global_offset``. Options shared by all groups (they
 define the perturbation, which must be one for the whole model): ``eps``, ``directions``,
-``num_directions``, ``estimator``, ``seed``, ``fo_steps``, ``zo_steps``.
+``num_directions``, ``estimator``, ``seed``, ``fo_steps``, ``zo_steps``, ``rank``.
+
+Low-rank directions (``directions="lowrank", rank=r``, spec v3 §7): ``opt.attach(model)``
+registers the 2-D weights of the model's ``nn.Linear`` and ``nn.Embedding`` modules that the
+optimizer holds as matrices and puts a forward hook on those modules; during the forwards
+of a zeroth-order step each hook adds ``c · x B_d A_dᵀ / sqrt(r)`` (``c · A_d[idx] B_dᵀ /
+sqrt(r)`` for a lookup) to the module's output, in f32, so those weights stay bit for bit
+unchanged until the update writes them once. The other parameters take the written
+Gaussian. Only weights whose every use is a hooked module's forward may be low-rank (see
+:meth:`ZO.attach`; ``exclude`` opts weights out).
 
 Threads: an optimizer is used by one thread at a time (a call into the library while
 another thread is inside one on the same optimizer raises :class:`hyzo.BadStateError`);
@@ -46,10 +55,13 @@ distinct optimizers may step concurrently on different threads.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+import warnings
+import weakref
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from . import _lib
 
@@ -63,7 +75,7 @@ _DTYPES = {
 
 # Options that define the perturbation: one value for the whole optimizer.
 _GLOBAL_KEYS = ("eps", "directions", "num_directions", "estimator", "seed", "fo_steps",
-                "zo_steps")
+                "zo_steps", "rank")
 # Options naming an enum value, normalized to lower case with underscores.
 _ENUM_KEYS = ("rule", "fo_rule", "zo_rule", "directions", "estimator", "precision")
 _OFFSET_ATTR = "_hyzo_global_offset"
@@ -99,6 +111,13 @@ class _ShardState:
         self.params = params
         self.grads = grads
         self.ptrs = ptrs
+        # Low-rank directions: the shaped tensors, in registration order, as (id of the
+        # parameter, rows, cols, r_t, offset of its factors in a direction's floats).
+        self.lr_layout: List[Tuple[int, int, int, int, int]] = []
+        self.lr_len = 0
+        self.lr_buf: Optional[torch.Tensor] = None  # (q, lr_len) f32, on the shard's device
+        # Per direction d: (id of the parameter, A_d view, B_d view, c_r) per shaped tensor.
+        self.lr_views: List[List[Tuple[int, torch.Tensor, torch.Tensor, float]]] = []
 
 
 class _Planned:
@@ -134,6 +153,14 @@ class _HyzoOptimizer(torch.optim.Optimizer):
         self._shards: List[_ShardState] = []
         self._trainable: List[List[bool]] = []
         self._built = False
+        # Low-rank directions (spec v3 §7): the 2-D weights registered with a shape (id of
+        # the parameter -> (rows, cols)), the forward hooks of attach(), and during a
+        # zeroth-order forward the term each hook adds (id -> (A_d, B_d, coeff * c_r)).
+        self._lr_shapes: Dict[int, Tuple[int, int]] = {}
+        self._lr_names: Dict[int, str] = {}
+        self._lr_handles: List[Any] = []
+        self._lr_attached = False
+        self._lr_live: Dict[int, Tuple[torch.Tensor, torch.Tensor, float]] = {}
         for k in _ENUM_KEYS:
             if k in defaults and isinstance(defaults[k], str):
                 defaults[k] = _enum_name(defaults[k])
@@ -231,7 +258,7 @@ class _HyzoOptimizer(torch.optim.Optimizer):
             estimator=g["estimator"], precision=g["precision"],
             seed=0 if seed is None else seed, fo_steps=g["fo_steps"], zo_steps=g["zo_steps"],
             hybrid_alpha=g["hybrid_alpha"], fo_rule=r["fo_rule"], fo_lr=r["fo_lr"],
-            fo_weight_decay=r["fo_weight_decay"])
+            fo_weight_decay=r["fo_weight_decay"], rank=g.get("rank", 1))
 
     def _build(self) -> None:
         """(Re)creates one C optimizer per param group and registers its tensors."""
@@ -310,6 +337,7 @@ class _HyzoOptimizer(torch.optim.Optimizer):
                     c.add_tensor(it.p.data_ptr(), _DTYPES[it.p.dtype], it.p.numel(), it.offset,
                                  it.grad.data_ptr() if it.grad is not None else None,
                                  _DTYPES[it.p.dtype])
+                self._register_shapes(shard, g)
         except BaseException:
             for s in shards:
                 s.c.close()
@@ -368,6 +396,11 @@ class _HyzoOptimizer(torch.optim.Optimizer):
         """Checks the parameters are still in place; pushes lr/weight decay and streams."""
         self._sync_trainable()
         self._require_shards()
+        if self._uses_lowrank() and not self._lr_attached:
+            raise RuntimeError(
+                "hyzo: directions='lowrank' adds the perturbation of the 2-D weights inside "
+                "the forward pass, through forward hooks: call opt.attach(model) before the "
+                "first step (hyzo.transformers' trainers do it themselves)")
         for s in self._shards:
             for p, ptr in zip(s.params, s.ptrs):
                 if p.data_ptr() != ptr:
@@ -459,11 +492,19 @@ class _HyzoOptimizer(torch.optim.Optimizer):
             raise ValueError("step: a zeroth-order step needs a closure that returns the loss")
         self._begin_all()
         losses: List[torch.Tensor] = []
+        lowrank = any(s.lr_layout for s in self._shards)
         try:
+            if lowrank:
+                self._lowrank_factors()
             more = True
             while more:
-                with torch.no_grad():
-                    loss = closure()
+                if lowrank:
+                    self._lowrank_arm()
+                try:
+                    with torch.no_grad():
+                        loss = closure()
+                finally:
+                    self._lr_live = {}
                 t = self._loss_tensor(loss)
                 losses.append(t)
                 more = self._feed(t)
@@ -521,6 +562,187 @@ class _HyzoOptimizer(torch.optim.Optimizer):
         for s in self._shards:
             self._collect_grads(s, none_is_skip=False)
         return loss.detach()
+
+    # ------------------------------------------------------------------------------------
+    # Low-rank directions (spec v3 §7): forward hooks on nn.Linear / nn.Embedding.
+
+    def _uses_lowrank(self) -> bool:
+        return self.param_groups[0].get("directions") == "lowrank"
+
+    def _register_shapes(self, shard: _ShardState, g: Dict[str, Any]) -> None:
+        """Registers the shapes attach() chose for the tensors of a new C optimizer, and
+        lays out their factors in a direction's floats (spec order: A then B per tensor)."""
+        if g.get("directions") != "lowrank" or not self._lr_shapes:
+            return
+        rank = int(g.get("rank", 1))
+        off = 0
+        for i, p in enumerate(shard.params):
+            shape = self._lr_shapes.get(id(p))
+            if shape is None:
+                continue
+            rows, cols = shape
+            shard.c.set_shape(i, rows, cols)
+            rt = min(rank, rows, cols)
+            shard.lr_layout.append((id(p), rows, cols, rt, off))
+            off += (rows + cols) * rt
+        shard.lr_len = off
+        if shard.lr_layout:
+            n = shard.c.lowrank_factors_len()
+            if n != off:  # pragma: no cover - the library and this layout disagree
+                raise _lib.InternalError(f"hyzo: lowrank_factors_len is {n}, expected {off}")
+
+    def _lowrank_factors(self) -> None:
+        """After begin: the factors of every direction of this step, one buffer per shard
+        (allocated at the first step, then reused; views per weight and direction)."""
+        q = int(self.param_groups[0]["num_directions"])
+        for s in self._shards:
+            if not s.lr_layout:
+                continue
+            if s.lr_buf is None:
+                s.lr_buf = torch.empty((q, s.lr_len), dtype=torch.float32, device=s.device)
+                s.lr_views = []
+                for d in range(q):
+                    row = s.lr_buf[d]
+                    views = []
+                    for pid, rows, cols, rt, off in s.lr_layout:
+                        a = row[off:off + rows * rt].view(rows, rt)
+                        b = row[off + rows * rt:off + (rows + cols) * rt].view(cols, rt)
+                        cr = float(torch.tensor(1.0 / math.sqrt(rt), dtype=torch.float32))
+                        views.append((pid, a, b, cr))
+                    s.lr_views.append(views)
+            for d in range(q):
+                s.c.lowrank_factors(d, s.lr_buf[d].data_ptr(), s.lr_len)
+
+    def _lowrank_arm(self) -> None:
+        """Before a forward of the step: the term ``coeff * Z_d`` each hook adds."""
+        live: Dict[int, Tuple[torch.Tensor, torch.Tensor, float]] = {}
+        for s in self._shards:
+            if not s.lr_layout:
+                continue
+            d, coeff = s.c.forward_perturbation()
+            if coeff == 0.0:
+                continue
+            for pid, a, b, cr in s.lr_views[d]:
+                live[pid] = (a, b, float(coeff) * cr)
+        self._lr_live = live
+
+    def attach(self, model: nn.Module,
+               exclude: Iterable[Union[str, torch.Tensor]] = ()) -> List[str]:
+        """Hooks ``model`` for ``directions="lowrank"``; call it before the first step.
+
+        Every 2-D weight this optimizer holds whose every owner in ``model`` is an
+        ``nn.Linear`` (its ``weight``) or an ``nn.Embedding`` without ``max_norm`` gets
+        low-rank directions: it is registered with its shape and a forward hook on each
+        owner adds ``c · x B_d A_dᵀ / sqrt(r_t)`` (Linear) or ``c · A_d[idx] B_dᵀ /
+        sqrt(r_t)`` (Embedding) to the module's output during the forwards of a
+        zeroth-order step, so the weight is never written by a perturbation pass. A weight
+        shared by several such modules (tied embeddings) gets the term in each. Everything
+        else the optimizer holds (biases, norms, other modules' weights) keeps the written
+        Gaussian direction. Outside a zeroth-order step's forwards the hooks add nothing.
+
+        Limits: a hooked weight must reach the loss only through its modules' forwards. A
+        weight also owned by another kind of module, or by a Linear inside
+        ``nn.MultiheadAttention`` (which reads the weight itself), is left Gaussian with a
+        warning; a weight read directly by the model's code (``x @ self.emb.weight.T``)
+        cannot be detected: list it in ``exclude``, by name (a parameter's name as in
+        ``model.named_parameters()``, or a module's, which excludes every weight under it;
+        a name that matches nothing is refused) or as the tensor itself.
+
+        Returns the names of the weights given low-rank directions. Calling it again
+        replaces the hooks (after the first step only with the same set of weights, whose
+        shapes the library already holds); :meth:`detach` removes them.
+        """
+        if not self._uses_lowrank():
+            raise ValueError(f"attach: the optimizer uses directions="
+                             f"{self.param_groups[0]['directions']!r}; attach() is for "
+                             "directions='lowrank'")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"attach: expected a torch.nn.Module, got {type(model).__name__}")
+        held = {id(p): p for g in self.param_groups for p in g["params"] if p.requires_grad}
+        excl_ids, excl_names = set(), set()
+        for e in ([exclude] if isinstance(exclude, (str, torch.Tensor)) else exclude):
+            if isinstance(e, torch.Tensor):
+                excl_ids.add(id(e))
+            elif isinstance(e, str):
+                excl_names.add(e)
+            else:
+                raise TypeError(f"attach: exclude takes names and tensors, got {e!r}")
+        inside_mha = set()
+        for m in model.modules():
+            if isinstance(m, nn.MultiheadAttention):
+                inside_mha.update(id(sub) for sub in m.modules() if sub is not m)
+        # Every module that owns a held parameter directly, and whether it can be hooked.
+        owners: Dict[int, List[Tuple[str, nn.Module, bool]]] = {}
+        used = set()
+        for mname, m in model.named_modules():
+            for attr, p in m._parameters.items():
+                if p is None or id(p) not in held:
+                    continue
+                full = f"{mname}.{attr}" if mname else attr
+                for e in excl_names:
+                    if full == e or full.startswith(e + "."):
+                        excl_ids.add(id(p))
+                        used.add(e)
+                owners.setdefault(id(p), []).append(
+                    (full, m, attr == "weight" and id(m) not in inside_mha and _hookable(m)))
+        unknown = sorted(excl_names - used)
+        if unknown:
+            raise ValueError(f"attach: exclude names no parameter the optimizer holds in the "
+                             f"model: {unknown} (names as in model.named_parameters() or "
+                             "named_modules())")
+        shapes: Dict[int, Tuple[int, int]] = {}
+        names: Dict[int, str] = {}
+        hooked: List[Tuple[nn.Module, torch.Tensor]] = []
+        mixed: List[str] = []
+        for pid, own in owners.items():
+            p = held[pid]
+            if p.dim() != 2 or pid in excl_ids or not any(h for _, _, h in own):
+                continue
+            if not all(h for _, _, h in own):
+                mixed.append(f"{own[0][0]} (also owned by "
+                             + ", ".join(f"{n} ({type(m).__name__})" for n, m, h in own if not h)
+                             + ")")
+                continue
+            shapes[pid] = (int(p.shape[0]), int(p.shape[1]))
+            names[pid] = own[0][0]
+            hooked.extend((m, p) for _, m, _ in own)
+        if mixed:
+            warnings.warn("hyzo attach: weights also used by modules that cannot be hooked "
+                          "keep the written Gaussian direction: " + "; ".join(mixed),
+                          stacklevel=2)
+        if shapes != self._lr_shapes:
+            if self._steps_taken() > 0:
+                raise RuntimeError(
+                    "attach: the optimizer has taken steps with another set of low-rank "
+                    "weights (shapes are registered once, before the first step); attach "
+                    "the model before the first step, or create a new optimizer")
+            self._lr_shapes = shapes
+            self._build()  # new C optimizers, with the shapes registered
+        self._lr_names = names
+        self._remove_hooks()
+        ref = weakref.ref(self)
+        for m, p in hooked:
+            fn = _embedding_hook if isinstance(m, nn.Embedding) else _linear_hook
+            self._lr_handles.append(
+                m.register_forward_hook(fn(ref, p), with_kwargs=True))
+        self._lr_attached = True
+        return [names[pid] for pid in shapes]
+
+    def detach(self) -> None:
+        """Removes the forward hooks of :meth:`attach` (steps then refuse until the model
+        is attached again; the registered shapes stay)."""
+        self._remove_hooks()
+        self._lr_attached = False
+
+    def _remove_hooks(self) -> None:
+        for h in self._lr_handles:
+            h.remove()
+        self._lr_handles = []
+
+    @property
+    def lowrank_parameters(self) -> List[str]:
+        """Names (from the attached model) of the weights that get low-rank directions."""
+        return list(self._lr_names.values())
 
     # ------------------------------------------------------------------------------------
     # torch.optim API.
@@ -609,6 +831,10 @@ class _HyzoOptimizer(torch.optim.Optimizer):
         if hz is None:
             raise ValueError("load_state_dict: not a hyzo optimizer state dict (no 'hyzo' key)")
         bufs = hz["shards"]
+        groups = state_dict.get("param_groups") or [{}]
+        if groups[0].get("directions") == "lowrank" and not self._lr_attached:
+            raise RuntimeError("load_state_dict: a state of low-rank directions (its shapes are "
+                               "part of it): call opt.attach(model) before loading it")
         saved_groups = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)
         # The configuration (seed, rule, ...) comes from the loaded param groups, as torch
@@ -616,6 +842,7 @@ class _HyzoOptimizer(torch.optim.Optimizer):
         shards: List[_ShardState] = []
         try:
             for g in self.param_groups:
+                g.setdefault("rank", 1)  # a state dict from before low-rank directions
                 self._normalize_group(g, loaded=True)
             shards = self._make_shards()
             if len(bufs) != len(shards):
@@ -668,6 +895,73 @@ class _HyzoOptimizer(torch.optim.Optimizer):
         raise TypeError("hyzo optimizers cannot be pickled or deep-copied; use state_dict()")
 
 
+# ----------------------------------------------------------------------------------------
+# Forward hooks of low-rank directions.
+
+
+def _hookable(m: nn.Module) -> bool:
+    """An ``nn.Linear`` or ``nn.Embedding`` (no ``max_norm``, which rewrites rows) whose
+    forward is torch's own: the output is ``x Wᵀ (+ b)`` or ``W[idx]``."""
+    if isinstance(m, nn.Linear):
+        return type(m).forward is nn.Linear.forward
+    if isinstance(m, nn.Embedding):
+        return type(m).forward is nn.Embedding.forward and m.max_norm is None
+    return False
+
+
+def _input(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else kwargs["input"]
+
+
+def _add_product(output: torch.Tensor, left: torch.Tensor, right_t: torch.Tensor,
+                 m: float) -> torch.Tensor:
+    """``output + m · left @ right_t`` (``left``: N x r, ``right_t``: r x features, ``output``
+    N x features once flattened), the sum in f32 and rounded once to the output's dtype: one
+    ``addmm`` (the thin product fused with the addition), in place where nothing can need
+    the old value (no autograd, a contiguous f32 output)."""
+    features = output.shape[-1]
+    if output.dtype == torch.float32 and output.is_contiguous() and not torch.is_grad_enabled():
+        output.view(-1, features).addmm_(left, right_t, alpha=m)
+        return output
+    out32 = output.reshape(-1, features).to(torch.float32)
+    return torch.addmm(out32, left, right_t, alpha=m).to(output.dtype).view(output.shape)
+
+
+def _linear_hook(ref: Any, weight: torch.Tensor) -> Callable[..., Any]:
+    """``y += m · (x B_d) A_dᵀ`` (``m = coeff · c_r``) during a zeroth-order forward."""
+    pid = id(weight)
+
+    def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
+             output: torch.Tensor) -> Optional[torch.Tensor]:
+        opt = ref()
+        live = None if opt is None else opt._lr_live.get(pid)
+        if live is None or module.weight is not weight:
+            return None
+        a, b, m = live
+        x = _input(args, kwargs)
+        xb = torch.matmul(x.reshape(-1, x.shape[-1]).to(torch.float32), b)
+        return _add_product(output, xb, a.t(), m)
+
+    return hook
+
+
+def _embedding_hook(ref: Any, weight: torch.Tensor) -> Callable[..., Any]:
+    """``out += m · A_d[idx] B_dᵀ`` during a zeroth-order forward."""
+    pid = id(weight)
+
+    def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
+             output: torch.Tensor) -> Optional[torch.Tensor]:
+        opt = ref()
+        live = None if opt is None else opt._lr_live.get(pid)
+        if live is None or module.weight is not weight:
+            return None
+        a, b, m = live
+        rows = torch.nn.functional.embedding(_input(args, kwargs).reshape(-1), a)
+        return _add_product(output, rows, b.t(), m)
+
+    return hook
+
+
 def _check_disjoint(plan: Sequence[Tuple[int, torch.device, List[_Planned]]]) -> None:
     """No two registered tensors (parameters and gradient buffers, across every group)
     share memory, and no two parameters share a global element: each C optimizer checks
@@ -709,7 +1003,11 @@ class ZO(_HyzoOptimizer):
             ``"adazo"``.
         betas: ``(β1, β2)`` of momentum / signum / AdamW / AdaZO.
         weight_decay: decoupled weight decay ``λ``.
-        directions: ``"gaussian"``, ``"rademacher"`` or ``"sphere"``.
+        directions: ``"gaussian"``, ``"rademacher"``, ``"sphere"`` or ``"lowrank"`` (spec
+            v3 §7: the 2-D weights of the ``nn.Linear``/``nn.Embedding`` modules of the model
+            given to :meth:`attach` get rank-``rank`` directions ``A Bᵀ / sqrt(r)``, added by
+            forward hooks and never written during a step; every other tensor gets the
+            written Gaussian). Needs ``opt.attach(model)`` before the first step.
         num_directions: directions ``q`` per step (at most 65536).
         estimator: ``"two_sided"`` (``2q`` evaluations) or ``"one_sided"`` (``q + 1``).
         precision: rounding of f16/bf16 parameters: ``"nearest"``, ``"stochastic"``,
@@ -720,6 +1018,8 @@ class ZO(_HyzoOptimizer):
         adam_eps: Adam's ``ε``.
         num_threads: threads of the CPU backend per C optimizer (``None``: all cores; at
             most 1024).
+        rank: rank ``r`` of ``directions="lowrank"`` (1 to 1024; a weight with fewer rows or
+            columns takes ``min(r, rows, cols)``).
 
     ``step(closure)`` calls ``closure()`` ``2q`` (two-sided) or ``q + 1`` (one-sided) times
     under ``torch.no_grad()`` and returns a detached 0-d tensor: the loss at the unperturbed
@@ -747,11 +1047,13 @@ class ZO(_HyzoOptimizer):
         *,
         adam_eps: float = 1e-8,
         num_threads: Optional[int] = None,
+        rank: int = 1,
     ) -> None:
         defaults = _defaults(lr=lr, eps=eps, rule=rule, betas=betas, weight_decay=weight_decay,
                              directions=directions, num_directions=num_directions,
                              estimator=estimator, precision=precision, seed=seed,
-                             adam_eps=adam_eps, fo_steps=0, zo_steps=0, hybrid_alpha=0.0)
+                             adam_eps=adam_eps, fo_steps=0, zo_steps=0, hybrid_alpha=0.0,
+                             rank=rank)
         super().__init__(params, defaults, process_group=process_group,
                          num_threads=num_threads)
 
@@ -815,7 +1117,8 @@ class Hybrid(_HyzoOptimizer):
             (an update of ``zo_rule``'s state); with ``α > 0`` every zeroth-order step first
             computes a gradient at the unperturbed point (one extra forward and backward).
         eps, directions, num_directions, estimator, precision, seed, process_group,
-            num_threads: as :class:`ZO`.
+            num_threads, rank: as :class:`ZO` (``directions="lowrank"``: call
+            :meth:`attach` before the first step; first-order steps see the true weights).
 
     ``step(closure)``: in a first-order step, zeroes the gradients, runs ``closure()`` with
     grad enabled, calls ``loss.backward()`` itself (DDP averages the gradients as usual) and
@@ -858,6 +1161,7 @@ class Hybrid(_HyzoOptimizer):
         zo_weight_decay: Optional[float] = None,
         adam_eps: float = 1e-8,
         num_threads: Optional[int] = None,
+        rank: int = 1,
     ) -> None:
         if rule is not None:
             if fo_rule is not _FO_DEFAULT or zo_rule is not _ZO_DEFAULT:
@@ -871,7 +1175,8 @@ class Hybrid(_HyzoOptimizer):
                              fo_steps=fo_steps, zo_steps=zo_steps, hybrid_alpha=hybrid_alpha,
                              zo_lr_ratio=_zo_lr_ratio(zo_lr, lr, "zo_lr"),
                              zo_weight_decay=_optional_nonneg("zo_weight_decay",
-                                                              zo_weight_decay))
+                                                              zo_weight_decay),
+                             rank=rank)
         super().__init__(params, defaults, process_group=process_group,
                          num_threads=num_threads)
 
@@ -1043,6 +1348,7 @@ def _defaults(**kw: Any) -> Dict[str, Any]:
         raise ValueError(f"betas: expected two floats, got {kw['betas']!r}")
     if kw["seed"] is not None:
         kw["seed"] = _lib.check_int("seed", kw["seed"], 0, 2**64)
+    kw["rank"] = _lib.check_int("rank", kw.get("rank", 1), 1, 1025)
     kw["global_offset"] = None
     return kw
 

@@ -28,6 +28,11 @@ Swap ``Trainer`` for one of them and pass ``zo_options``; everything else is the
 - Data parallel (``torchrun``/``accelerate launch``): the loss of every zeroth-order forward
   is all-reduced (mean; one scalar) and first-order gradients are averaged by DDP, so every
   rank applies the same update.
+- Low-rank directions (``zo_options={"directions": "lowrank", "rank": 4}``): the optimizer is
+  attached to the model (:meth:`hyzo.torch.ZO.attach`) when the trainer creates it, so the
+  weights of its ``nn.Linear``/``nn.Embedding`` modules are perturbed inside the forward;
+  ``zo_options["lowrank_exclude"]`` (names or tensors) keeps some of them Gaussian (a
+  weight the model's code reads directly, e.g. ``x @ self.embed.weight.T``).
 
 Not supported, refused at construction with a message: ``gradient_accumulation_steps > 1``
 (a zeroth-order step evaluates every perturbed point on one batch; raise
@@ -60,6 +65,8 @@ _SET_BY_TRAINER = {
     "adam_eps": "TrainingArguments(adam_epsilon=...)",
     "process_group": "the launcher (torchrun / accelerate launch): the world group",
 }
+# zo_options the trainers take themselves (not optimizer arguments).
+_TRAINER_OPTIONS = ("lowrank_exclude",)
 
 
 class _StepsInTrainingStep:
@@ -145,7 +152,7 @@ class _HyzoTrainer(transformers.Trainer):
         throwaway tensor, so a typo fails here rather than after the data is loaded."""
         name = type(self).__name__
         accepted = [p for p in inspect.signature(self._public_optimizer).parameters
-                    if p not in _SET_BY_TRAINER]
+                    if p not in _SET_BY_TRAINER] + list(_TRAINER_OPTIONS)
         for key in self.zo_options:
             if key in _SET_BY_TRAINER:
                 raise ValueError(f"{name}: zo_options[{key!r}] is set by the trainer; use "
@@ -171,7 +178,7 @@ class _HyzoTrainer(transformers.Trainer):
             # Not torch's generator: drawing from it would shift dropout and data order.
             "seed": args.seed,
         }
-        kw.update(self.zo_options)
+        kw.update({k: v for k, v in self.zo_options.items() if k not in _TRAINER_OPTIONS})
         if not probe and self._data_parallel():
             kw["process_group"] = dist.group.WORLD
         return kw
@@ -199,7 +206,11 @@ class _HyzoTrainer(transformers.Trainer):
             if not groups:
                 raise ValueError(f"{type(self).__name__}: the model has no trainable "
                                  "parameters (requires_grad)")
-            self.optimizer = self._optimizer_class(groups, **self._optimizer_kwargs())
+            opt = self._optimizer_class(groups, **self._optimizer_kwargs())
+            if opt.param_groups[0]["directions"] == "lowrank":
+                # Before any step, and before a checkpoint's state is loaded into it.
+                opt.attach(opt_model, exclude=self.zo_options.get("lowrank_exclude", ()))
+            self.optimizer = opt
             self._hyzo_optimizer = self.optimizer
         return self.optimizer
 
@@ -265,7 +276,8 @@ class ZOTrainer(_HyzoTrainer):
     ``ZOTrainer(model, args, ..., zo_options={...})``: everything ``Trainer`` takes, plus
     ``zo_options``, keyword arguments of :class:`hyzo.torch.ZO` (``num_directions``, ``eps``,
     ``rule`` (default ``"sgd"``), ``seed`` (default ``args.seed``), ``directions``,
-    ``estimator``, ``precision``, ``num_threads``). See the module documentation.
+    ``rank``, ``estimator``, ``precision``, ``num_threads``; and ``lowrank_exclude``, the
+    weights :meth:`hyzo.torch.ZO.attach` leaves Gaussian). See the module documentation.
     """
 
     _optimizer_class = _TrainerZO

@@ -40,6 +40,7 @@ SCALARS = {
     "uint64_t": ctypes.c_uint64, "int8_t": ctypes.c_int8, "int16_t": ctypes.c_int16,
     "int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64, "int": ctypes.c_int,
     "float": ctypes.c_float, "double": ctypes.c_double, "char": ctypes.c_char,
+    "size_t": ctypes.c_size_t,
 }
 # C enums are int-sized (the header forbids -fshort-enums); their values are small and
 # non-negative, so a 32-bit int of either signedness carries them.
