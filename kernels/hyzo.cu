@@ -13,7 +13,16 @@
  *
  * Memory: a group whose 8 elements all lie in the tensor and whose address is 16-byte
  * aligned is moved with 16-byte vector loads and stores (one for 16-bit types, two for
- * f32); the rest (tensor ends, misaligned tensors) go element by element.
+ * f32); the rest (tensor ends, buffers aligned unlike the data) go element by element. A
+ * tensor whose data address and global offset disagree modulo 16 bytes (every tensor after
+ * an odd-sized one, say) is cut into groups by ADDRESS instead: 8 elements from a 16-byte
+ * boundary, j0 = 8g - d (d its shift, fixed by the tensor), whose direction entries and
+ * rounding words come from the (up to 3 Gaussian, 2 Rademacher) Philox blocks that cover
+ * them (hyzo_direction8_at_k: the same values at the same j, spec §3), and scalar head and
+ * tail groups. The backend places m, v, fo_m, fo_v and lo so that they are aligned like the
+ * data (src/backend/cuda/mod.rs `vector_offset`); a gradient (user memory) aligned unlike
+ * its data is read element by element, the rest of the group still vectorized. sq_norm
+ * reads no memory and keeps the index-aligned groups.
  *
  * Arithmetic: src/backend/cpu.rs is the reference; each pass below says which of its
  * functions it mirrors. All float operations go through the correctly rounded intrinsics
@@ -39,16 +48,38 @@
 typedef unsigned short hyzo_u16;
 
 struct Tensor {
-    hyzo_u64 data, grad, lo, m, v, numel, offset, first_chunk;
-    hyzo_u32 dtype, grad_dtype;
+    /* voffset = offset + shift: the groups of a tensor are the 8-aligned runs of
+     * j + shift (shift = 0: of the global index j itself). */
+    hyzo_u64 data, grad, lo, m, v, numel, offset, voffset, first_chunk;
+    hyzo_u32 dtype, grad_dtype, shift;
     /* Whether each buffer's groups are 16-byte aligned: the address of group g is
-     * base + size (8g - offset), and 8g·size is a multiple of 16, so this is a property of
+     * base + size (8g - voffset), and 8g·size is a multiple of 16, so this is a property of
      * the tensor (tested once per chunk), not of the group. */
     bool vec_data, vec_grad, vec_lo, vec_m, vec_v;
 };
 
 __device__ __forceinline__ bool vec_ok(hyzo_u64 base, hyzo_u64 size, hyzo_u64 offset) {
     return ((base - size * offset) & 15) == 0;
+}
+
+/* The shift that makes the data's groups 16-byte aligned: d in [0, 16 / size) with
+ * base - size (offset + d) = 0 mod 16. 0 when the data is not element-aligned or when
+ * offset + numel + d would pass 2^64. src/backend/cuda/mod.rs (`vector_offset`) computes
+ * the same to place the state buffers. */
+__device__ __forceinline__ hyzo_u32 data_shift(hyzo_u64 base, hyzo_u64 size, hyzo_u64 offset,
+                                               hyzo_u64 numel) {
+    if ((base & (size - 1)) != 0) return 0;
+    const hyzo_u64 d = ((base / size) - offset) & (16 / size - 1);
+    return offset + numel - 1 > ~0ull - d ? 0u : (hyzo_u32)d;
+}
+
+/* The vector tests of every buffer, for the tensor's groups (t.voffset). */
+__device__ __forceinline__ void set_vec(Tensor& r) {
+    r.vec_data = vec_ok(r.data, r.dtype == HYZO_F32 ? 4 : 2, r.voffset);
+    r.vec_grad = vec_ok(r.grad, r.grad_dtype == HYZO_F32 ? 4 : 2, r.voffset);
+    r.vec_lo = vec_ok(r.lo, 2, r.voffset);
+    r.vec_m = vec_ok(r.m, 4, r.voffset);
+    r.vec_v = vec_ok(r.v, 4, r.voffset);
 }
 
 /* A table entry, with the moments of state set `set` as m and v. */
@@ -64,11 +95,9 @@ __device__ __forceinline__ Tensor load_tensor(const HyzoTensor* t, hyzo_u32 set)
     r.first_chunk = __ldg(&t->first_chunk);
     r.dtype = __ldg(&t->dtype);
     r.grad_dtype = __ldg(&t->grad_dtype);
-    r.vec_data = vec_ok(r.data, r.dtype == HYZO_F32 ? 4 : 2, r.offset);
-    r.vec_grad = vec_ok(r.grad, r.grad_dtype == HYZO_F32 ? 4 : 2, r.offset);
-    r.vec_lo = vec_ok(r.lo, 2, r.offset);
-    r.vec_m = vec_ok(r.m, 4, r.offset);
-    r.vec_v = vec_ok(r.v, 4, r.offset);
+    r.shift = 0;
+    r.voffset = r.offset;
+    set_vec(r);
     return r;
 }
 
@@ -83,18 +112,20 @@ __device__ __forceinline__ hyzo_u32 find_tensor(const HyzoTensor* table, hyzo_u3
     return lo;
 }
 
-/* Where group g of a tensor sits in its memory. l0 = 8g - offset is the local index of the
+/* Where group g of a tensor sits in its memory. l0 = 8g - voffset is the local index of the
  * group's first element, computed modulo 2^64 so that elements before the tensor wrap to
- * huge indices and fail the `< numel` test. */
+ * huge indices and fail the `< numel` test; j0 = 8g - shift is its global index (8g when
+ * the tensor is not shifted). */
 struct Group {
-    hyzo_u64 g, l0;
+    hyzo_u64 g, l0, j0;
     bool full;
 };
 
 __device__ __forceinline__ Group make_group(const Tensor& t, hyzo_u64 g) {
     Group r;
     r.g = g;
-    r.l0 = 8 * g - t.offset;
+    r.l0 = 8 * g - t.voffset;
+    r.j0 = 8 * g - t.shift;
     r.full = r.l0 < t.numel && t.numel - r.l0 >= 8;
     return r;
 }
@@ -108,10 +139,13 @@ __device__ __forceinline__ bool valid(const Tensor& t, const Group& gr, int e) {
  * (only under HYZO_SASS_PROBE, for scripts/sass-budget) also fixes the hot path's launch
  * values: q = NTERMS terms, the restore's direction the last term's, no gradient (GRAD = 0)
  * or a bf16 one, a step not skipped, bf16 parameters. */
-template <bool FAST, int KIND, int PREC, int RULE, int NTERMS = -1, int GRAD = -1, bool PROBE = false>
+template <bool FAST, int KIND, int PREC, int RULE, int NTERMS = -1, int GRAD = -1, bool PROBE = false,
+          bool PROBE_SHIFTED = false>
 struct Spec {
     static constexpr bool fast = FAST;
     static constexpr bool probe = PROBE;
+    /* (probe) every tensor takes the groups cut by address */
+    static constexpr bool probe_shifted = PROBE_SHIFTED;
     /* Specialize the group loop per dtype (fast kernels; the exact ones stay small). */
     static constexpr bool by_dtype = FAST;
     __device__ static hyzo_u32 kind(const HyzoPass& p) { return KIND >= 0 ? (hyzo_u32)KIND : p.kind; }
@@ -259,7 +293,7 @@ __device__ __forceinline__ void load_param(const Tensor& t, hyzo_u32 dtype, cons
 
 /* `store` of cpu.rs: stochastic with the rounding stream (update passes of the stochastic
  * mode), hi + lo (compensated mode, 16-bit tensors), otherwise nearest. */
-template <bool FAST>
+template <bool FAST, bool SHIFT>
 __device__ __forceinline__ void store_param(const Tensor& t, hyzo_u32 dtype, const Group& gr,
                                             hyzo_u32 precision, bool stochastic_pass,
                                             const HyzoKeys& keys, hyzo_u32 step, const float x[8]) {
@@ -270,7 +304,8 @@ __device__ __forceinline__ void store_param(const Tensor& t, hyzo_u32 dtype, con
     hyzo_u16 h[8];
     if (stochastic_pass && precision == HYZO_STOCHASTIC) {
         hyzo_u32 r[8];
-        hyzo_rounding_words8k(keys, step, gr.g, r);
+        if (SHIFT) hyzo_rounding_words8_at_k(keys, step, gr.j0, r);
+        else hyzo_rounding_words8k(keys, step, gr.g, r);
 #pragma unroll
         for (int e = 0; e < 8; e++) {
             const float s = dtype == HYZO_BF16 ? hyzo_stochastic_bf16(x[e], r[e])
@@ -328,49 +363,83 @@ __device__ __forceinline__ Launch make_launch(const HyzoPass& p) {
     return Launch{p, hyzo_keys(p.seed), launch_step<S>(p)};
 }
 
-/* z of one direction for group g (the variant and kind of the Spec). */
-template <class S>
-__device__ __forceinline__ void direction8(const Launch& L, hyzo_u32 direction, hyzo_u64 g, float z[8]) {
-    hyzo_direction8k<S::fast>(S::kind(L.p), L.keys, L.step, direction, g, z);
+/* z of one direction for a group (the variant and kind of the Spec): the index-aligned
+ * group gr.g, or (SHIFT) the 8 entries from gr.j0, which straddle Philox blocks. */
+template <class S, bool SHIFT>
+__device__ __forceinline__ void direction8(const Launch& L, hyzo_u32 direction, const Group& gr,
+                                           float z[8]) {
+    if (SHIFT) hyzo_direction8_at_k<S::fast>(S::kind(L.p), L.keys, L.step, direction, gr.j0, z);
+    else hyzo_direction8k<S::fast>(S::kind(L.p), L.keys, L.step, direction, gr.g, z);
 }
 
 /* x += c z for one term (`add_terms` of cpu.rs). */
-template <class S>
-__device__ __forceinline__ void add_term(const Launch& L, hyzo_u64 g, HyzoTerm term, float x[8]) {
+template <class S, bool SHIFT>
+__device__ __forceinline__ void add_term(const Launch& L, const Group& gr, HyzoTerm term, float x[8]) {
     float z[8];
-    direction8<S>(L, term.direction, g, z);
+    direction8<S, SHIFT>(L, term.direction, gr, z);
 #pragma unroll
     for (int e = 0; e < 8; e++) x[e] = fadd_(x[e], fmul_(term.coeff, z[e]));
 }
 
 /* ---- the chunk walk ---------------------------------------------------------------------
  * Each chunk's group loop is instantiated per dtype in the fast kernels (S::by_dtype): the
- * dtype test runs once per chunk, never per element. */
+ * dtype test runs once per chunk, never per element.
+ *
+ * Groups cut by address (SHIFT): a tensor whose data address and global offset disagree
+ * modulo 16 bytes (shift d != 0, e.g. every tensor after an odd-sized one) takes the groups
+ * of j + d instead of j: group g holds elements j0 = 8g - d .. j0 + 7, whose data are one
+ * aligned 16-byte vector (two for f32), and its entries come from the Philox blocks that
+ * cover them (hyzo_direction8_at_k). The chunk numbering stays the host's (index-aligned
+ * groups, HyzoTensor.first_chunk): chunk k of the tensor takes shifted groups
+ * g0 + k·CHUNK .., and its last chunk also the one group the shift may add. One loop for
+ * every dtype (the dtype is a uniform test per group there). sq_norm reads no memory and
+ * keeps the index-aligned groups (its summation order is unchanged). */
 
-template <class S, int DT, class Body>
+template <class S, int DT, bool SHIFT, class Body>
 __device__ __forceinline__ void chunk_groups(const Tensor& t0, hyzo_u64 g0, hyzo_u64 g1, Body& body) {
     Tensor t = t0;
-    if (DT >= 0) t.vec_data = vec_ok(t.data, DT == (int)HYZO_F32 ? 4 : 2, t.offset);
+    if (DT >= 0 && !SHIFT) t.vec_data = vec_ok(t.data, DT == (int)HYZO_F32 ? 4 : 2, t.offset);
     for (hyzo_u64 g = g0 + threadIdx.x; g <= g1; g += HYZO_THREADS)
-        body.template group<DT>(t, make_group(t, g));
+        body.template group<DT, SHIFT>(t, make_group(t, g));
+}
+
+/* Chunk k of a shifted tensor (t.shift != 0); `last` is its last index-aligned group. */
+template <class S, class Body>
+__device__ __forceinline__ void shifted_chunk(Tensor& t, hyzo_u64 k, hyzo_u64 last, Body& body) {
+    t.voffset = t.offset + t.shift;
+    set_vec(t);
+    const hyzo_u64 vlast = (t.voffset + t.numel - 1) >> 3;
+    const hyzo_u64 v0 = (t.voffset >> 3) + k * HYZO_CHUNK_GROUPS;
+    const bool tail = k == (last - (t.offset >> 3)) / HYZO_CHUNK_GROUPS;
+    const hyzo_u64 v1 = tail ? vlast : min(v0 + (HYZO_CHUNK_GROUPS - 1), vlast);
+    chunk_groups<S, -1, true>(t, v0, v1, body);
 }
 
 template <class S, class Body>
 __device__ __forceinline__ void for_each_chunk(const HyzoPass& p, Body& body) {
     const HyzoTensor* table = (const HyzoTensor*)p.table;
     for (hyzo_u64 c = blockIdx.x; c < p.total_chunks; c += gridDim.x) {
-        const Tensor t = load_tensor(table + find_tensor(table, p.ntensors, c), p.state_set);
+        Tensor t = load_tensor(table + find_tensor(table, p.ntensors, c), p.state_set);
         const hyzo_u64 last = (t.offset + t.numel - 1) >> 3;
-        const hyzo_u64 g0 = (t.offset >> 3) + (c - t.first_chunk) * HYZO_CHUNK_GROUPS;
+        const hyzo_u64 k = c - t.first_chunk;
+        const hyzo_u64 g0 = (t.offset >> 3) + k * HYZO_CHUNK_GROUPS;
         const hyzo_u64 g1 = min(g0 + (HYZO_CHUNK_GROUPS - 1), last);
+        if constexpr ((!S::probe || S::probe_shifted) && Body::by_address) {
+            t.shift = data_shift(t.data, t.dtype == HYZO_F32 ? 4 : 2, t.offset, t.numel);
+            if (S::probe_shifted || t.shift != 0) {
+                shifted_chunk<S>(t, k, last, body);
+                body.end_chunk(c);
+                continue;
+            }
+        }
         if constexpr (S::probe) {
-            chunk_groups<S, HYZO_BF16>(t, g0, g1, body);
+            chunk_groups<S, HYZO_BF16, false>(t, g0, g1, body);
         } else if constexpr (S::by_dtype) {
-            if (t.dtype == HYZO_BF16) chunk_groups<S, HYZO_BF16>(t, g0, g1, body);
-            else if (t.dtype == HYZO_F16) chunk_groups<S, HYZO_F16>(t, g0, g1, body);
-            else chunk_groups<S, HYZO_F32>(t, g0, g1, body);
+            if (t.dtype == HYZO_BF16) chunk_groups<S, HYZO_BF16, false>(t, g0, g1, body);
+            else if (t.dtype == HYZO_F16) chunk_groups<S, HYZO_F16, false>(t, g0, g1, body);
+            else chunk_groups<S, HYZO_F32, false>(t, g0, g1, body);
         } else {
-            chunk_groups<S, -1>(t, g0, g1, body);
+            chunk_groups<S, -1, false>(t, g0, g1, body);
         }
         body.end_chunk(c);
     }
@@ -380,8 +449,9 @@ __device__ __forceinline__ void for_each_chunk(const HyzoPass& p, Body& body) {
 
 template <class S>
 struct PerturbBody {
+    static constexpr bool by_address = true;
     const Launch& L;
-    template <int DT>
+    template <int DT, bool SHIFT>
     __device__ __forceinline__ void group(const Tensor& t, const Group& gr) {
         const HyzoPass& p = L.p;
         const hyzo_u32 dt = dtype_of<DT>(t);
@@ -390,8 +460,8 @@ struct PerturbBody {
         load_param(t, dt, gr, prec == HYZO_COMPENSATED, x);
         const hyzo_u32 n = S::nterms(p);
 #pragma unroll 2
-        for (hyzo_u32 k = 0; k < n; k++) add_term<S>(L, gr.g, term_at(p, k), x);
-        store_param<S::fast>(t, dt, gr, prec, false, L.keys, L.step, x);
+        for (hyzo_u32 k = 0; k < n; k++) add_term<S, SHIFT>(L, gr, term_at(p, k), x);
+        store_param<S::fast, SHIFT>(t, dt, gr, prec, false, L.keys, L.step, x);
     }
     __device__ void end_chunk(hyzo_u64) {}
 };
@@ -414,10 +484,11 @@ __device__ __forceinline__ void perturb_pass(const HyzoPass& p) {
 
 template <class S, bool ZO>
 struct UpdateBody {
+    static constexpr bool by_address = true;
     const Launch& L;
     bool skip;
     HyzoRule rule;
-    template <int DT>
+    template <int DT, bool SHIFT>
     __device__ __forceinline__ void group(const Tensor& t, const Group& gr) {
         const HyzoPass& p = L.p;
         const hyzo_u32 dt = dtype_of<DT>(t);
@@ -438,8 +509,8 @@ struct UpdateBody {
 #pragma unroll
             for (int e = 0; e < 8; e++) v[e] = 0.0f;
         if (ZO && !S::probe && skip) {
-            if (p.has_restore) add_term<S>(L, gr.g, p.restore, x);
-            store_param<S::fast>(t, dt, gr, prec, false, L.keys, L.step, x);
+            if (p.has_restore) add_term<S, SHIFT>(L, gr, p.restore, x);
+            store_param<S::fast, SHIFT>(t, dt, gr, prec, false, L.keys, L.step, x);
             return;
         }
         float g[8];
@@ -448,12 +519,12 @@ struct UpdateBody {
         if (ZO) {
             const bool restore = S::has_restore(p);
             const hyzo_i32 slot = S::restore_slot(p);
-            if (restore && slot < 0) add_term<S>(L, gr.g, p.restore, x);
+            if (restore && slot < 0) add_term<S, SHIFT>(L, gr, p.restore, x);
             const hyzo_u32 n = S::nterms(p);
             for (hyzo_u32 k = 0; k < n; k++) {
                 const HyzoTerm term = term_at(p, k);
                 float z[8];
-                direction8<S>(L, term.direction, gr.g, z);
+                direction8<S, SHIFT>(L, term.direction, gr, z);
 #pragma unroll
                 for (int e = 0; e < 8; e++) g[e] = fadd_(g[e], fmul_(term.coeff, z[e]));
                 if (restore && (hyzo_i32)k == slot) {
@@ -480,7 +551,7 @@ struct UpdateBody {
         hyzo_apply_rule8(rr, x, g, m, v);
         if (uses_m && t.m != 0) store8_f32(t.m, t.vec_m, t, gr, m);
         if (uses_v && t.v != 0) store8_f32(t.v, t.vec_v, t, gr, v);
-        store_param<S::fast>(t, dt, gr, prec, true, L.keys, L.step, x);
+        store_param<S::fast, SHIFT>(t, dt, gr, prec, true, L.keys, L.step, x);
     }
     __device__ void end_chunk(hyzo_u64) {}
 };
@@ -534,13 +605,14 @@ __device__ __forceinline__ double block_sum(double v, double* shared) {
 
 template <class S>
 struct SqNormBody {
+    static constexpr bool by_address = false; /* index-aligned groups: the same order */
     const Launch& L;
     double* shared;
     double acc;
-    template <int DT>
+    template <int DT, bool SHIFT>
     __device__ __forceinline__ void group(const Tensor& t, const Group& gr) {
         float z[8];
-        direction8<S>(L, L.p.direction, gr.g, z);
+        direction8<S, SHIFT>(L, L.p.direction, gr, z);
 #pragma unroll
         for (int e = 0; e < 8; e++)
             if (valid(t, gr, e)) acc = __dadd_rn(acc, __dmul_rn((double)z[e], (double)z[e]));
@@ -636,6 +708,24 @@ HYZO_KERNEL hyzo_probe_update_adamw(const __grid_constant__ HyzoPass p) {
 }
 HYZO_KERNEL hyzo_probe_fo_update_adamw(const __grid_constant__ HyzoPass p) {
     update_pass<ProbeSpec<HYZO_ADAMW, 0, 1>, false>(p);
+}
+/* The same passes on groups cut by address (the shipped loop: the dtype read per group). */
+template <int RULE, int NT, int GRAD>
+using ShiftedSpec = Spec<true, HYZO_GAUSSIAN, HYZO_NEAREST, RULE, NT, GRAD, true, true>;
+HYZO_KERNEL hyzo_probe_perturb_shifted(const __grid_constant__ HyzoPass p) {
+    perturb_pass<ShiftedSpec<HYZO_ANY, 1, 0>>(p);
+}
+HYZO_KERNEL hyzo_probe_restore_perturb_shifted(const __grid_constant__ HyzoPass p) {
+    perturb_pass<ShiftedSpec<HYZO_ANY, 2, 0>>(p);
+}
+HYZO_KERNEL hyzo_probe_update_sgd_shifted(const __grid_constant__ HyzoPass p) {
+    update_pass<ShiftedSpec<HYZO_SGD, 1, 0>, true>(p);
+}
+HYZO_KERNEL hyzo_probe_update_adamw_shifted(const __grid_constant__ HyzoPass p) {
+    update_pass<ShiftedSpec<HYZO_ADAMW, 1, 0>, true>(p);
+}
+HYZO_KERNEL hyzo_probe_fo_update_adamw_shifted(const __grid_constant__ HyzoPass p) {
+    update_pass<ShiftedSpec<HYZO_ADAMW, 0, 1>, false>(p);
 }
 #endif
 

@@ -322,6 +322,12 @@ HYZO_FN void hyzo_direction8(hyzo_u32 kind, hyzo_u64 seed, hyzo_u32 step, hyzo_u
     const HyzoKeys keys = hyzo_keys(seed);
     hyzo_direction8k<false>(kind, keys, step, direction, g, z);
 }
+/* The fast entries of a group (host mirror: libm for the approximate instructions). */
+HYZO_FN void hyzo_direction8_fast(hyzo_u32 kind, hyzo_u64 seed, hyzo_u32 step,
+                                  hyzo_u32 direction, hyzo_u64 g, float z[8]) {
+    const HyzoKeys keys = hyzo_keys(seed);
+    hyzo_direction8k<true>(kind, keys, step, direction, g, z);
+}
 
 /* Stochastic-rounding words of group g: element j gets word j % 4 of block j / 4 of the
  * reserved direction 0xFFFFFFFF of the same (seed, step). */
@@ -336,6 +342,139 @@ HYZO_FN void hyzo_rounding_words8(hyzo_u64 seed, hyzo_u32 step, hyzo_u64 g, hyzo
     const HyzoKeys keys = hyzo_keys(seed);
     hyzo_rounding_words8k(keys, step, g, r);
 }
+
+/* ---- groups cut by address --------------------------------------------------------------
+ * A tensor whose address and global offset disagree modulo 16 bytes is cut into groups by
+ * address: a group is the 8 elements j0 .. j0+7 with j0 = 8h - d (d in 1..7 fixed by the
+ * tensor), which straddle Philox blocks. The functions below give the same entries and words
+ * as the group functions above (a direction entry is a function of j alone, spec §3), for
+ * any j0, indices taken modulo 2^64 (a group may start before global index 0: its entries
+ * there belong to no tensor).
+ *
+ * Gaussian: entries j0 .. j0+7 lie in the three blocks B + 0, 1, 2, B = j0 / 4, from lane
+ * r = j0 % 4 of the first; as Box-Muller pairs (lanes 0-1, 2-3 of each block, pairs P0 ..
+ * P5), they need the five pairs P(r/2) .. P(r/2 + 4) (four when r is even), then entries
+ * (r % 2) .. (r % 2) + 7 of those ten. Rademacher: the 8 bits start at bit j0 % 32 of the
+ * word holding j0 and may run into the word holding j0 + 7 (of the next block when j0 % 128
+ * > 120). Stochastic rounding: words r .. r + 7 of the same three blocks. */
+
+/* Which Philox blocks and lanes a group starting at j0 needs (the index arithmetic of the
+ * address-cut groups, shared by the three streams). */
+struct HyzoSpan {
+    hyzo_u64 block[3]; /* (j0 + 4i) / 4 modulo 2^62: the blocks of lanes j0 .. j0+11 */
+    bool half;         /* r >= 2: the first pair is P1 (lanes 2-3 of block[0]) */
+    bool odd;          /* r odd: entry e is the (e+1)-th of the pairs' ten */
+};
+
+HYZO_FN HyzoSpan hyzo_span(hyzo_u64 j0) {
+    HyzoSpan s;
+    s.block[0] = j0 >> 2;
+    s.block[1] = (j0 + 4) >> 2;
+    s.block[2] = (j0 + 8) >> 2;
+    const hyzo_u32 r = (hyzo_u32)j0 & 3u;
+    s.half = r >= 2u;
+    s.odd = (r & 1u) != 0u;
+    return s;
+}
+
+/* The Rademacher span: the block and word of j0 and of j0 + 7, and the bit of j0. */
+struct HyzoBitSpan {
+    hyzo_u64 block_lo, block_hi;
+    hyzo_u32 word_lo, word_hi, shift;
+};
+
+HYZO_FN HyzoBitSpan hyzo_bit_span(hyzo_u64 j0) {
+    const hyzo_u64 j7 = j0 + 7;
+    HyzoBitSpan s;
+    s.block_lo = j0 >> 7;
+    s.block_hi = j7 >> 7;
+    s.word_lo = (hyzo_u32)(j0 >> 5) & 3u;
+    s.word_hi = (hyzo_u32)(j7 >> 5) & 3u;
+    s.shift = (hyzo_u32)j0 & 31u;
+    return s;
+}
+
+HYZO_FN hyzo_u32 hyzo_word_of(const HyzoWords& w, hyzo_u32 sel) {
+    return sel == 0u ? w.x0 : sel == 1u ? w.x1 : sel == 2u ? w.x2 : w.x3;
+}
+
+/* Twelve words (three blocks) -> the 8 starting at lane r (two select stages, no indexing
+ * by a runtime value: the arrays stay in registers). */
+HYZO_FN void hyzo_window8(const hyzo_u32 a[12], bool half, bool odd, hyzo_u32 out[8]) {
+    hyzo_u32 b[10];
+#ifndef HYZO_HOST_EMULATION
+#pragma unroll
+#endif
+    for (int k = 0; k < 10; k++) b[k] = half ? a[k + 2] : a[k];
+#ifndef HYZO_HOST_EMULATION
+#pragma unroll
+#endif
+    for (int e = 0; e < 8; e++) out[e] = odd ? b[e + 1] : b[e];
+}
+
+/* Entries j0 .. j0+7 of a direction, for any j0 (the group functions' entries at the same
+ * global indices, bit for bit). */
+template <bool FAST>
+HYZO_FN void hyzo_direction8_at_k(hyzo_u32 kind, const HyzoKeys& keys, hyzo_u32 step,
+                                  hyzo_u32 direction, hyzo_u64 j0, float z[8]) {
+    if (kind == HYZO_RADEMACHER) {
+        const HyzoBitSpan s = hyzo_bit_span(j0);
+        const HyzoWords a = hyzo_block_k(keys, step, direction, s.block_lo);
+        const HyzoWords b = hyzo_block_k(keys, step, direction, s.block_hi);
+        const hyzo_u64 both = ((hyzo_u64)hyzo_word_of(b, s.word_hi) << 32) | hyzo_word_of(a, s.word_lo);
+        const hyzo_u32 bits = (hyzo_u32)(both >> s.shift);
+#ifndef HYZO_HOST_EMULATION
+#pragma unroll
+#endif
+        for (int e = 0; e < 8; e++) z[e] = ((bits >> e) & 1u) ? -1.0f : 1.0f;
+    } else {
+        const HyzoSpan s = hyzo_span(j0);
+        const HyzoWords w0 = hyzo_block_k(keys, step, direction, s.block[0]);
+        const HyzoWords w1 = hyzo_block_k(keys, step, direction, s.block[1]);
+        const HyzoWords w2 = hyzo_block_k(keys, step, direction, s.block[2]);
+        const hyzo_u32 a[12] = {w0.x0, w0.x1, w0.x2, w0.x3, w1.x0, w1.x1,
+                                w1.x2, w1.x3, w2.x0, w2.x1, w2.x2, w2.x3};
+        float p[10];
+#ifndef HYZO_HOST_EMULATION
+#pragma unroll
+#endif
+        for (int k = 0; k < 5; k++) {
+            const hyzo_u32 x = s.half ? a[2 * k + 2] : a[2 * k];
+            const hyzo_u32 y = s.half ? a[2 * k + 3] : a[2 * k + 1];
+            if (FAST) hyzo_gaussian_pair_fast(x, y, &p[2 * k], &p[2 * k + 1]);
+            else hyzo_gaussian_pair(x, y, &p[2 * k], &p[2 * k + 1]);
+        }
+#ifndef HYZO_HOST_EMULATION
+#pragma unroll
+#endif
+        for (int e = 0; e < 8; e++) z[e] = s.odd ? p[e + 1] : p[e];
+    }
+}
+
+/* Stochastic-rounding words of elements j0 .. j0+7, for any j0. */
+HYZO_FN void hyzo_rounding_words8_at_k(const HyzoKeys& keys, hyzo_u32 step, hyzo_u64 j0,
+                                       hyzo_u32 r[8]) {
+    const HyzoSpan s = hyzo_span(j0);
+    const HyzoWords w0 = hyzo_block_k(keys, step, 0xFFFFFFFFu, s.block[0]);
+    const HyzoWords w1 = hyzo_block_k(keys, step, 0xFFFFFFFFu, s.block[1]);
+    const HyzoWords w2 = hyzo_block_k(keys, step, 0xFFFFFFFFu, s.block[2]);
+    const hyzo_u32 a[12] = {w0.x0, w0.x1, w0.x2, w0.x3, w1.x0, w1.x1,
+                            w1.x2, w1.x3, w2.x0, w2.x1, w2.x2, w2.x3};
+    hyzo_window8(a, s.half, s.odd, r);
+}
+
+/* Host mirror entry points: the same, from the seed; FAST selects the fast Gaussian. */
+HYZO_FN void hyzo_direction8_at(hyzo_u32 kind, bool fast, hyzo_u64 seed, hyzo_u32 step,
+                                hyzo_u32 direction, hyzo_u64 j0, float z[8]) {
+    const HyzoKeys keys = hyzo_keys(seed);
+    if (fast) hyzo_direction8_at_k<true>(kind, keys, step, direction, j0, z);
+    else hyzo_direction8_at_k<false>(kind, keys, step, direction, j0, z);
+}
+HYZO_FN void hyzo_rounding_words8_at(hyzo_u64 seed, hyzo_u32 step, hyzo_u64 j0, hyzo_u32 r[8]) {
+    const HyzoKeys keys = hyzo_keys(seed);
+    hyzo_rounding_words8_at_k(keys, step, j0, r);
+}
+
 
 /* ------------------------------------------------------------------------------------ */
 /* Element types: exact widening, round to nearest even (the `half` crate's conversions). */

@@ -1,7 +1,8 @@
 //! The device primitives of `kernels/hyzo_device.cuh`, compiled for the host (the header's
 //! `HYZO_HOST_EMULATION` mode: each intrinsic becomes the IEEE operation it names), checked
 //! bit for bit against the Rust reference: Philox, the Gaussian and Rademacher entries, the
-//! stochastic-rounding words, the rounding modes, the conversions, the rules and the
+//! stochastic-rounding words (for the index-aligned groups and for groups cut by address,
+//! which straddle Philox blocks), the rounding modes, the conversions, the rules and the
 //! division. This pins the kernels' arithmetic without a GPU; `gpu_parity.rs` then checks
 //! the kernels themselves on one. Skipped (with a message) when no C++ compiler is found.
 
@@ -258,6 +259,145 @@ fn direction_groups_and_rounding_words_match() {
                 out[2 * i + 1][e as usize] as u32,
                 sr.block(j / 4)[(j % 4) as usize],
                 "word j={j}"
+            );
+        }
+    }
+}
+
+/// Group starts for the address-cut groups: every residue mod 8 and 128 near the block
+/// boundaries of both streams, lo32(block) wrapping (j = 2^34, 2^39), j0 near 2^32 and
+/// near 2^64 (the group then wraps to index 0), and random starts.
+fn group_starts(rng: &mut rand::rngs::StdRng) -> Vec<u64> {
+    let mut v: Vec<u64> = (0..300).collect();
+    for base in [
+        1u64 << 32,
+        1 << 34,
+        1 << 39,
+        1 << 40,
+        1 << 62,
+        1 << 63,
+        0u64.wrapping_sub(1 << 32),
+    ] {
+        v.extend((0..40u64).map(|d| base.wrapping_sub(20).wrapping_add(d)));
+    }
+    v.extend((0..20u64).map(|d| u64::MAX - d));
+    for _ in 0..3000 {
+        v.push(match rng.gen_range(0..3) {
+            0 => rng.gen_range(0..1 << 20),
+            1 => rng.gen_range(0..1 << 42),
+            _ => rng.gen(),
+        });
+    }
+    v
+}
+
+/// The index arithmetic of the address-cut groups (kernels/hyzo_device.cuh `hyzo_span`,
+/// `hyzo_bit_span`): which Philox blocks and lanes the 8 elements j0 .. j0+7 need.
+#[test]
+fn address_cut_group_spans() {
+    let Some(exe) = driver() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let starts = group_starts(&mut rng);
+    let input: String = starts.iter().map(|j0| format!("N {j0:x}\n")).collect();
+    let out = run(&exe, &input);
+    assert_eq!(out.len(), starts.len());
+    for (j0, o) in starts.iter().zip(&out) {
+        let j = |e: u64| j0.wrapping_add(e);
+        let r = j0 % 4;
+        let want = [
+            j(0) / 4,
+            j(4) / 4,
+            j(8) / 4,
+            (r >= 2) as u64,
+            r % 2,
+            j(0) / 128,
+            j(7) / 128,
+            (j(0) % 128) / 32,
+            (j(7) % 128) / 32,
+            j(0) % 32,
+        ];
+        assert_eq!(o.as_slice(), want.as_slice(), "j0={j0:#x}");
+        // Every entry j0 + e is lane (r + e) of the span's blocks (Gaussian and rounding
+        // words), bit (shift + e) of the two words (Rademacher).
+        for e in 0..8u64 {
+            assert_eq!(want[((r + e) / 4) as usize], j(e) / 4, "j0={j0:#x} e={e}");
+            let (block, word) = if j0 % 32 + e < 32 {
+                (want[5], want[7])
+            } else {
+                (want[6], want[8])
+            };
+            assert_eq!((block, word), (j(e) / 128, (j(e) % 128) / 32));
+            assert_eq!((want[9] + e) % 32, j(e) % 32);
+        }
+    }
+}
+
+/// The entries of the address-cut groups (8 elements from any j0, straddling Philox
+/// blocks) equal the reference's entries at the same global indices: exact Gaussian and
+/// Rademacher against `direction_at`, the rounding words against the reserved stream, and
+/// the fast Gaussian against the fast entries of the index-aligned groups (the same host
+/// emulation of the approximate instructions: an element's fast entry is a function of j
+/// alone, however the kernels cut groups).
+#[test]
+fn address_cut_groups_match_direction_at() {
+    let Some(exe) = driver() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let starts = group_starts(&mut rng);
+    let mut input = String::new();
+    let mut cases = Vec::new();
+    for (i, &j0) in starts.iter().enumerate() {
+        let kind = (i % 2) as u32;
+        let seed: u64 = if i % 7 == 0 { u64::MAX } else { rng.gen() };
+        let step: u32 = if i % 11 == 0 {
+            u32::MAX
+        } else {
+            rng.gen_range(0..1000)
+        };
+        let dir: u32 = rng.gen_range(0..8);
+        let (ga, gb) = (j0 / 8, j0.wrapping_add(7) / 8);
+        for k in [kind, 1 - kind] {
+            input += &format!("J {k:x} 0 {seed:x} {step:x} {dir:x} {j0:x}\n");
+            input += &format!("J {k:x} 1 {seed:x} {step:x} {dir:x} {j0:x}\n");
+            input += &format!("DF {k:x} {seed:x} {step:x} {dir:x} {ga:x}\n");
+            input += &format!("DF {k:x} {seed:x} {step:x} {dir:x} {gb:x}\n");
+        }
+        input += &format!("X {seed:x} {step:x} {j0:x}\n");
+        cases.push((kind, seed, step, dir, j0));
+    }
+    let out = run(&exe, &input);
+    assert_eq!(out.len(), 9 * cases.len());
+    for (i, (kind, seed, step, dir, j0)) in cases.iter().enumerate() {
+        let id = DirectionId::new(*seed, *step, *dir);
+        let sr = DirectionId::new(*seed, *step, hyzo::direction::STOCHASTIC_ROUNDING_DIRECTION);
+        let o = &out[9 * i..9 * i + 9];
+        for (n, k) in [*kind, 1 - *kind].into_iter().enumerate() {
+            let dk = if k == 1 {
+                DirectionKind::Rademacher
+            } else {
+                DirectionKind::Gaussian
+            };
+            let (exact, fast, fa, fb) = (&o[4 * n], &o[4 * n + 1], &o[4 * n + 2], &o[4 * n + 3]);
+            for e in 0..8u64 {
+                let j = j0.wrapping_add(e);
+                assert_eq!(
+                    exact[e as usize] as u32,
+                    direction_at(dk, id, j).to_bits(),
+                    "{dk:?} exact j0={j0:#x} e={e}"
+                );
+                let aligned = if j / 8 == j0 / 8 { fa } else { fb };
+                assert_eq!(
+                    fast[e as usize],
+                    aligned[(j % 8) as usize],
+                    "{dk:?} fast j0={j0:#x} e={e}"
+                );
+            }
+        }
+        for e in 0..8u64 {
+            let j = j0.wrapping_add(e);
+            assert_eq!(
+                o[8][e as usize] as u32,
+                sr.block(j / 4)[(j % 4) as usize],
+                "rounding word j0={j0:#x} e={e}"
             );
         }
     }

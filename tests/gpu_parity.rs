@@ -47,6 +47,8 @@ struct Spec {
     offset: u64,
     /// Bytes added to a 256-aligned device address (a multiple of the element size).
     misalign: u64,
+    /// The gradient's (None: `misalign`).
+    grad_misalign: Option<u64>,
 }
 
 /// The same tensors in host memory (for the CPU backend) and device memory (for CUDA).
@@ -94,7 +96,7 @@ impl Twin {
             cursor = d + data.len() as u64;
             let g = if let Some(gd) = s.grad {
                 let gb = random_bytes(&mut rng, gd, s.numel as usize, 1.0);
-                let g = cursor.div_ceil(256) * 256 + s.misalign;
+                let g = cursor.div_ceil(256) * 256 + s.grad_misalign.unwrap_or(s.misalign);
                 cursor = g + gb.len() as u64;
                 uploads.push((g, gb.clone()));
                 host_grads.push(words(&gb));
@@ -228,10 +230,12 @@ fn layouts(rng: &mut rand::rngs::StdRng) -> Vec<Vec<Spec>> {
             numel,
             offset: off,
             misalign,
+            grad_misalign: None,
         });
         off += numel + rng.gen_range(0..9);
     }
     out.push(v);
+    out.push(address_cut_layout(0, |_, _| None));
     // Offsets above 2^32, a tensor spanning several chunks, and one with an odd start.
     out.push(vec![
         Spec {
@@ -240,6 +244,7 @@ fn layouts(rng: &mut rand::rngs::StdRng) -> Vec<Vec<Spec>> {
             numel: 70_001,
             offset: (1 << 32) + 5,
             misalign: 0,
+            grad_misalign: None,
         },
         Spec {
             dtype: DType::F16,
@@ -247,6 +252,7 @@ fn layouts(rng: &mut rand::rngs::StdRng) -> Vec<Vec<Spec>> {
             numel: 33_333,
             offset: (1 << 33) + 130,
             misalign: 2,
+            grad_misalign: None,
         },
         Spec {
             dtype: DType::F32,
@@ -254,9 +260,49 @@ fn layouts(rng: &mut rand::rngs::StdRng) -> Vec<Vec<Spec>> {
             numel: 40_000,
             offset: (3 << 40) + 1,
             misalign: 4,
+            grad_misalign: None,
         },
     ]);
     out
+}
+
+/// Tensors after odd-sized ones (256-aligned data at offsets that are not multiples of 8:
+/// every group misaligned by index, so the kernels cut them by address), every dtype and
+/// gradient dtype, lengths below 8, around 8 and across chunks (32768 elements: the shift
+/// adds a group to the last chunk), offsets near 2^32, every fourth gradient aligned
+/// unlike its data; `misalign(i, spec)` places tensor i's data (None: 256-aligned).
+fn address_cut_layout(base: u64, misalign: impl Fn(usize, &Spec) -> Option<u64>) -> Vec<Spec> {
+    let dtypes = [DType::BF16, DType::F16, DType::F32];
+    let lengths = [
+        1001u64, 5000, 7, 13, 32768, 4099, 1, 2, 3, 9, 17, 16, 24, 70_001, 31, 33,
+    ];
+    let mut v = Vec::new();
+    let mut off = base;
+    for (i, &numel) in lengths.iter().enumerate() {
+        let dtype = dtypes[i % 3];
+        let grad = dtypes[(i / 3 + i) % 3];
+        let mut s = Spec {
+            dtype,
+            grad: Some(grad),
+            numel,
+            offset: off,
+            misalign: 0,
+            grad_misalign: None,
+        };
+        if i % 4 == 3 {
+            // A gradient aligned unlike its data: read element by element.
+            s.grad_misalign = Some(grad.size() as u64 * (1 + i as u64 % 3));
+        }
+        if let Some(m) = misalign(i, &s) {
+            s.misalign = m;
+        }
+        v.push(s);
+        off += numel + [0u64, 1, 3][i % 3];
+        if i == 9 {
+            off += (1 << 32) - 5;
+        }
+    }
+    v
 }
 
 fn configs() -> Vec<(Precision, DirectionKind, Rule)> {
@@ -430,6 +476,7 @@ fn huge_tensor_matches_cpu() {
         numel: (1 << 26) + 3,
         offset: (1 << 34) + 6,
         misalign: 0,
+        grad_misalign: None,
     };
     let mut twin = Twin::new(vec![spec], 11);
     let host = twin.host_shard();
@@ -558,6 +605,7 @@ fn small_layout() -> Vec<Spec> {
             numel: 3001,
             offset: 7,
             misalign: 0,
+            grad_misalign: None,
         },
         Spec {
             dtype: DType::F16,
@@ -565,6 +613,7 @@ fn small_layout() -> Vec<Spec> {
             numel: 129,
             offset: 5000,
             misalign: 2,
+            grad_misalign: None,
         },
         Spec {
             dtype: DType::F32,
@@ -572,8 +621,180 @@ fn small_layout() -> Vec<Spec> {
             numel: 1000,
             offset: (1 << 32) + 1,
             misalign: 0,
+            grad_misalign: None,
         },
     ]
+}
+
+/// Device bytes of every parameter of a twin.
+fn device_bytes(twin: &Twin) -> Vec<Vec<u8>> {
+    twin.specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut b = vec![0u8; s.numel as usize * s.dtype.size()];
+            twin.dev
+                .download_at(twin.dev_at[i].0 as usize, &mut b)
+                .unwrap();
+            b
+        })
+        .collect()
+}
+
+/// Groups cut by address (tensors whose data address and global offset disagree modulo 16
+/// bytes, kernels/hyzo.cu "Memory") give the bits of index-aligned groups: the same layout
+/// placed twice, once with every tensor's data aligned like its offset (index-aligned
+/// groups, gradients too) and once 256-aligned after odd-sized tensors (shifted groups,
+/// some gradients aligned unlike their data), through the same passes, fast and exact
+/// kernels, every precision mode (stochastic rounding included) and direction kind:
+/// parameters and state equal bit for bit.
+#[test]
+fn address_cut_groups_equal_index_aligned_groups() {
+    if !gpu() {
+        return;
+    }
+    let shifted_layout = address_cut_layout(3, |_, _| None);
+    let aligned_layout: Vec<Spec> = shifted_layout
+        .iter()
+        .map(|s| {
+            let size = s.dtype.size() as u64;
+            let gsize = s.grad.unwrap().size() as u64;
+            Spec {
+                misalign: size * (s.offset % (16 / size)),
+                grad_misalign: Some(gsize * (s.offset % (16 / gsize))),
+                ..*s
+            }
+        })
+        .collect();
+    let shifted_count = shifted_layout
+        .iter()
+        .filter(|s| s.offset % (16 / s.dtype.size() as u64) != 0)
+        .count();
+    assert!(shifted_count >= 10, "the layout must shift most tensors");
+    let precisions = [
+        Precision::Nearest,
+        Precision::Stochastic,
+        Precision::Compensated,
+    ];
+    for exact in [false, true] {
+        for precision in precisions {
+            for kind in [DirectionKind::Gaussian, DirectionKind::Rademacher] {
+                for rule in [Rule::AdamW, Rule::Momentum] {
+                    let tag = format!("exact {exact} {precision:?} {kind:?} {rule:?}");
+                    let twins = [
+                        Twin::new(aligned_layout.clone(), 41),
+                        Twin::new(shifted_layout.clone(), 41),
+                    ];
+                    let mut backends = [CudaBackend::new(0).unwrap(), CudaBackend::new(0).unwrap()];
+                    let shards: Vec<ParamShard<'static>> =
+                        twins.iter().map(|t| t.dev_shard()).collect();
+                    let state = StateLayout {
+                        main_buffers: rule.state_buffers(),
+                        fo_buffers: 2,
+                        residual: precision == Precision::Compensated,
+                    };
+                    for (b, sh) in backends.iter_mut().zip(&shards) {
+                        b.set_exact(exact);
+                        b.allocate_state(sh, state).unwrap();
+                    }
+                    for step in 0..2u32 {
+                        let gen = Generator {
+                            seed: 0x5EED_0000 + step as u64,
+                            step,
+                            kind,
+                        };
+                        let mu = 1e-2f32;
+                        let one = [Term {
+                            direction: 0,
+                            coeff: mu,
+                        }];
+                        let two = [
+                            Term {
+                                direction: 0,
+                                coeff: -2.0 * mu,
+                            },
+                            Term {
+                                direction: 1,
+                                coeff: mu,
+                            },
+                        ];
+                        let many: Vec<Term> = (0..10)
+                            .map(|d| Term {
+                                direction: d,
+                                coeff: 0.1 * d as f32 - 0.3,
+                            })
+                            .collect();
+                        let zo = [
+                            Term {
+                                direction: 0,
+                                coeff: 0.5,
+                            },
+                            Term {
+                                direction: 1,
+                                coeff: -0.25,
+                            },
+                        ];
+                        for (b, sh) in backends.iter_mut().zip(&shards) {
+                            for terms in [&one[..], &two[..], &many[..]] {
+                                let pass = PerturbPass {
+                                    gen,
+                                    terms,
+                                    precision,
+                                };
+                                b.perturb(sh, &pass).unwrap();
+                            }
+                            let pass = UpdatePass {
+                                gen,
+                                restore: Some(Term {
+                                    direction: 1,
+                                    coeff: -mu,
+                                }),
+                                zo: &zo,
+                                grad_weight: [None, Some(0.25f32)][step as usize],
+                                rule: RuleParams::new(rule, 1e-2, 0.9, 0.999, 1e-8, 1e-3, 1),
+                                state: StateSet::Main,
+                                t: step as u64 + 1,
+                                precision,
+                                device_losses: None,
+                            };
+                            b.update(sh, &pass).unwrap();
+                            let fo = UpdatePass {
+                                restore: None,
+                                zo: &[],
+                                grad_weight: Some(1.0),
+                                rule: RuleParams::new(Rule::AdamW, 1e-2, 0.9, 0.999, 1e-8, 0.0, 1),
+                                state: StateSet::FirstOrder,
+                                ..pass
+                            };
+                            b.update(sh, &fo).unwrap();
+                            b.synchronize().unwrap();
+                        }
+                        let (a, s) = (device_bytes(&twins[0]), device_bytes(&twins[1]));
+                        for (i, (x, y)) in a.iter().zip(&s).enumerate() {
+                            let first = x.iter().zip(y).position(|(p, q)| p != q);
+                            assert!(
+                                first.is_none(),
+                                "{tag} step {step}: tensor {i} ({:?}, offset {}) differs at byte {first:?}",
+                                twins[1].specs[i].dtype,
+                                twins[1].specs[i].offset
+                            );
+                        }
+                        let [ba, bs] = &mut backends;
+                        assert!(
+                            saved_state(ba) == saved_state(bs),
+                            "{tag} step {step}: state differs"
+                        );
+                        // sq_norm keeps the index-aligned groups: the same sum.
+                        let (na, ns) = (
+                            ba.sq_norm(&shards[0], gen, 1).unwrap(),
+                            bs.sq_norm(&shards[1], gen, 1).unwrap(),
+                        );
+                        assert_eq!(na.to_bits(), ns.to_bits(), "{tag}: sq_norm");
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Whole optimizer steps (the step protocol of optimizer.rs) on both backends: two- and
@@ -796,6 +1017,7 @@ fn graph_replay_equals_eager() {
         numel: 10_007,
         offset: 3,
         misalign: 0,
+        grad_misalign: None,
     }];
     let run = |capture: bool| -> Vec<u8> {
         let twin = Twin::new(layout.clone(), 42);
@@ -864,6 +1086,7 @@ fn graph_replays_across_steps() {
             numel: 5_003,
             offset: 3,
             misalign: 0,
+            grad_misalign: None,
         },
         Spec {
             dtype: DType::F32,
@@ -871,6 +1094,7 @@ fn graph_replays_across_steps() {
             numel: 777,
             offset: 5_006,
             misalign: 4,
+            grad_misalign: None,
         },
     ];
     let run = |graph: bool| -> (Vec<u8>, [u64; 3]) {

@@ -43,6 +43,35 @@ int main() {
             float z[8];
             hyzo_direction8(kind, seed, step, dir, g, z);
             for (int e = 0; e < 8; e++) std::printf("%x%c", bits(z[e]), e == 7 ? '\n' : ' ');
+        } else if (!std::strcmp(cmd, "DF")) {  // fast direction8 kind seed step dir g
+            hyzo_u32 kind, step, dir;
+            hyzo_u64 seed, g;
+            std::scanf("%x %llx %x %x %llx", &kind, &seed, &step, &dir, &g);
+            float z[8];
+            hyzo_direction8_fast(kind, seed, step, dir, g, z);
+            for (int e = 0; e < 8; e++) std::printf("%x%c", bits(z[e]), e == 7 ? '\n' : ' ');
+        } else if (!std::strcmp(cmd, "J")) {  // entries j0..j0+7: kind fast seed step dir j0
+            hyzo_u32 kind, fast, step, dir;
+            hyzo_u64 seed, j0;
+            std::scanf("%x %x %llx %x %x %llx", &kind, &fast, &seed, &step, &dir, &j0);
+            float z[8];
+            hyzo_direction8_at(kind, fast != 0, seed, step, dir, j0, z);
+            for (int e = 0; e < 8; e++) std::printf("%x%c", bits(z[e]), e == 7 ? '\n' : ' ');
+        } else if (!std::strcmp(cmd, "X")) {  // rounding words of j0..j0+7: seed step j0
+            hyzo_u32 step;
+            hyzo_u64 seed, j0;
+            std::scanf("%llx %x %llx", &seed, &step, &j0);
+            hyzo_u32 r[8];
+            hyzo_rounding_words8_at(seed, step, j0, r);
+            for (int e = 0; e < 8; e++) std::printf("%x%c", r[e], e == 7 ? '\n' : ' ');
+        } else if (!std::strcmp(cmd, "N")) {  // span of j0: blocks, half, odd, bit span
+            hyzo_u64 j0;
+            std::scanf("%llx", &j0);
+            const HyzoSpan s = hyzo_span(j0);
+            const HyzoBitSpan b = hyzo_bit_span(j0);
+            std::printf("%llx %llx %llx %x %x %llx %llx %x %x %x\n", s.block[0], s.block[1],
+                        s.block[2], (unsigned)s.half, (unsigned)s.odd, b.block_lo, b.block_hi,
+                        b.word_lo, b.word_hi, b.shift);
         } else if (!std::strcmp(cmd, "W")) {  // rounding words seed step g
             hyzo_u32 step;
             hyzo_u64 seed, g;

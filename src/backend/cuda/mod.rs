@@ -714,9 +714,27 @@ impl Drop for CudaBackend {
     }
 }
 
-/// Bytes of `n` elements of 4 or 2 bytes placed so that element `j = offset + i` of the
-/// tensor is 16-byte aligned exactly when `j` is a multiple of 8 (the kernels' vector
-/// condition): the segment starts `offset mod (16 / size)` elements past a 256-byte line.
+/// The offset whose multiples of 8 the kernels cut a tensor's groups at (kernels/hyzo.cu
+/// `data_shift`): `offset + d`, with `d` the shift in `[0, 16 / size)` that puts those
+/// group starts on 16-byte boundaries of the data (0 for data aligned like its global
+/// offset, for data not aligned to its element size, or when the shifted range would pass
+/// 2^64).
+fn vector_offset(t: &TensorSpec) -> u64 {
+    let size = t.dtype.size() as u64;
+    if t.data % size != 0 {
+        return t.offset;
+    }
+    let d = (t.data / size).wrapping_sub(t.offset) & (16 / size - 1);
+    match (t.offset + t.numel - 1).checked_add(d) {
+        Some(_) => t.offset + d,
+        None => t.offset,
+    }
+}
+
+/// Bytes of `n` elements of 4 or 2 bytes placed so that element `i` of the tensor is
+/// 16-byte aligned exactly when `offset + i` is a multiple of 8 (the kernels' vector
+/// condition, `offset` the tensor's [`vector_offset`]: the state is then aligned like the
+/// data): the segment starts `offset mod (16 / size)` elements past a 256-byte line.
 fn place(cursor: &mut usize, numel: u64, offset: u64, size: usize) -> usize {
     let per16 = (16 / size) as u64;
     let start = cursor.div_ceil(256) * 256 + size * (offset % per16) as usize;
@@ -764,7 +782,7 @@ impl Backend for CudaBackend {
                     let at = place(
                         &mut cursors[b as usize],
                         t.numel,
-                        t.offset,
+                        vector_offset(t),
                         b.element_size(),
                     );
                     s.0[b as usize] = Some(at);
