@@ -212,8 +212,10 @@ int hyzo_cuda_available(void);
 // Writes entries `start .. start + count` of direction `(seed, step, direction)` into `out`
 // (`count` floats, 4-byte aligned): exactly the values the optimizers use (spec §3).
 // `HYZO_DIRECTION_SPHERE` writes the unscaled Gaussian: the sphere's scale `1/||z||`
-// depends on every element an optimizer holds, which a range does not know. `count = 0`
-// writes nothing (`out` must still be non-NULL).
+// depends on every element an optimizer holds, which a range does not know.
+// `HYZO_DIRECTION_LOWRANK` is refused: its entries depend on a tensor's shape (use
+// `hyzo_optimizer_lowrank_factors`). `count = 0` writes nothing (`out` must still be
+// non-NULL).
 //
 // # Safety
 // `out` must be valid for writes of `count` floats.
