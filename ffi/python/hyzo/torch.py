@@ -751,7 +751,8 @@ class _HyzoOptimizer(torch.optim.Optimizer):
     def perturb_(self, std: float, seed: int, step: int = 0, direction: int = 0) -> None:
         """Adds ``std * z`` once to every trainable parameter, ``z`` the direction ``(seed,
         step, direction)`` of the optimizer's kind (``directions``; ``"sphere"`` gives its
-        unscaled Gaussian) at each element's global offset: a seeded displacement that any
+        unscaled Gaussian, ``"lowrank"`` the Gaussian on every tensor, the low-rank weights
+        included: a displacement is written) at each element's global offset: a seeded displacement that any
         process regenerates exactly for the shard it holds (``hyzo.directions`` gives the
         same ``z`` on the CPU; CUDA's fast Gaussian is within spec §3's tolerance of it),
         e.g. the noise control of an experiment.

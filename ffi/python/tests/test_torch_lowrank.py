@@ -225,6 +225,21 @@ def test_forwards_outside_a_step_see_the_true_weights():
     assert (bits(model(x).detach()) == bits(plain)).all()
 
 
+def test_perturb_writes_the_gaussian_on_every_tensor():
+    # A displacement is written: the low-rank weights take the Gaussian of spec §3 at their
+    # global indices, like every other tensor.
+    model = mlp()
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    opt = ht.ZO(params, lr=1e-2, directions="lowrank", rank=2, seed=0)
+    opt.attach(model)
+    opt.perturb_(0.5, seed=9, step=3, direction=1)
+    for p, b in zip(params, before):
+        off = offsets(params)[id(p)]
+        z = torch.from_numpy(hyzo.directions("gaussian", 9, 3, 1, off, p.numel())).view_as(p)
+        assert torch.equal(p.detach(), b + 0.5 * z)
+
+
 # --------------------------------------------------------------------------------------
 # Training.
 
