@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -95,6 +95,11 @@ class Optimizer:
             (``None``: follow ``lr`` / ``weight_decay``, also when those change later).
         num_threads: CPU threads of this optimizer (``None``: the shared pool over all cores;
             at most 1024).
+        rank, shapes: low-rank directions (``directions="lowrank"``, spec §7): ``shapes``
+            maps a param's index to its row-major ``(rows, cols)``; those arrays get
+            ``Z = A Bᵀ / sqrt(min(rank, rows, cols))``, which the forward adds (see
+            :meth:`forward_perturbation` and :meth:`lowrank_factors`) and no perturbation
+            pass writes. The other arrays get the written Gaussian.
 
     Feed style::
 
@@ -136,13 +141,15 @@ class Optimizer:
         fo_lr: Optional[float] = None,
         fo_weight_decay: Optional[float] = None,
         num_threads: Optional[int] = None,
+        rank: int = 1,
+        shapes: Optional[Dict[int, Tuple[int, int]]] = None,
     ) -> None:
         cfg = _lib.make_config(lr=lr, eps=eps, rule=rule, betas=betas, adam_eps=adam_eps,
                                weight_decay=weight_decay, directions=directions,
                                num_directions=num_directions, estimator=estimator,
                                precision=precision, seed=seed, fo_steps=fo_steps,
                                zo_steps=zo_steps, hybrid_alpha=hybrid_alpha, fo_rule=fo_rule,
-                               fo_lr=fo_lr, fo_weight_decay=fo_weight_decay)
+                               fo_lr=fo_lr, fo_weight_decay=fo_weight_decay, rank=rank)
         specs: List[Tuple[np.ndarray, Optional[int]]] = []
         for i, p in enumerate(params):
             if isinstance(p, tuple):
@@ -179,6 +186,8 @@ class Optimizer:
                                g.ctypes.data if g is not None else None,
                                dtype_code(g.dtype) if g is not None else 0)
             self.offsets.append(off)
+        for i, (rows, cols) in sorted((shapes or {}).items()):
+            self._c.set_shape(i, rows, cols)
 
     # ---- configuration ----
     @property
@@ -243,6 +252,20 @@ class Optimizer:
     def fo_updates(self) -> int:
         """Updates applied to the state of ``fo_rule`` (its ``t``; 0 without ``fo_rule``)."""
         return self._c.updates()[1]
+
+    # ---- low-rank directions ----
+    def lowrank_factors(self, direction: int) -> np.ndarray:
+        """The factors of ``direction`` of the current step (the step in progress, else the
+        next one), f32: for each shaped array in index order, ``A`` (rows x r) then ``B``
+        (cols x r), row-major."""
+        out = np.zeros(self._c.lowrank_factors_len(), dtype=np.float32)
+        self._c.lowrank_factors(direction, out.ctypes.data, out.size)
+        return out
+
+    def forward_perturbation(self) -> Tuple[int, float]:
+        """``(d, c)``: the next forward adds ``c Z_d`` to the shaped arrays (``c == 0``:
+        nothing; a linear layer ``y = x Wᵀ`` adds ``c (x B) Aᵀ / sqrt(r)``)."""
+        return self._c.forward_perturbation()
 
     # ---- zeroth-order steps ----
     def begin(self, sq_norms: Optional[Sequence[float]] = None) -> None:

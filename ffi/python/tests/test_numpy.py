@@ -433,3 +433,40 @@ def test_displace_binding_adds_scale_times_the_direction(rng):
     assert opt.steps == 0
     with pytest.raises(ValueError, match="step"):
         opt._c.displace(seed=9, step=2**32, direction=0, scale=1.0)
+
+
+def test_lowrank_directions_train_a_matrix_never_written_mid_step():
+    # y = W x: the forward adds c (x B) Aᵀ / sqrt(r) (spec §7); W keeps its bits until the
+    # update, the bias (no shape) takes the written Gaussian.
+    rng = np.random.default_rng(3)
+    rows, cols, rank = 6, 5, 2
+    target = rng.standard_normal((rows, cols)).astype(np.float32)
+    xs = rng.standard_normal((32, cols)).astype(np.float32)
+    w = np.zeros((rows, cols), dtype=np.float32)
+    b = np.zeros(rows, dtype=np.float32)
+    opt = hyzo.Optimizer([w, b], lr=0.02, eps=1e-2, num_directions=2, seed=5,
+                         directions="lowrank", rank=rank, shapes={0: (rows, cols)})
+    cr = np.float32(1.0 / np.sqrt(rank))
+
+    def loss():
+        d, c = opt.forward_perturbation()
+        y = xs @ w.T + b
+        if c != 0.0:
+            f = opt.lowrank_factors(d)
+            a, bf = f[:rows * rank].reshape(rows, rank), f[rows * rank:].reshape(cols, rank)
+            y = y + c * cr * ((xs @ bf) @ a.T)
+        return float(np.mean((y - xs @ target.T) ** 2))
+
+    start = float(np.mean((xs @ target.T) ** 2))
+    for _ in range(150):
+        before = w.copy()
+        opt.begin()
+        while True:
+            assert np.array_equal(w, before)
+            if not opt.feed(loss()):
+                break
+    assert opt.lowrank_factors(0).size == (rows + cols) * rank
+    end = float(np.mean((xs @ w.T + b - xs @ target.T) ** 2))
+    assert end < 0.5 * start, (start, end)
+    with pytest.raises(hyzo.InvalidArgumentError):
+        hyzo.Optimizer([np.zeros(6, np.float32)], directions="lowrank", shapes={0: (4, 2)})
