@@ -722,9 +722,9 @@ class _HyzoOptimizer(torch.optim.Optimizer):
         self._remove_hooks()
         ref = weakref.ref(self)
         for m, p in hooked:
-            fn = _embedding_hook if isinstance(m, nn.Embedding) else _linear_hook
+            term = _embedding_term if isinstance(m, nn.Embedding) else _linear_term
             self._lr_handles.append(
-                m.register_forward_hook(fn(ref, p), with_kwargs=True))
+                m.register_forward_hook(_lowrank_hook(ref, p, term), with_kwargs=True))
         self._lr_attached = True
         return [names[pid] for pid in shapes]
 
@@ -928,8 +928,21 @@ def _add_product(output: torch.Tensor, left: torch.Tensor, right_t: torch.Tensor
     return torch.addmm(out32, left, right_t, alpha=m).to(output.dtype).view(output.shape)
 
 
-def _linear_hook(ref: Any, weight: torch.Tensor) -> Callable[..., Any]:
-    """``y += m · (x B_d) A_dᵀ`` (``m = coeff · c_r``) during a zeroth-order forward."""
+def _linear_term(x: torch.Tensor, a: torch.Tensor,
+                 b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A linear layer's term ``(x B_d) A_dᵀ``, as its two thin factors."""
+    return torch.matmul(x.reshape(-1, x.shape[-1]).to(torch.float32), b), a.t()
+
+
+def _embedding_term(idx: torch.Tensor, a: torch.Tensor,
+                    b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A lookup's term ``A_d[idx] B_dᵀ``, as its two thin factors."""
+    return torch.nn.functional.embedding(idx.reshape(-1), a), b.t()
+
+
+def _lowrank_hook(ref: Any, weight: torch.Tensor,
+                  term: Callable[..., Tuple[torch.Tensor, torch.Tensor]]) -> Callable[..., Any]:
+    """``output += m · term`` (``m = coeff · c_r``) during a zeroth-order forward."""
     pid = id(weight)
 
     def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
@@ -939,26 +952,8 @@ def _linear_hook(ref: Any, weight: torch.Tensor) -> Callable[..., Any]:
         if live is None or module.weight is not weight:
             return None
         a, b, m = live
-        x = _input(args, kwargs)
-        xb = torch.matmul(x.reshape(-1, x.shape[-1]).to(torch.float32), b)
-        return _add_product(output, xb, a.t(), m)
-
-    return hook
-
-
-def _embedding_hook(ref: Any, weight: torch.Tensor) -> Callable[..., Any]:
-    """``out += m · A_d[idx] B_dᵀ`` during a zeroth-order forward."""
-    pid = id(weight)
-
-    def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
-             output: torch.Tensor) -> Optional[torch.Tensor]:
-        opt = ref()
-        live = None if opt is None else opt._lr_live.get(pid)
-        if live is None or module.weight is not weight:
-            return None
-        a, b, m = live
-        rows = torch.nn.functional.embedding(_input(args, kwargs).reshape(-1), a)
-        return _add_product(output, rows, b.t(), m)
+        left, right_t = term(_input(args, kwargs), a, b)
+        return _add_product(output, left, right_t, m)
 
     return hook
 

@@ -259,12 +259,17 @@ def test_lora_adapters_alone_are_trained(tmp_path):
 # Checkpoints.
 
 
+@pytest.mark.parametrize("directions", [{}, {"directions": "lowrank", "rank": 2}],
+                         ids=["gaussian", "lowrank"])
 @pytest.mark.parametrize("kind", ["zo", "hybrid"])
-def test_resume_from_checkpoint_continues_bit_identically(tmp_path, kind):
+def test_resume_from_checkpoint_continues_bit_identically(tmp_path, kind, directions):
+    # Low-rank directions: the trainer attaches the hooks before the checkpoint is loaded,
+    # whose fingerprint holds the shapes.
     cls, zo_options = {
         "zo": (ZOTrainer, {"rule": "adazo", "num_directions": 2}),
         "hybrid": (HybridTrainer, {"fo_steps": 2, "zo_steps": 2, "rule": "adamw"}),
     }[kind]
+    zo_options = {**zo_options, **directions}
 
     def run(out: Path, resume: Any = None) -> LlamaForCausalLM:
         model = tiny_llama()
@@ -278,6 +283,8 @@ def test_resume_from_checkpoint_continues_bit_identically(tmp_path, kind):
     checkpoint = tmp_path / "whole" / "out" / "checkpoint-3"
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert saved["hyzo"]["shards"], "optimizer.pt lacks hyzo's state"
+    assert saved["param_groups"][0]["directions"] == directions.get("directions", "gaussian")
+    assert saved["param_groups"][0]["rank"] == directions.get("rank", 1)
     resumed = run(tmp_path / "resumed", resume=str(checkpoint))
     assert_same_parameters(whole, resumed)
     assert_changed(whole, tiny_llama())
