@@ -16,7 +16,7 @@ pub const MAX_TERMS: usize = 8;
 
 /// `HyzoTensor`: one tensor of the device-side table.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct HyzoTensor {
     pub data: u64,
     pub grad: u64,
@@ -30,6 +30,10 @@ pub struct HyzoTensor {
     pub first_chunk: u64,
     pub dtype: u32,
     pub grad_dtype: u32,
+    pub factor_offset: u64,
+    pub cols: u64,
+    pub rank: u32,
+    pub scale: f32,
 }
 
 /// `HyzoTerm`.
@@ -67,8 +71,10 @@ pub struct HyzoPass {
     pub t: u64,
     pub skip_count: u64,
     pub state_set: u32,
-    pub reserved: u32,
+    pub lowrank: u32,
     pub counters: u64,
+    pub factor_base: u64,
+    pub factor_stride: u64,
 }
 
 /// `HyzoCounters`: the step counters of the device-counter mode.
@@ -93,6 +99,34 @@ pub struct HyzoLossPass {
     pub eps: f32,
     pub max_coefficient_sum: f32,
     pub inline_base: [HyzoTerm; MAX_TERMS],
+}
+
+/// `HyzoFactorJob`: one factor stream of one low-rank tensor.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HyzoFactorJob {
+    pub out: u64,
+    pub offset: u64,
+    pub count: u64,
+    pub stream: u32,
+    pub reserved: u32,
+}
+
+/// `HyzoFactorPass`: the parameters of `hyzo_lowrank_factors_*`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HyzoFactorPass {
+    pub jobs: u64,
+    pub counters: u64,
+    pub seed: u64,
+    pub out: u64,
+    pub stride: u64,
+    pub terms: u64,
+    pub njobs: u32,
+    pub step: u32,
+    pub nterms: u32,
+    pub reserved: u32,
+    pub inline_terms: [HyzoTerm; MAX_TERMS],
 }
 
 impl HyzoPass {
@@ -121,8 +155,10 @@ impl HyzoPass {
             t: 0,
             skip_count: 0,
             state_set: 0,
-            reserved: 0,
+            lowrank: 0,
             counters: 0,
+            factor_base: 0,
+            factor_stride: 0,
         }
     }
 }
@@ -156,7 +192,11 @@ mod tests {
             offset,
             first_chunk,
             dtype,
-            grad_dtype
+            grad_dtype,
+            factor_offset,
+            cols,
+            rank,
+            scale
         ));
         type HyzoRule = RuleParams;
         v.extend(f!(
@@ -195,8 +235,25 @@ mod tests {
             t,
             skip_count,
             state_set,
+            lowrank,
+            counters,
+            factor_base,
+            factor_stride
+        ));
+        v.extend(f!(HyzoFactorJob, out, offset, count, stream, reserved));
+        v.extend(f!(
+            HyzoFactorPass,
+            jobs,
+            counters,
+            seed,
+            out,
+            stride,
+            terms,
+            njobs,
+            step,
+            nterms,
             reserved,
-            counters
+            inline_terms
         ));
         v.extend(f!(HyzoCounters, step, t));
         v.extend(f!(
@@ -223,6 +280,8 @@ mod tests {
             "HyzoPass" => size_of::<HyzoPass>(),
             "HyzoLossPass" => size_of::<HyzoLossPass>(),
             "HyzoCounters" => size_of::<HyzoCounters>(),
+            "HyzoFactorJob" => size_of::<HyzoFactorJob>(),
+            "HyzoFactorPass" => size_of::<HyzoFactorPass>(),
             other => panic!("unknown struct {other}"),
         }
     }
@@ -278,7 +337,7 @@ mod tests {
             rust.len(),
             "every Rust field is pinned in the header"
         );
-        assert_eq!(sizes, 6);
+        assert_eq!(sizes, 8);
     }
 
     #[test]
