@@ -33,7 +33,20 @@
  * src/backend/cuda/device.rs), and specialize the group loop per tensor dtype (one branch
  * per chunk); the precision mode stays a launch value (one uniform test per group: a
  * constant would triple the kernels and the build time). The exact kernels keep runtime
- * values (one kernel per pass). */
+ * values (one kernel per pass).
+ *
+ * Low-rank directions (spec §7; HyzoPass.lowrank = 1 in the passes of a low-rank step): a
+ * tensor with HyzoTensor.rank != 0 takes Z = A Bᵀ · scale, which the caller's forward pass
+ * applies. The chunk walk tests it once per chunk (uniform, no per-element cost, not in the
+ * group loop the SASS budget counts): perturb passes skip its chunks; restore_and_update
+ * rebuilds ĝ = Σ_k w_k Z_k there with no restore term (`LowRankTerms` of cpu.rs), Z_k[i, c]
+ * = hyzo_lowrank_entry (f32 dot product in order, no FMA) from the factors of term k, which
+ * hyzo_lowrank_factors_{exact,f} wrote just before into a device scratch (block k at
+ * factor_base + k · factor_stride floats; the same kernel serves Backend::lowrank_factors),
+ * then the same mix, rule and stores as every tensor; a step skipped on the device leaves
+ * such a tensor unwritten. fo_update and sq_norm run with lowrank = 0 (every tensor as
+ * usual). The factors are the variant's Gaussian (the function the passes use), so each
+ * variant agrees with itself bit for bit, and the exact one with the CPU. */
 #include "hyzo_device.cuh"
 
 typedef unsigned short hyzo_u16;

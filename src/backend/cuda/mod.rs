@@ -78,7 +78,8 @@ pub fn embedded_architectures() -> &'static [&'static str] {
 }
 
 /// The names of every kernel the module defines (the exact and fast variants of each
-/// pass, `hyzo_sq_norm_final`, `hyzo_device_losses`).
+/// pass and of the low-rank factors, `hyzo_sq_norm_final`, `hyzo_device_losses`,
+/// `hyzo_advance_counters`).
 pub fn kernel_names() -> Vec<String> {
     device::kernel_names()
 }
