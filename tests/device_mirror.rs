@@ -485,7 +485,7 @@ fn lowrank_entries_match() {
     for &r in &ranks {
         let n = if r >= 64 { 20 } else { 2000 };
         for _ in 0..n {
-            let mut value = |rng: &mut rand::rngs::StdRng| -> f32 {
+            let value = |rng: &mut rand::rngs::StdRng| -> f32 {
                 match rng.gen_range(0..40) {
                     0 => {
                         let v = interesting_floats(rng, 8);
