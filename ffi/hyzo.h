@@ -232,7 +232,7 @@ hyzo_status hyzo_directions_fill(hyzo_direction kind, uint64_t seed, uint32_t st
 //
 // # Safety
 // `opt` must be NULL or a live optimizer.
-hyzo_status hyzo_optimizer_set_shape(hyzo_optimizer *opt, size_t tensor_index, uint64_t rows, uint64_t cols);
+hyzo_status hyzo_optimizer_set_shape(hyzo_optimizer *opt, uint64_t tensor_index, uint64_t rows, uint64_t cols);
 
 // Writes to `*len` the floats of one direction's low-rank factors: `(rows + cols) · r_t`
 // summed over the tensors with a shape, 0 without low-rank directions.

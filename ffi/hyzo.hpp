@@ -101,7 +101,7 @@ public:
     /// Gives tensor `index` a row-major rows x cols shape: under HYZO_DIRECTION_LOWRANK it
     /// takes a low-rank direction that the forward applies (spec §7). Before the first step.
     void set_shape(std::size_t index, std::uint64_t rows, std::uint64_t cols) {
-        check(hyzo_optimizer_set_shape(opt_, index, rows, cols));
+        check(hyzo_optimizer_set_shape(opt_, static_cast<std::uint64_t>(index), rows, cols));
     }
 
     /// Floats of one direction's low-rank factors (A then B of each shaped tensor).

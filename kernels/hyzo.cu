@@ -42,7 +42,20 @@
  * src/backend/cuda/device.rs), and specialize the group loop per tensor dtype (one branch
  * per chunk); the precision mode stays a launch value (one uniform test per group: a
  * constant would triple the kernels and the build time). The exact kernels keep runtime
- * values (one kernel per pass). */
+ * values (one kernel per pass).
+ *
+ * Low-rank directions (spec §7; HyzoPass.lowrank = 1 in the passes of a low-rank step): a
+ * tensor with HyzoTensor.rank != 0 takes Z = A Bᵀ · scale, which the caller's forward pass
+ * applies. The chunk walk tests it once per chunk (uniform, no per-element cost, not in the
+ * group loop the SASS budget counts): perturb passes skip its chunks; restore_and_update
+ * rebuilds ĝ = Σ_k w_k Z_k there with no restore term (`LowRankTerms` of cpu.rs), Z_k[i, c]
+ * = hyzo_lowrank_entry (f32 dot product in order, no FMA) from the factors of term k, which
+ * hyzo_lowrank_factors_{exact,f} wrote just before into a device scratch (block k at
+ * factor_base + k · factor_stride floats; the same kernel serves Backend::lowrank_factors),
+ * then the same mix, rule and stores as every tensor; a step skipped on the device leaves
+ * such a tensor unwritten. fo_update and sq_norm run with lowrank = 0 (every tensor as
+ * usual). The factors are the variant's Gaussian (the function the passes use), so each
+ * variant agrees with itself bit for bit, and the exact one with the CPU. */
 #include "hyzo_device.cuh"
 
 typedef unsigned short hyzo_u16;
@@ -419,11 +432,20 @@ template <class S, class Body>
 __device__ __forceinline__ void for_each_chunk(const HyzoPass& p, Body& body) {
     const HyzoTensor* table = (const HyzoTensor*)p.table;
     for (hyzo_u64 c = blockIdx.x; c < p.total_chunks; c += gridDim.x) {
-        Tensor t = load_tensor(table + find_tensor(table, p.ntensors, c), p.state_set);
+        const HyzoTensor* entry = table + find_tensor(table, p.ntensors, c);
+        Tensor t = load_tensor(entry, p.state_set);
         const hyzo_u64 last = (t.offset + t.numel - 1) >> 3;
         const hyzo_u64 k = c - t.first_chunk;
         const hyzo_u64 g0 = (t.offset >> 3) + k * HYZO_CHUNK_GROUPS;
         const hyzo_u64 g1 = min(g0 + (HYZO_CHUNK_GROUPS - 1), last);
+        /* A low-rank tensor under low-rank directions (spec §7): a uniform test per chunk;
+         * its chunks take the body's low-rank path (perturb: none), with the index-aligned
+         * groups (the factors' reads dominate there, not the vector width). */
+        if (p.lowrank != 0 && __ldg(&entry->rank) != 0) {
+            body.lowrank_chunk(entry, t, g0, g1);
+            body.end_chunk(c);
+            continue;
+        }
         if constexpr ((!S::probe || S::probe_shifted) && Body::by_address) {
             t.shift = data_shift(t.data, t.dtype == HYZO_F32 ? 4 : 2, t.offset, t.numel);
             if (S::probe_shifted || t.shift != 0) {
@@ -463,6 +485,8 @@ struct PerturbBody {
         for (hyzo_u32 k = 0; k < n; k++) add_term<S, SHIFT>(L, gr, term_at(p, k), x);
         store_param<S::fast, SHIFT>(t, dt, gr, prec, false, L.keys, L.step, x);
     }
+    /* Low-rank tensors are perturbed by the forward pass (spec §7): never written here. */
+    __device__ __forceinline__ void lowrank_chunk(const HyzoTensor*, const Tensor&, hyzo_u64, hyzo_u64) {}
     __device__ void end_chunk(hyzo_u64) {}
 };
 
@@ -488,18 +512,17 @@ struct UpdateBody {
     const Launch& L;
     bool skip;
     HyzoRule rule;
-    template <int DT, bool SHIFT>
-    __device__ __forceinline__ void group(const Tensor& t, const Group& gr) {
+
+    /* Everything a group reads (θ, lo, the gradient, m, v), loaded first so that the loads'
+     * latency hides behind the generation. */
+    __device__ __forceinline__ void load(const Tensor& t, hyzo_u32 dt, const Group& gr, float x[8],
+                                         float gr8[8], float m[8], float v[8]) {
         const HyzoPass& p = L.p;
-        const hyzo_u32 dt = dtype_of<DT>(t);
-        const hyzo_u32 prec = S::precision(p);
         const hyzo_u32 r = S::rule(rule);
-        const bool grad = S::has_grad(p);
         const bool uses_m = r != HYZO_SGD && r != HYZO_SIGN;
         const bool uses_v = r == HYZO_ADAMW || r == HYZO_ADAZO;
-        float x[8], gr8[8], m[8], v[8];
-        load_param(t, dt, gr, prec == HYZO_COMPENSATED, x);
-        if (grad) load8<true>(S::grad_dtype(t.grad_dtype), t.grad, t.vec_grad, t, gr, gr8);
+        load_param(t, dt, gr, S::precision(p) == HYZO_COMPENSATED, x);
+        if (S::has_grad(p)) load8<true>(S::grad_dtype(t.grad_dtype), t.grad, t.vec_grad, t, gr, gr8);
         if (uses_m && t.m != 0) load8<false>(HYZO_F32, t.m, t.vec_m, t, gr, m);
         else
 #pragma unroll
@@ -508,9 +531,46 @@ struct UpdateBody {
         else
 #pragma unroll
             for (int e = 0; e < 8; e++) v[e] = 0.0f;
+    }
+
+    /* The mix with the gradient, the rule, the stores. */
+    template <bool SHIFT>
+    __device__ __forceinline__ void finish(const Tensor& t, hyzo_u32 dt, const Group& gr, float x[8],
+                                           float g[8], const float gr8[8], float m[8], float v[8]) {
+        const HyzoPass& p = L.p;
+        const hyzo_u32 r = S::rule(rule);
+        const bool uses_m = r != HYZO_SGD && r != HYZO_SIGN;
+        const bool uses_v = r == HYZO_ADAMW || r == HYZO_ADAZO;
+        if (S::has_grad(p)) {
+            const float a = p.grad_weight, b = fsub_(1.0f, p.grad_weight);
+            if (!ZO && a == 1.0f) {
+                /* A first-order step (α = 1): 1·∇ is ∇ itself (a NaN stays a NaN), so only
+                 * the addition of (1 − α)·0 is left. */
+                const float b0 = fmul_(b, 0.0f);
+#pragma unroll
+                for (int e = 0; e < 8; e++) g[e] = fadd_(gr8[e], b0);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; e++) g[e] = fadd_(fmul_(a, gr8[e]), fmul_(b, g[e]));
+            }
+        }
+        HyzoRule rr = rule;
+        rr.rule = r;
+        hyzo_apply_rule8(rr, x, g, m, v);
+        if (uses_m && t.m != 0) store8_f32(t.m, t.vec_m, t, gr, m);
+        if (uses_v && t.v != 0) store8_f32(t.v, t.vec_v, t, gr, v);
+        store_param<S::fast, SHIFT>(t, dt, gr, S::precision(p), true, L.keys, L.step, x);
+    }
+
+    template <int DT, bool SHIFT>
+    __device__ __forceinline__ void group(const Tensor& t, const Group& gr) {
+        const HyzoPass& p = L.p;
+        const hyzo_u32 dt = dtype_of<DT>(t);
+        float x[8], gr8[8], m[8], v[8];
+        load(t, dt, gr, x, gr8, m, v);
         if (ZO && !S::probe && skip) {
             if (p.has_restore) add_term<S, SHIFT>(L, gr, p.restore, x);
-            store_param<S::fast, SHIFT>(t, dt, gr, prec, false, L.keys, L.step, x);
+            store_param<S::fast, SHIFT>(t, dt, gr, S::precision(p), false, L.keys, L.step, x);
             return;
         }
         float g[8];
@@ -533,25 +593,55 @@ struct UpdateBody {
                 }
             }
         }
-        if (grad) {
-            const float a = p.grad_weight, b = fsub_(1.0f, p.grad_weight);
-            if (!ZO && a == 1.0f) {
-                /* A first-order step (α = 1): 1·∇ is ∇ itself (a NaN stays a NaN), so only
-                 * the addition of (1 − α)·0 is left. */
-                const float b0 = fmul_(b, 0.0f);
+        finish<SHIFT>(t, dt, gr, x, g, gr8, m, v);
+    }
+
+    /* A low-rank tensor (spec §7; `LowRankTerms` of cpu.rs): never perturbed, so no
+     * restore; ĝ[e] = Σ_k w_k Z_k[e] in the order of the terms, Z_k rebuilt from the
+     * factors of term k (block k at factor_base); a step skipped on the device leaves the
+     * tensor unwritten. Element (i, c) of a group: (i, c) of its first element in the
+     * tensor, computed once, then stepped. The dtype stays a launch value here (the dot
+     * products dominate). */
+    __device__ __forceinline__ void lowrank_chunk(const HyzoTensor* entry, const Tensor& t, hyzo_u64 g0,
+                                                  hyzo_u64 g1) {
+        if constexpr (!ZO || S::probe) {
+            return; /* fo_update runs with p.lowrank = 0; the probes never get here */
+        } else {
+            if (skip) return;
+            const HyzoPass& p = L.p;
+            const hyzo_u64 cols = __ldg(&entry->cols);
+            const hyzo_u32 rank = __ldg(&entry->rank);
+            const float scale = __ldg(&entry->scale);
+            const float* a0 = (const float*)p.factor_base + __ldg(&entry->factor_offset);
+            const hyzo_u64 b_at = (t.numel / cols) * rank; /* B after A (rows x rank) */
+            const hyzo_u32 n = S::nterms(p);
+            for (hyzo_u64 gi = g0 + threadIdx.x; gi <= g1; gi += HYZO_THREADS) {
+                const Group gr = make_group(t, gi);
+                const hyzo_u32 dt = t.dtype;
+                float x[8], gr8[8], m[8], v[8], g[8];
+                load(t, dt, gr, x, gr8, m, v);
+                /* The first element inside the tensor: 0, or past the wrapped l0. */
+                const hyzo_u64 e0 = gr.l0 < t.numel ? 0 : (hyzo_u64)0 - gr.l0;
+                const hyzo_u64 l = gr.l0 + e0;
+                hyzo_u64 i = l / cols, c = l - i * cols;
 #pragma unroll
-                for (int e = 0; e < 8; e++) g[e] = fadd_(gr8[e], b0);
-            } else {
-#pragma unroll
-                for (int e = 0; e < 8; e++) g[e] = fadd_(fmul_(a, gr8[e]), fmul_(b, g[e]));
+                for (int e = 0; e < 8; e++) {
+                    g[e] = 0.0f;
+                    if ((hyzo_u64)e < e0 || !valid(t, gr, e)) continue;
+                    for (hyzo_u32 k = 0; k < n; k++) {
+                        const HyzoTerm term = term_at(p, k);
+                        const float* a = a0 + (hyzo_u64)k * p.factor_stride;
+                        const float z = hyzo_lowrank_entry(a + i * rank, a + b_at + c * rank, rank, scale);
+                        g[e] = fadd_(g[e], fmul_(term.coeff, z));
+                    }
+                    if (++c == cols) {
+                        c = 0;
+                        i++;
+                    }
+                }
+                finish<false>(t, dt, gr, x, g, gr8, m, v);
             }
         }
-        HyzoRule rr = rule;
-        rr.rule = r;
-        hyzo_apply_rule8(rr, x, g, m, v);
-        if (uses_m && t.m != 0) store8_f32(t.m, t.vec_m, t, gr, m);
-        if (uses_v && t.v != 0) store8_f32(t.v, t.vec_v, t, gr, v);
-        store_param<S::fast, SHIFT>(t, dt, gr, prec, true, L.keys, L.step, x);
     }
     __device__ void end_chunk(hyzo_u64) {}
 };
@@ -617,6 +707,8 @@ struct SqNormBody {
         for (int e = 0; e < 8; e++)
             if (valid(t, gr, e)) acc = __dadd_rn(acc, __dmul_rn((double)z[e], (double)z[e]));
     }
+    /* Never called: sq_norm passes run with p.lowrank = 0 (the Gaussian of every tensor). */
+    __device__ __forceinline__ void lowrank_chunk(const HyzoTensor*, const Tensor&, hyzo_u64, hyzo_u64) {}
     __device__ void end_chunk(hyzo_u64 c) {
         const double total = block_sum(acc, shared);
         if (threadIdx.x == 0) ((double*)L.p.partials)[c] = total;
@@ -632,6 +724,43 @@ __device__ __forceinline__ void sq_norm_pass(const HyzoPass& p) {
     for_each_chunk<S>(p, body);
 }
 
+/* ---- low-rank factors (spec §7): the Gaussian entries of the factor streams --------------
+ * For each term k (its direction d) and each job: out[k * stride + job.out + i] = entry
+ * job.offset + i of direction job.stream + d (i < job.count), the variant's Gaussian (the
+ * same function the passes use, so a backend agrees with itself bit for bit). Groups of 8
+ * global indices, as everywhere; a grid-stride loop over each job's groups. The step is
+ * the launch's, or the device counter's plus p.step (as launch_step). */
+template <bool FAST>
+__device__ __forceinline__ void factor_pass(const HyzoFactorPass& p) {
+    const HyzoKeys keys = hyzo_keys(p.seed);
+    const hyzo_u32 step =
+        p.counters != 0 ? (hyzo_u32)((const volatile HyzoCounters*)p.counters)->step + p.step : p.step;
+    const HyzoFactorJob* jobs = (const HyzoFactorJob*)p.jobs;
+    const hyzo_u64 threads = (hyzo_u64)gridDim.x * HYZO_THREADS;
+    const hyzo_u64 tid = (hyzo_u64)blockIdx.x * HYZO_THREADS + threadIdx.x;
+    for (hyzo_u32 k = 0; k < p.nterms; k++) {
+        const hyzo_u32 d = p.terms != 0 ? __ldg(&((const HyzoTerm*)p.terms)[k].direction)
+                                        : p.inline_terms[k].direction;
+        float* block = (float*)p.out + (hyzo_u64)k * p.stride;
+        for (hyzo_u32 j = 0; j < p.njobs; j++) {
+            const hyzo_u64 count = __ldg(&jobs[j].count);
+            if (count == 0) continue;
+            const hyzo_u64 offset = __ldg(&jobs[j].offset);
+            const hyzo_u32 direction = __ldg(&jobs[j].stream) + d;
+            float* out = block + __ldg(&jobs[j].out);
+            const hyzo_u64 g1 = (offset + count - 1) >> 3;
+            for (hyzo_u64 g = (offset >> 3) + tid; g <= g1; g += threads) {
+                float z[8];
+                hyzo_direction8k<FAST>(HYZO_GAUSSIAN, keys, step, direction, g, z);
+                const hyzo_u64 i0 = 8 * g - offset; /* wraps before the job's first entry */
+#pragma unroll
+                for (int e = 0; e < 8; e++)
+                    if (i0 + (hyzo_u64)e < count) out[i0 + (hyzo_u64)e] = z[e];
+            }
+        }
+    }
+}
+
 /* ---- the entry points -------------------------------------------------------------------
  * Exact kernels: hyzo_<pass>_exact, every value read at launch. Fast kernels, one per
  * combination that exists (chosen by name on the host, src/backend/cuda/device.rs):
@@ -639,7 +768,8 @@ __device__ __forceinline__ void sq_norm_pass(const HyzoPass& p) {
  *   hyzo_restore_and_update_f_k<kind>_r<rule>
  *   hyzo_fo_update_f_r<rule>
  *   hyzo_sq_norm_f_k<kind>
- * (kind: 0 Gaussian, 1 Rademacher; rule: the HYZO_* number). */
+ * (kind: 0 Gaussian, 1 Rademacher; rule: the HYZO_* number), and the low-rank factors,
+ * hyzo_lowrank_factors_exact / hyzo_lowrank_factors_f. */
 
 #define HYZO_KERNEL extern "C" __global__ void __launch_bounds__(HYZO_THREADS, 2)
 #define HYZO_ANY (-1)
@@ -657,6 +787,12 @@ HYZO_KERNEL hyzo_fo_update_exact(const __grid_constant__ HyzoPass p) {
 }
 HYZO_KERNEL hyzo_sq_norm_exact(const __grid_constant__ HyzoPass p) {
     sq_norm_pass<Spec<false, HYZO_ANY, HYZO_ANY, HYZO_ANY>>(p);
+}
+HYZO_KERNEL hyzo_lowrank_factors_exact(const __grid_constant__ HyzoFactorPass p) {
+    factor_pass<false>(p);
+}
+HYZO_KERNEL hyzo_lowrank_factors_f(const __grid_constant__ HyzoFactorPass p) {
+    factor_pass<true>(p);
 }
 
 #define HYZO_PERTURB_F(k, n, nn)                                                          \

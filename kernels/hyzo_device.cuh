@@ -649,4 +649,24 @@ HYZO_FN void hyzo_apply_rule8(const HyzoRule& p, float x[8], const float g[8], f
     }
 }
 
+/* ------------------------------------------------------------------------------------ */
+/* Low-rank directions (spec §7).                                                        */
+
+/* Entry (i, k) of Z = A Bᵀ · scale from row i of A (`a`) and row k of B (`b`), `rank`
+ * floats each: `LowRankShape::entry` of src/direction.rs, the f32 sum in order, every
+ * operation rounded (no fused multiply-add), then the product with scale. The rows are
+ * read through the read-only cache on the device (the factors are written by an earlier
+ * launch). */
+HYZO_FN float hyzo_lowrank_entry(const float* a, const float* b, hyzo_u32 rank, float scale) {
+    float acc = 0.0f;
+    for (hyzo_u32 p = 0; p < rank; p++) {
+#ifdef HYZO_HOST_EMULATION
+        acc = fadd_(acc, fmul_(a[p], b[p]));
+#else
+        acc = fadd_(acc, fmul_(__ldg(a + p), __ldg(b + p)));
+#endif
+    }
+    return fmul_(acc, scale);
+}
+
 #endif /* HYZO_DEVICE_CUH */

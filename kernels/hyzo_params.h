@@ -4,8 +4,10 @@
  * compile-time asserts of every field offset, struct size and alignment. After changing a
  * struct or a constant here, regenerate it (libclang: the pinned wheel in .venv, `make setup`):
  *
- *     HYZO_UPDATE_ABI=1 cargo test --test abi
+ *     HYZO_UPDATE_ABI=1 cargo test --no-default-features --test abi
  *
+ * (without the `cuda` feature, so that the crate builds while the file is stale; the test
+ * needs none of it).
  * `cargo test --test abi` (part of `make test`) fails while the generated file is stale.
  * Comments here become the Rust docs.
  *
@@ -78,6 +80,14 @@ typedef struct HyzoTensor {
     hyzo_u64 first_chunk;
     hyzo_u32 dtype;
     hyzo_u32 grad_dtype;
+    /* Low-rank directions (spec §7): rank 0 when the tensor has none. factor_offset: floats
+     * from the start of one direction's factor block (HyzoPass.factor_base, block k for
+     * zeroth-order term k) to this tensor's A (rows x rank, rows = numel / cols); B
+     * (cols x rank) follows A. scale = f32(1 / sqrt(rank)) (LowRankShape::scale). */
+    hyzo_u64 factor_offset;
+    hyzo_u64 cols;
+    hyzo_u32 rank;
+    float scale;
 } HyzoTensor;
 
 /* `RuleParams` of src/rules.rs, field for field. */
@@ -123,11 +133,44 @@ typedef struct HyzoPass {
     hyzo_u64 skip_count;   /* device u64 of steps skipped on the device, or 0: when set, the
                               bias corrections are those of t - *skip_count */
     hyzo_u32 state_set;    /* HYZO_STATE_*: the m, v an update reads and writes */
-    hyzo_u32 reserved;
+    hyzo_u32 lowrank;      /* 1: the step's directions are low-rank (spec §7): perturb passes
+                              skip the tensors with rank != 0, update passes rebuild their
+                              Z from the factors at factor_base (no restore term) */
     hyzo_u64 counters;     /* device HyzoCounters, or 0: when set, a pass's step is the
                               counter's plus `step` (0 within a step), and an update's t
                               the counter's t[state_set] + 1 instead of `t` */
+    hyzo_u64 factor_base;  /* device f32: the factors of zeroth-order term k at
+                              k * factor_stride (update passes with lowrank) */
+    hyzo_u64 factor_stride; /* floats per term's block */
 } HyzoPass;
+
+/* One factor stream of one low-rank tensor (hyzo_lowrank_factors_*): floats
+ * out .. out + count of each term's block get the Gaussian entries (spec §3) of the Philox
+ * direction stream + d (d: the term's direction; stream: 0x80000000 for A, 0xC0000000 for
+ * B) at global indices offset .. offset + count. Built once per shard by the host. */
+typedef struct HyzoFactorJob {
+    hyzo_u64 out;          /* floats from the start of a block */
+    hyzo_u64 offset;       /* global index of entry 0 (the tensor's offset) */
+    hyzo_u64 count;
+    hyzo_u32 stream;       /* LOWRANK_A_STREAM or LOWRANK_B_STREAM */
+    hyzo_u32 reserved;
+} HyzoFactorJob;
+
+/* The launch parameters of hyzo_lowrank_factors_*: every job for every term k, into block
+ * k (out + 4 * k * stride bytes). */
+typedef struct HyzoFactorPass {
+    hyzo_u64 jobs;         /* device HyzoFactorJob[njobs] */
+    hyzo_u64 counters;     /* device HyzoCounters, or 0 (the step as in HyzoPass) */
+    hyzo_u64 seed;
+    hyzo_u64 out;          /* device f32: block 0 */
+    hyzo_u64 stride;       /* floats per block */
+    hyzo_u64 terms;        /* device HyzoTerm[nterms], or 0: the inline terms (directions) */
+    hyzo_u32 njobs;
+    hyzo_u32 step;
+    hyzo_u32 nterms;
+    hyzo_u32 reserved;
+    HyzoTerm inline_terms[HYZO_MAX_TERMS];
+} HyzoFactorPass;
 
 /* The step counters on the device (CudaBackend's device-counter mode, for CUDA graphs that
  * replay across steps): the host's `Counters` of src/state.rs. `step` names the directions

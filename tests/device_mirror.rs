@@ -2,9 +2,9 @@
 //! `HYZO_HOST_EMULATION` mode: each intrinsic becomes the IEEE operation it names), checked
 //! bit for bit against the Rust reference: Philox, the Gaussian and Rademacher entries, the
 //! stochastic-rounding words (for the index-aligned groups and for groups cut by address,
-//! which straddle Philox blocks), the rounding modes, the conversions, the rules and the
-//! division. This pins the kernels' arithmetic without a GPU; `gpu_parity.rs` then checks
-//! the kernels themselves on one. Skipped (with a message) when no C++ compiler is found.
+//! which straddle Philox blocks), the rounding modes, the conversions, the rules, the
+//! division and the low-rank entry. This pins the kernels' arithmetic without a GPU;
+//! `gpu_parity.rs` then checks the kernels themselves on one. Skipped (with a message) when no C++ compiler is found.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -607,6 +607,56 @@ fn rules_match() {
             (x.to_bits(), m2.to_bits(), v2.to_bits()),
             "{:?} theta={theta} g={g} m={m} v={v}",
             p.rule()
+        );
+    }
+}
+
+/// The low-rank entry (spec §7: `A[i] · B[k]` summed in order in f32, each operation
+/// rounded, times `f32(1 / sqrt(r))`) equals `LowRankShape::entry` bit for bit, for random
+/// factors (Gaussian-like values and a few extreme ones) and ranks 1..8, 64 and 1024.
+#[test]
+fn lowrank_entries_match() {
+    use hyzo::direction::LowRankShape;
+    let Some(exe) = driver() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(77);
+    let mut input = String::new();
+    let mut cases = Vec::new();
+    let ranks: Vec<u64> = (1..=8).chain([64, 1024]).collect();
+    for &r in &ranks {
+        let n = if r >= 64 { 20 } else { 2000 };
+        for _ in 0..n {
+            let value = |rng: &mut rand::rngs::StdRng| -> f32 {
+                match rng.gen_range(0..40) {
+                    0 => {
+                        let v = interesting_floats(rng, 8);
+                        v[rng.gen_range(0..v.len())]
+                    }
+                    _ => {
+                        let z = DirectionId::new(rng.gen(), rng.gen(), rng.gen_range(0..16));
+                        direction_at(DirectionKind::Gaussian, z, rng.gen_range(0..1u64 << 40))
+                    }
+                }
+            };
+            let a: Vec<f32> = (0..r).map(|_| value(&mut rng)).collect();
+            let b: Vec<f32> = (0..r).map(|_| value(&mut rng)).collect();
+            let scale = LowRankShape::new(r, r, r as u32).scale();
+            input += &format!("L {r:x} {:x}", scale.to_bits());
+            for x in a.iter().chain(&b) {
+                input += &format!(" {:x}", x.to_bits());
+            }
+            input += "\n";
+            cases.push((a, b, scale));
+        }
+    }
+    let out = run(&exe, &input);
+    assert_eq!(out.len(), cases.len());
+    for ((a, b, scale), o) in cases.iter().zip(&out) {
+        let want = LowRankShape::entry(a, b, *scale);
+        assert_eq!(
+            o[0] as u32,
+            want.to_bits(),
+            "rank {} scale {scale}: {want}",
+            a.len()
         );
     }
 }

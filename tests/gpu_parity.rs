@@ -1294,3 +1294,282 @@ fn missing_device_is_an_error() {
         other => panic!("expected NoDevice, got {other:?}"),
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Low-rank directions (spec §7).
+
+/// A shard for low-rank steps: 2-D bf16 and f32 tensors (cols not a multiple of 8, a rank
+/// above min(rows, cols), odd global offsets, one spanning two chunks above 2^32, one
+/// misaligned) and 1-D tensors, which take the written Gaussian. `(spec, shape)`.
+fn lowrank_layout() -> Vec<(Spec, Option<(u64, u64)>)> {
+    let spec = |dtype, numel, offset, misalign| Spec {
+        dtype,
+        grad: None,
+        numel,
+        offset,
+        misalign,
+        grad_misalign: None,
+    };
+    vec![
+        (spec(DType::BF16, 37 * 29, 7, 0), Some((37, 29))),
+        (spec(DType::F32, 129, 2000, 0), None),
+        // rank 4 > min(3, 5): r_t = 3.
+        (spec(DType::F32, 15, 3001, 0), Some((3, 5))),
+        (spec(DType::BF16, 17, 4000, 2), None),
+        (spec(DType::F32, 64 * 24, 5003, 4), Some((64, 24))),
+        (
+            spec(DType::BF16, 200 * 100, (1 << 32) + 3, 0),
+            Some((200, 100)),
+        ),
+    ]
+}
+
+const LOWRANK_RANK: u32 = 4;
+
+fn lowrank_config(rule: Rule, precision: Precision) -> Config {
+    Config {
+        seed: 0x10_4a4b,
+        lr: 1e-2,
+        eps: 1e-2,
+        num_directions: 2,
+        direction: DirectionKind::LowRank,
+        rank: LOWRANK_RANK,
+        estimator: Estimator::TwoSided,
+        rule,
+        weight_decay: 1e-3,
+        precision,
+        ..Config::default()
+    }
+}
+
+/// The CPU and the CUDA optimizer over one low-rank twin (shapes given to both).
+fn lowrank_pair<'a>(
+    config: &Config,
+    twin: &mut Twin,
+    gpu_backend: CudaBackend,
+) -> (Optimizer<'a>, Optimizer<'a>) {
+    let host = twin.host_shard();
+    let dev = twin.dev_shard();
+    let mut cpu =
+        Optimizer::with_backend(config.clone(), host, Box::new(CpuBackend::new(2).unwrap()))
+            .unwrap();
+    let mut gpu = Optimizer::with_backend(config.clone(), dev, Box::new(gpu_backend)).unwrap();
+    for (i, (_, shape)) in lowrank_layout().iter().enumerate() {
+        if let Some((rows, cols)) = shape {
+            cpu.set_shape(i, *rows, *cols).unwrap();
+            gpu.set_shape(i, *rows, *cols).unwrap();
+        }
+    }
+    (cpu, gpu)
+}
+
+/// One direction's factors from an optimizer: host memory for the CPU, through a device
+/// buffer for CUDA.
+fn factors_of(opt: &mut Optimizer, direction: u32, device: bool) -> Vec<f32> {
+    if !device {
+        return opt.lowrank_factors(direction).unwrap();
+    }
+    let len = opt.lowrank_factors_len();
+    let buf = CudaBuffer::new(0, 4 * len as usize).unwrap();
+    // SAFETY: the buffer holds len f32 on the optimizer's device.
+    unsafe { opt.lowrank_factors_raw(direction, buf.ptr(), len).unwrap() };
+    opt.synchronize().unwrap();
+    let mut out = vec![0f32; len as usize];
+    buf.download(&mut out).unwrap();
+    out
+}
+
+/// The loss of the forward pass: the stored values plus `c Z_d` on the low-rank tensors
+/// (spec §7), `Z_d` rebuilt from the optimizer's own factors.
+fn lowrank_loss(opt: &mut Optimizer, values: Vec<f32>, device: bool) -> f32 {
+    let mut values = values;
+    if let Some(t) = opt.forward_perturbation() {
+        let factors = factors_of(opt, t.direction, device);
+        let (mut start, mut at) = (0usize, 0usize);
+        for (s, shape) in lowrank_layout() {
+            if let Some((rows, cols)) = shape {
+                let sh = hyzo::direction::LowRankShape::new(rows, cols, LOWRANK_RANK);
+                let r = sh.rank as usize;
+                let (a, b) =
+                    factors[at..at + sh.factors_len() as usize].split_at(sh.a_len() as usize);
+                for i in 0..rows as usize {
+                    for k in 0..cols as usize {
+                        let z = hyzo::direction::LowRankShape::entry(
+                            &a[i * r..(i + 1) * r],
+                            &b[k * r..(k + 1) * r],
+                            sh.scale(),
+                        );
+                        values[start + i * cols as usize + k] += t.coeff * z;
+                    }
+                }
+                at += sh.factors_len() as usize;
+            }
+            start += s.numel as usize;
+        }
+    }
+    loss_of(&values)
+}
+
+/// The values of the low-rank tensors (device side).
+fn lowrank_tensor_values(twin: &Twin) -> Vec<f32> {
+    let all = device_values(twin);
+    let mut out = Vec::new();
+    let mut start = 0usize;
+    for (s, shape) in lowrank_layout() {
+        if shape.is_some() {
+            out.extend_from_slice(&all[start..start + s.numel as usize]);
+        }
+        start += s.numel as usize;
+    }
+    out
+}
+
+/// One low-rank step by hand (begin, forward, feed): losses from the host, or from device
+/// memory through `loss_buf`. On the device side, checks that no pass writes the low-rank
+/// tensors before the update.
+fn lowrank_step(opt: &mut Optimizer, twin: &Twin, device: bool, loss_buf: Option<&CudaBuffer>) {
+    let frozen = device.then(|| lowrank_tensor_values(twin));
+    opt.begin().unwrap();
+    let mut e = 0u32;
+    loop {
+        opt.synchronize().unwrap();
+        if let Some(f) = &frozen {
+            assert_eq!(
+                &lowrank_tensor_values(twin),
+                f,
+                "a perturbation pass wrote a low-rank tensor (evaluation {e})"
+            );
+        }
+        let values = if device {
+            device_values(twin)
+        } else {
+            host_values(twin)
+        };
+        let l = lowrank_loss(opt, values, device);
+        let feed = match loss_buf {
+            Some(buf) => {
+                let slot = (e % 8) as usize * 4;
+                buf.upload_at(slot, &[l]).unwrap();
+                opt.feed_device(buf.ptr() + slot as u64).unwrap()
+            }
+            None => opt.feed(l).unwrap(),
+        };
+        e += 1;
+        if let Feed::Done(_) = feed {
+            return;
+        }
+    }
+}
+
+fn lowrank_twin(seed: u64) -> Twin {
+    Twin::new(lowrank_layout().into_iter().map(|(s, _)| s).collect(), seed)
+}
+
+/// Exact kernels: low-rank steps (SGD and AdamW, two-sided, q = 2; losses from the host and
+/// from device memory) equal the CPU's bit for bit, parameters and state; the factors too;
+/// and no perturbation pass writes a low-rank tensor.
+#[test]
+fn lowrank_steps_match_cpu() {
+    if !gpu() {
+        return;
+    }
+    for (case, (rule, precision)) in [
+        (Rule::Sgd, Precision::Nearest),
+        (Rule::AdamW, Precision::Nearest),
+        (Rule::AdamW, Precision::Stochastic),
+        (Rule::Sgd, Precision::Compensated),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for device_losses in [false, true] {
+            let config = lowrank_config(rule, precision);
+            let mut twin = lowrank_twin(900 + case as u64);
+            let twin_ptr: *const Twin = &twin;
+            let (mut cpu, mut gpu) = lowrank_pair(&config, &mut twin, exact_backend());
+            let loss_buf = CudaBuffer::new(0, 64).unwrap();
+            for s in 0..4 {
+                // The factors of the step to come, then the step.
+                for d in 0..config.num_directions {
+                    let (a, b) = (
+                        factors_of(&mut cpu, d, false),
+                        factors_of(&mut gpu, d, true),
+                    );
+                    assert!(
+                        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{rule:?} step {s} direction {d}: factors differ"
+                    );
+                }
+                // SAFETY: the twin outlives both optimizers; the loss only reads.
+                lowrank_step(&mut cpu, unsafe { &*twin_ptr }, false, None);
+                lowrank_step(
+                    &mut gpu,
+                    unsafe { &*twin_ptr },
+                    true,
+                    device_losses.then_some(&loss_buf),
+                );
+                twin.assert_same(&format!(
+                    "low-rank {rule:?} {precision:?} device losses {device_losses} step {s}"
+                ));
+            }
+            assert_eq!(
+                cpu.save_state().unwrap(),
+                gpu.save_state().unwrap(),
+                "low-rank {rule:?}: state"
+            );
+        }
+    }
+}
+
+/// Fast kernels: the factors within spec §3's tolerance of the CPU's, and a few low-rank
+/// steps within a small tolerance of the CPU's parameters.
+#[test]
+fn lowrank_fast_kernels_within_tolerance() {
+    if !gpu() {
+        return;
+    }
+    for rule in [Rule::Sgd, Rule::AdamW] {
+        let config = lowrank_config(rule, Precision::Nearest);
+        let mut twin = lowrank_twin(950);
+        let twin_ptr: *const Twin = &twin;
+        let mut fast = CudaBackend::new(0).unwrap();
+        fast.set_exact(false);
+        let (mut cpu, mut gpu) = lowrank_pair(&config, &mut twin, fast);
+        for s in 0..3 {
+            for d in 0..config.num_directions {
+                let (a, b) = (
+                    factors_of(&mut cpu, d, false),
+                    factors_of(&mut gpu, d, true),
+                );
+                for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                    assert!(
+                        (x - y).abs() <= 1e-4 * (1.0 + x.abs()),
+                        "{rule:?} step {s} direction {d} factor {i}: cpu {x} gpu {y}"
+                    );
+                }
+            }
+            // SAFETY: the twin outlives both optimizers; the loss only reads.
+            lowrank_step(&mut cpu, unsafe { &*twin_ptr }, false, None);
+            lowrank_step(&mut gpu, unsafe { &*twin_ptr }, true, None);
+            let (a, b) = (host_values(&twin), device_values(&twin));
+            let mut i = 0;
+            for (spec, _) in lowrank_layout() {
+                let ulp = match spec.dtype {
+                    DType::BF16 => 2f32.powi(-7),
+                    DType::F16 => 2f32.powi(-10),
+                    DType::F32 => f32::EPSILON,
+                };
+                for _ in 0..spec.numel {
+                    let bound = 1e-3 * (1.0 + a[i].abs()) + 2.0 * ulp * a[i].abs();
+                    assert!(
+                        (a[i] - b[i]).abs() <= bound,
+                        "{rule:?} step {s} element {i}: cpu {} gpu {}",
+                        a[i],
+                        b[i]
+                    );
+                    i += 1;
+                }
+            }
+        }
+    }
+}

@@ -597,10 +597,14 @@ fn the_c_abi_registers_shapes_and_hands_out_factors() {
         }
         assert_eq!(hyzo_optimizer_set_shape(opt, 0, 6, 5), ok);
         assert_eq!(hyzo_optimizer_set_shape(opt, 2, 3, 4), ok);
-        assert_eq!(
-            hyzo_optimizer_set_shape(opt, 1, 4, 4),
-            hyzo_status::HYZO_ERR_INVALID_ARGUMENT
-        );
+        for (i, rows, cols) in [(1, 4, 4), (3, 1, 1), (u64::MAX, 6, 5)] {
+            let s = hyzo_optimizer_set_shape(opt, i, rows, cols);
+            assert_eq!(
+                s,
+                hyzo_status::HYZO_ERR_INVALID_ARGUMENT,
+                "{i} {rows}x{cols}"
+            );
+        }
         let mut len = 0u64;
         assert_eq!(hyzo_optimizer_lowrank_factors_len(opt, &mut len), ok);
         assert_eq!(len, (6 + 5) * 2 + (3 + 4) * 2);

@@ -17,12 +17,14 @@ use super::*;
 #[no_mangle]
 pub unsafe extern "C" fn hyzo_optimizer_set_shape(
     opt: *mut hyzo_optimizer,
-    tensor_index: usize,
+    tensor_index: u64,
     rows: u64,
     cols: u64,
 ) -> hyzo_status {
     with_opt("hyzo_optimizer_set_shape", opt, |o| {
-        o.inner.set_shape(tensor_index, rows, cols)
+        // An index beyond usize is beyond the tensors too: the shard names it out of range.
+        let index = usize::try_from(tensor_index).unwrap_or(usize::MAX);
+        o.inner.set_shape(index, rows, cols)
     })
 }
 

@@ -116,6 +116,19 @@ int main() {
             hyzo_u32 a, b;
             std::scanf("%x %x", &a, &b);
             std::printf("%x\n", bits(fdiv_(flt(a), flt(b))));
+        } else if (!std::strcmp(cmd, "L")) {  // low-rank entry: rank scale a[rank] b[rank]
+            hyzo_u32 rank, scale;
+            static float a[1024], b[1024];
+            if (std::scanf("%x %x", &rank, &scale) != 2 || rank > 1024) {
+                std::printf("bad low-rank entry\n");
+                return 1;
+            }
+            for (hyzo_u32 p = 0; p < 2 * rank; p++) {
+                hyzo_u32 w;
+                std::scanf("%x", &w);
+                (p < rank ? a[p] : b[p - rank]) = flt(w);
+            }
+            std::printf("%x\n", bits(hyzo_lowrank_entry(a, b, rank, flt(scale))));
         } else {
             std::printf("unknown command %s\n", cmd);
             return 1;

@@ -6,8 +6,10 @@
 //! the header, regenerate (libclang from the pinned wheel in `.venv`: `make setup`):
 //!
 //! ```sh
-//! HYZO_UPDATE_ABI=1 cargo test --test abi
+//! HYZO_UPDATE_ABI=1 cargo test --no-default-features --test abi
 //! ```
+//!
+//! (without the `cuda` feature, whose code may not compile until the file is regenerated)
 //!
 //! and `cargo test --test abi` (part of `make test`) fails while the file is stale. This
 //! module keeps only what is not a mirror of the header: short names for the sizes, the

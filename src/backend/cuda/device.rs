@@ -157,7 +157,17 @@ pub(crate) fn kernel_names() -> Vec<String> {
     v.push("hyzo_sq_norm_final".into());
     v.push("hyzo_device_losses".into());
     v.push("hyzo_advance_counters".into());
+    v.push(factor_kernel_name(Variant::Exact).into());
+    v.push(factor_kernel_name(Variant::Fast).into());
     v
+}
+
+/// The low-rank factor kernel of a variant (spec §7).
+pub(crate) fn factor_kernel_name(variant: Variant) -> &'static str {
+    match variant {
+        Variant::Exact => "hyzo_lowrank_factors_exact",
+        Variant::Fast => "hyzo_lowrank_factors_f",
+    }
 }
 
 /// The kernels of the module, by name.

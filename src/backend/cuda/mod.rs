@@ -22,6 +22,12 @@
 //!   one-thread kernel advances after each update pass (also captured). One captured step
 //!   then serves a whole training loop; [`crate::Optimizer::sync_counters`] brings the
 //!   host's counts up to date after replays.
+//! - Low-rank directions (spec §7): the table carries each low-rank tensor's shape, and a
+//!   job table (built when the shapes are first seen, `ensure_lowrank`) names its two factor
+//!   streams. An update pass of a low-rank step first writes the factors of its zeroth-order
+//!   terms into a device scratch (`hyzo_lowrank_factors_*`, on the stream: nothing is
+//!   staged from the host for up to 8 terms, so capture keeps working), then rebuilds `Z`
+//!   from them; perturbation passes skip those tensors.
 
 pub(crate) mod abi;
 mod device;
@@ -35,17 +41,17 @@ use crate::backend::{
     Backend, Generator, PerturbPass, StateLayout, StateSink, StateSource, UpdatePass,
 };
 use crate::config::StateSet;
-use crate::direction::DirectionKind;
+use crate::direction::{DirectionKind, LowRankShape, LOWRANK_A_STREAM, LOWRANK_B_STREAM};
 use crate::dtype::{DType, Precision};
 use crate::error::{invalid, Error, Result};
 use crate::rules::{Rule, RuleParams};
 use crate::shard::{Location, ParamShard, TensorSpec};
 
 use abi::{
-    HyzoCounters, HyzoLossPass, HyzoPass, HyzoTensor, HyzoTerm, CHUNK_GROUPS, GROUP, MAX_TERMS,
-    THREADS,
+    HyzoCounters, HyzoFactorJob, HyzoFactorPass, HyzoLossPass, HyzoPass, HyzoTensor, HyzoTerm,
+    CHUNK_GROUPS, GROUP, MAX_TERMS, THREADS,
 };
-use device::{check, kernel_name, Device, Kernel, Pass, Variant};
+use device::{check, factor_kernel_name, kernel_name, Device, Kernel, Pass, Variant};
 
 pub use device::compile_ptx;
 
@@ -72,7 +78,8 @@ pub fn embedded_architectures() -> &'static [&'static str] {
 }
 
 /// The names of every kernel the module defines (the exact and fast variants of each
-/// pass, `hyzo_sq_norm_final`, `hyzo_device_losses`).
+/// pass and of the low-rank factors, `hyzo_sq_norm_final`, `hyzo_device_losses`,
+/// `hyzo_advance_counters`).
 pub fn kernel_names() -> Vec<String> {
     device::kernel_names()
 }
@@ -333,7 +340,21 @@ pub struct CudaBackend {
     /// The shard as registered by `allocate_state` (to refuse a different one).
     specs: Vec<TensorSpec>,
     table: Option<CudaBuffer>,
+    /// The table as uploaded (its low-rank fields are refreshed by `ensure_lowrank`).
+    table_host: Vec<HyzoTensor>,
     total_chunks: u64,
+    /// The low-rank tensors the job table and the table's low-rank fields were built for:
+    /// (index, global offset, shape); `None` until built.
+    lowrank_key: Option<Vec<(usize, u64, LowRankShape)>>,
+    /// `HyzoFactorJob`s: A then B of each low-rank tensor (None without any).
+    factor_jobs: Option<CudaBuffer>,
+    njobs: u32,
+    /// Floats of one direction's factors (`Optimizer::lowrank_factors_len`).
+    factors_len: u64,
+    /// Groups of 8 the factor kernel walks per direction (its grid size).
+    factor_groups: u64,
+    /// The factors of an update's zeroth-order terms (f32; grown as needed).
+    factors: Option<CudaBuffer>,
     segments: Vec<Segment>,
     /// One device allocation per [`StateBuffer`] kind (None when no tensor keeps it).
     state: [Option<CudaBuffer>; 5],
@@ -389,7 +410,14 @@ impl CudaBackend {
             stream: Stream::Owned(s),
             specs: Vec::new(),
             table: None,
+            table_host: Vec::new(),
             total_chunks: 0,
+            lowrank_key: None,
+            factor_jobs: None,
+            njobs: 0,
+            factors_len: 0,
+            factor_groups: 0,
+            factors: None,
             segments: Vec::new(),
             state: Default::default(),
             losses: None,
@@ -666,6 +694,133 @@ impl CudaBackend {
         )
     }
 
+    /// Builds the low-rank job table and the table's low-rank fields for `shard`'s shapes
+    /// when they are not built yet or the shapes changed (synchronizes then; never once a
+    /// shard's shapes are fixed, so never during a capture).
+    fn ensure_lowrank(&mut self, shard: &ParamShard) -> Result<()> {
+        let key: Vec<(usize, u64, LowRankShape)> = shard
+            .lowrank_tensors()
+            .into_iter()
+            .map(|(i, s)| (i, shard.tensors()[i].offset, s))
+            .collect();
+        if self.lowrank_key.as_ref() == Some(&key) {
+            return Ok(());
+        }
+        let mut jobs = Vec::with_capacity(2 * key.len());
+        for t in &mut self.table_host {
+            (t.factor_offset, t.cols, t.rank, t.scale) = (0, 0, 0, 0.0);
+        }
+        let mut at = 0u64;
+        let mut groups = 0u64;
+        for &(i, offset, s) in &key {
+            for (out, count, stream) in [
+                (at, s.a_len(), LOWRANK_A_STREAM),
+                (at + s.a_len(), s.cols * s.rank, LOWRANK_B_STREAM),
+            ] {
+                jobs.push(HyzoFactorJob {
+                    out,
+                    offset,
+                    count,
+                    stream,
+                    reserved: 0,
+                });
+                groups += count.div_ceil(GROUP) + 1;
+            }
+            if let Some(t) = self.table_host.get_mut(i) {
+                t.factor_offset = at;
+                t.cols = s.cols;
+                t.rank = s.rank as u32;
+                t.scale = s.scale();
+            }
+            at += s.factors_len();
+        }
+        self.dev.bind()?;
+        // Passes in flight may read the table or the jobs.
+        self.stream_sync()?;
+        self.factor_jobs = if jobs.is_empty() {
+            None
+        } else {
+            let b = CudaBuffer::on(&self.dev, std::mem::size_of_val(jobs.as_slice()))?;
+            b.upload(&jobs)?;
+            Some(b)
+        };
+        if let Some(t) = &self.table {
+            t.upload(&self.table_host)?;
+        }
+        self.njobs = jobs.len() as u32;
+        self.factors_len = at;
+        self.factor_groups = groups;
+        self.lowrank_key = Some(key);
+        Ok(())
+    }
+
+    /// Launches the factor kernel: the factors of the directions of `terms` (their
+    /// coefficients unused), term k's at `out + 4 k stride` bytes, each as
+    /// [`Backend::lowrank_factors`] lays them out.
+    fn launch_factors(
+        &mut self,
+        gen: Generator,
+        terms: &[crate::backend::Term],
+        out: u64,
+        stride: u64,
+    ) -> Result<()> {
+        let (Some(jobs), false) = (self.factor_jobs.as_ref().map(|b| b.ptr()), terms.is_empty())
+        else {
+            return Ok(());
+        };
+        let mut fp = HyzoFactorPass {
+            jobs,
+            counters: 0,
+            seed: gen.seed,
+            out,
+            stride,
+            terms: 0,
+            njobs: self.njobs,
+            step: gen.step,
+            nterms: terms.len() as u32,
+            reserved: 0,
+            inline_terms: [HyzoTerm::default(); MAX_TERMS],
+        };
+        if self.device_counters {
+            if let Some(f) = &self.flags {
+                fp.counters = f.ptr() + COUNTERS_AT;
+                fp.step = gen.step.wrapping_sub(self.host_step as u32);
+            }
+        }
+        fp.terms = self.stage_terms(terms, &mut fp.inline_terms)?;
+        let variant = if self.exact {
+            Variant::Exact
+        } else {
+            Variant::Fast
+        };
+        let k = self.dev.kernels.get(factor_kernel_name(variant))?;
+        let resident = (self.dev.sm_count as u64 * k.blocks_per_sm as u64).max(1);
+        let groups = self.factor_groups.saturating_mul(terms.len() as u64);
+        let grid = groups.div_ceil(THREADS as u64).clamp(1, resident) as u32;
+        self.dev.bind()?;
+        self.launch(k.func, grid, &fp)
+    }
+
+    /// Makes sure the factor scratch holds `floats` f32 (grows only; synchronizes before
+    /// freeing a smaller one that passes in flight may still read).
+    fn ensure_factors(&mut self, floats: u64) -> Result<u64> {
+        let bytes = floats
+            .checked_mul(4)
+            .and_then(|b| usize::try_from(b).ok())
+            .ok_or_else(|| Error::OutOfMemory(format!("low-rank factors of {floats} floats")))?;
+        if let Some(f) = self.factors.as_ref().filter(|f| f.bytes() >= bytes) {
+            return Ok(f.ptr());
+        }
+        if self.factors.is_some() {
+            self.stream_sync()?;
+            self.factors = None;
+        }
+        let f = CudaBuffer::on(&self.dev, bytes)?;
+        let ptr = f.ptr();
+        self.factors = Some(f);
+        Ok(ptr)
+    }
+
     /// Puts `terms` in the launch parameters, or (more than MAX_TERMS) uploads them to the
     /// `terms_in` array; returns its address or 0.
     fn stage_terms(
@@ -740,13 +895,6 @@ fn place(cursor: &mut usize, numel: u64, offset: u64, size: usize) -> usize {
     let start = cursor.div_ceil(256) * 256 + size * (offset % per16) as usize;
     *cursor = start + size * numel as usize;
     start
-}
-
-fn refuse_lowrank(shard: &ParamShard, gen: &Generator) -> Result<()> {
-    if (0..shard.len()).any(|i| crate::backend::is_lowrank(gen, shard, i)) {
-        return invalid("low-rank directions: not yet supported by the CUDA backend");
-    }
-    Ok(())
 }
 
 impl Backend for CudaBackend {
@@ -830,6 +978,11 @@ impl Backend for CudaBackend {
                 first_chunk: chunk,
                 dtype: t.dtype as u32,
                 grad_dtype: t.grad_dtype as u32,
+                // Filled by ensure_lowrank.
+                factor_offset: 0,
+                cols: 0,
+                rank: 0,
+                scale: 0.0,
             });
             chunk += chunks;
         }
@@ -841,22 +994,55 @@ impl Backend for CudaBackend {
         self.segments = segments;
         self.total_chunks = chunk;
         self.table = Some(table_buf);
+        self.table_host = table;
         self.state = state;
         self.flags = flags;
         self.partials = Some(partials);
         self.ensure_capacity(INITIAL_DIRECTIONS)?;
-        Ok(())
+        self.lowrank_key = None;
+        self.ensure_lowrank(shard)
+    }
+
+    unsafe fn lowrank_factors(
+        &mut self,
+        shard: &ParamShard,
+        gen: Generator,
+        direction: u32,
+        out: u64,
+        len: u64,
+    ) -> Result<()> {
+        if shard.location() != Location::Cuda(self.dev.ordinal) {
+            return invalid(format!(
+                "the shard lives at {:?}; this backend runs on CUDA device {}",
+                shard.location(),
+                self.dev.ordinal
+            ));
+        }
+        self.ensure_lowrank(shard)?;
+        if len != self.factors_len {
+            return Err(Error::Internal(format!(
+                "lowrank_factors: {len} floats for factors of {}",
+                self.factors_len
+            )));
+        }
+        let term = crate::backend::Term {
+            direction,
+            coeff: 0.0,
+        };
+        self.launch_factors(gen, &[term], out, len)
     }
 
     fn perturb(&mut self, shard: &ParamShard, pass: &PerturbPass) -> Result<()> {
         self.check_shard(shard)?;
-        refuse_lowrank(shard, &pass.gen)?;
+        self.ensure_lowrank(shard)?;
         self.dev.bind()?;
         let mut p = self.base_pass(
             pass.gen,
             pass.precision,
             RuleParams::new(Rule::Sgd, 0.0, 0.0, 0.0, 1.0, 0.0, 1),
         );
+        // Low-rank tensors are perturbed by the forward pass (spec §7).
+        p.lowrank = (pass.gen.kind == DirectionKind::LowRank) as u32;
         p.nterms = pass.terms.len() as u32;
         p.terms = self.stage_terms(pass.terms, &mut p.inline_terms)?;
         self.launch_pass(Pass::Perturb, &p)
@@ -864,7 +1050,7 @@ impl Backend for CudaBackend {
 
     fn update(&mut self, shard: &ParamShard, pass: &UpdatePass) -> Result<()> {
         self.check_shard(shard)?;
-        refuse_lowrank(shard, &pass.gen)?;
+        self.ensure_lowrank(shard)?;
         if pass.grad_weight.is_some() && !shard.has_grads() {
             return invalid("grad: a step that uses gradients needs one for every tensor");
         }
@@ -898,6 +1084,21 @@ impl Backend for CudaBackend {
                 .map_or(-1, |k| k as i32);
         }
         p.nterms = pass.zo.len() as u32;
+        if pass.gen.kind == DirectionKind::LowRank {
+            // Low-rank tensors: Z of each zeroth-order term from its factors, written first
+            // (spec §7; no restore term).
+            p.lowrank = 1;
+            if self.njobs > 0 && !pass.zo.is_empty() {
+                let stride = self.factors_len;
+                let floats = stride.checked_mul(pass.zo.len() as u64).ok_or_else(|| {
+                    Error::OutOfMemory("low-rank factors of every direction".into())
+                })?;
+                let base = self.ensure_factors(floats)?;
+                self.launch_factors(pass.gen, pass.zo, base, stride)?;
+                p.factor_base = base;
+                p.factor_stride = stride;
+            }
+        }
         if let Some(dl) = pass.device_losses {
             let q = pass.zo.len();
             self.ensure_capacity(q)?;
