@@ -154,6 +154,7 @@ fn passes(c: &mut Criterion) {
                             t: 1,
                             precision,
                             device_losses: None,
+                            tensors: None,
                         };
                         g.bench_with_input(
                             BenchmarkId::new(format!("restore_and_update/{rule:?}/{tag}"), n),
@@ -171,6 +172,7 @@ fn passes(c: &mut Criterion) {
                         t: 1,
                         precision,
                         device_losses: None,
+                        tensors: None,
                     };
                     g.bench_with_input(
                         BenchmarkId::new(format!("fo_update/AdamW/{tag}"), n),

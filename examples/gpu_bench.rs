@@ -62,6 +62,7 @@ fn update_pass(
         state: StateSet::Main,
         t: 1,
         precision: Precision::Nearest,
+        tensors: None,
         device_losses: None,
     }
 }

@@ -480,6 +480,18 @@ hyzo_status hyzo_zo_last_projected_grads(const hyzo_optimizer *opt, float *out, 
 // `opt` must be NULL or a live optimizer.
 hyzo_status hyzo_fo_step(hyzo_optimizer *opt);
 
+// A first-order step on the tensors with `update[i] != 0` only (`len` must be the number
+// of tensors), as `torch.optim` steps over the parameters that have a gradient: the others,
+// their rule state and their residual stay exactly as they are. Only the updated tensors
+// need gradients. The step counts as one (hybrid schedule, step number); the rule's `t`
+// advances when at least one tensor is updated. On CUDA the flags are copied in stream
+// order from host memory (such a step cannot be captured in a CUDA graph; `hyzo_fo_step`
+// can).
+//
+// # Safety
+// `opt` must be NULL or a live optimizer; `update` valid for `len` bytes.
+hyzo_status hyzo_fo_step_masked(hyzo_optimizer *opt, const uint8_t *update, uint64_t len);
+
 // The kind of the next step under the hybrid schedule (`HYZO_PHASE_ANY` without one).
 //
 // # Safety

@@ -183,6 +183,10 @@ public:
     }
 
     void fo_step() { check(hyzo_fo_step(opt_)); }
+    /// A first-order step on the tensors with update[i] != 0 only (one flag per tensor).
+    void fo_step_masked(const std::vector<std::uint8_t> &update) {
+        check(hyzo_fo_step_masked(opt_, update.data(), update.size()));
+    }
 
     hyzo_phase next_phase() const {
         hyzo_phase p;

@@ -432,7 +432,12 @@ template <class S, class Body>
 __device__ __forceinline__ void for_each_chunk(const HyzoPass& p, Body& body) {
     const HyzoTensor* table = (const HyzoTensor*)p.table;
     for (hyzo_u64 c = blockIdx.x; c < p.total_chunks; c += gridDim.x) {
-        const HyzoTensor* entry = table + find_tensor(table, p.ntensors, c);
+        const hyzo_u32 ti = find_tensor(table, p.ntensors, c);
+        if (!S::probe && p.tensor_mask != 0 && __ldg((const unsigned char*)p.tensor_mask + ti) == 0) {
+            body.end_chunk(c); /* a tensor the pass leaves alone (uniform per chunk) */
+            continue;
+        }
+        const HyzoTensor* entry = table + ti;
         Tensor t = load_tensor(entry, p.state_set);
         const hyzo_u64 last = (t.offset + t.numel - 1) >> 3;
         const hyzo_u64 k = c - t.first_chunk;

@@ -142,6 +142,10 @@ typedef struct HyzoPass {
     hyzo_u64 factor_base;  /* device f32: the factors of zeroth-order term k at
                               k * factor_stride (update passes with lowrank) */
     hyzo_u64 factor_stride; /* floats per term's block */
+    hyzo_u64 tensor_mask;  /* device u8[ntensors], or 0: when set, the pass skips every
+                              tensor i with tensor_mask[i] == 0 (a first-order step over
+                              the tensors that have a gradient, as torch.optim skips
+                              parameters whose .grad is None) */
 } HyzoPass;
 
 /* One factor stream of one low-rank tensor (hyzo_lowrank_factors_*): floats

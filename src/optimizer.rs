@@ -376,6 +376,7 @@ impl<'a> Optimizer<'a> {
             t,
             precision: c.precision,
             device_losses: None,
+            tensors: None,
         }
     }
 
@@ -705,13 +706,47 @@ impl<'a> Optimizer<'a> {
     /// A first-order step on the registered gradients: the first-order rule with its own
     /// state when the configuration has one (spec v2 §5), the main rule otherwise.
     pub fn fo_step(&mut self) -> Result<()> {
+        self.fo_step_inner(None)
+    }
+
+    /// A first-order step on the tensors `update[i]` names, as `torch.optim` steps over the
+    /// parameters that have a gradient: the others, their rule state and their `lo` stay
+    /// exactly as they are (no moment decay, no weight decay). The step counts as one step
+    /// of the schedule; the rule's `t` advances when at least one tensor is updated. Only
+    /// the updated tensors need gradients.
+    pub fn fo_step_masked(&mut self, update: &[bool]) -> Result<()> {
+        if update.len() != self.shard.len() {
+            return invalid(format!(
+                "update: {} flags for {} tensors",
+                update.len(),
+                self.shard.len()
+            ));
+        }
+        self.fo_step_inner(Some(update))
+    }
+
+    fn fo_step_inner(&mut self, update: Option<&[bool]>) -> Result<()> {
         self.check_phase(Phase::FirstOrder, "fo_step")?;
-        if !self.shard.has_grads() {
-            return bad_state("fo_step: every tensor needs a gradient for a first-order step");
+        let updated = |i: usize| update.map_or(true, |u| u[i]);
+        if let Some(i) =
+            (0..self.shard.len()).find(|&i| updated(i) && self.shard.tensors()[i].grad == 0)
+        {
+            return bad_state(format!(
+                "fo_step: tensor {i} has no gradient; a first-order step needs one for every \
+                 tensor it updates"
+            ));
         }
         self.prepare()?;
+        if update.is_some_and(|u| !u.contains(&true)) {
+            // Nothing to update: the step still counts (schedule, directions' names).
+            self.counters.step += 1;
+            return self
+                .backend
+                .set_counters(self.counters.step, self.counters.updates);
+        }
         let pass = UpdatePass {
             grad_weight: Some(1.0),
+            tensors: update.filter(|u| u.contains(&false)),
             ..self.update_pass(Phase::FirstOrder, self.generator())
         };
         self.backend.update(&self.shard, &pass)?;

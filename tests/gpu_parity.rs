@@ -410,6 +410,7 @@ fn kernels_match_cpu_on_random_shards() {
                     t: step as u64 + 1,
                     precision,
                     device_losses: None,
+                    tensors: None,
                 };
                 cpu.update(&host, &pass).unwrap();
                 gpu.update(&dev, &pass).unwrap();
@@ -523,6 +524,7 @@ fn huge_tensor_matches_cpu() {
         t: 1,
         precision: Precision::Stochastic,
         device_losses: None,
+        tensors: None,
     };
     cpu.update(&host, &pass).unwrap();
     gpu.update(&dev, &pass).unwrap();
@@ -756,6 +758,7 @@ fn address_cut_groups_equal_index_aligned_groups() {
                                 t: step as u64 + 1,
                                 precision,
                                 device_losses: None,
+                                tensors: None,
                             };
                             b.update(sh, &pass).unwrap();
                             let fo = UpdatePass {

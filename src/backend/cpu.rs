@@ -545,13 +545,12 @@ impl Backend for CpuBackend {
         if pass.device_losses.is_some() {
             return invalid("the CPU backend takes losses from the host only");
         }
-        if pass.grad_weight.is_some() && !shard.has_grads() {
-            return invalid("grad: a step that uses gradients needs one for every tensor");
-        }
+        crate::backend::check_update_tensors(shard, pass)?;
+        let selected = |i: usize| pass.tensors.map_or(true, |m| m[i]);
         let mut lowrank = Vec::new();
         for (i, t) in shard.tensors().iter().enumerate() {
             lowrank.push(match shard.lowrank(i) {
-                Some(shape) if is_lowrank(&pass.gen, shard, i) => {
+                Some(shape) if is_lowrank(&pass.gen, shard, i) && selected(i) => {
                     Some(LowRankTerms::new(pass.gen, t.offset, shape, pass.zo)?)
                 }
                 _ => None,
@@ -559,7 +558,9 @@ impl Backend for CpuBackend {
         }
         // SAFETY: as in perturb.
         self.for_each_chunk(shard, pass.state, |c| unsafe {
-            by_dtype!(c.dtype, update_chunk, c, pass, lowrank[c.tensor].as_ref())
+            if selected(c.tensor) {
+                by_dtype!(c.dtype, update_chunk, c, pass, lowrank[c.tensor].as_ref())
+            }
         })
     }
 

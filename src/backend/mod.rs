@@ -71,6 +71,10 @@ pub struct UpdatePass<'a> {
     pub t: u64,
     /// Rounding of the stored parameters.
     pub precision: Precision,
+    /// The tensors this pass updates, by index (`None`: every one). The others, their rule
+    /// state and their `lo` are left exactly as they are: a first-order step over the
+    /// tensors that have a gradient, as `torch.optim` skips parameters without one.
+    pub tensors: Option<&'a [bool]>,
     /// When set, the losses of this step were recorded on the device
     /// ([`Backend::record_device_loss`]): each `zo` coefficient is `s_d / q` and the backend
     /// multiplies it by `g_d` computed on the device; if any loss is not finite the pass only
@@ -101,6 +105,29 @@ pub const MAX_ESTIMATE: f32 = (1u64 << 60) as f32;
 /// this same value.
 pub fn max_coefficient_sum(kind: crate::direction::DirectionKind, rank: u32) -> f32 {
     MAX_ESTIMATE / kind.max_abs_with_rank(rank)
+}
+
+/// Checks the tensors an update pass names ([`UpdatePass::tensors`]: one flag a tensor)
+/// and that every tensor it updates has a gradient when the pass uses them.
+pub fn check_update_tensors(shard: &ParamShard, pass: &UpdatePass) -> Result<()> {
+    if let Some(mask) = pass.tensors {
+        if mask.len() != shard.len() {
+            return crate::error::invalid(format!(
+                "tensors: {} flags for {} tensors",
+                mask.len(),
+                shard.len()
+            ));
+        }
+    }
+    let updated = |i: usize| pass.tensors.map_or(true, |m| m[i]);
+    if pass.grad_weight.is_some() {
+        if let Some(i) = (0..shard.len()).find(|&i| updated(i) && shard.tensors()[i].grad == 0) {
+            return crate::error::invalid(format!(
+                "grad: tensor {i} has none, and this step uses the gradients of the tensors it updates"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether tensor `i` of `shard` takes the low-rank direction in passes of `gen`.

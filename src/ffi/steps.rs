@@ -218,6 +218,36 @@ pub unsafe extern "C" fn hyzo_fo_step(opt: *mut hyzo_optimizer) -> hyzo_status {
     with_opt("hyzo_fo_step", opt, |o| o.inner.fo_step())
 }
 
+/// A first-order step on the tensors with `update[i] != 0` only (`len` must be the number
+/// of tensors), as `torch.optim` steps over the parameters that have a gradient: the others,
+/// their rule state and their residual stay exactly as they are. Only the updated tensors
+/// need gradients. The step counts as one (hybrid schedule, step number); the rule's `t`
+/// advances when at least one tensor is updated. On CUDA the flags are copied in stream
+/// order from host memory (such a step cannot be captured in a CUDA graph; `hyzo_fo_step`
+/// can).
+///
+/// # Safety
+/// `opt` must be NULL or a live optimizer; `update` valid for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn hyzo_fo_step_masked(
+    opt: *mut hyzo_optimizer,
+    update: *const u8,
+    len: u64,
+) -> hyzo_status {
+    with_opt("hyzo_fo_step_masked", opt, |o| {
+        out_arg(update as *mut u8, "update")?;
+        let n = o.inner.params().len();
+        if len != n as u64 {
+            return Err(invalid_arg(format!("len: {len} flags for {n} tensors")));
+        }
+        let flags: Vec<bool> = std::slice::from_raw_parts(update, n)
+            .iter()
+            .map(|&b| b != 0)
+            .collect();
+        o.inner.fo_step_masked(&flags)
+    })
+}
+
 /// The kind of the next step under the hybrid schedule (`HYZO_PHASE_ANY` without one).
 ///
 /// # Safety

@@ -223,6 +223,7 @@ _sig("hyzo_zo_abort", _u32, _c_opt)
 _sig("hyzo_zo_last_loss", _u32, _c_opt, _P(_f32), _P(_int))
 _sig("hyzo_zo_last_projected_grads", _u32, _c_opt, _P(_f32), _u32)
 _sig("hyzo_fo_step", _u32, _c_opt)
+_sig("hyzo_fo_step_masked", _u32, _c_opt, _P(ctypes.c_uint8), _u64)
 _sig("hyzo_next_phase", _u32, _c_opt, _P(_u32))
 _sig("hyzo_optimizer_stats", _u32, _c_opt, _P(_u64), _P(_u64))
 _sig("hyzo_optimizer_updates", _u32, _c_opt, _P(_u64), _P(_u64))
@@ -572,6 +573,12 @@ class COptimizer:
 
     def fo_step(self) -> None:
         self._call("hyzo_fo_step")
+
+    def fo_step_masked(self, update: Sequence[bool]) -> None:
+        """A first-order step on the tensors with ``update[i]`` true only; the others and
+        their state stay as they are."""
+        flags = (ctypes.c_uint8 * max(len(update), 1))(*[1 if u else 0 for u in update])
+        self._call("hyzo_fo_step_masked", flags, u64("len(update)", len(update)))
 
     def next_phase(self) -> str:
         out = _u32()

@@ -24,7 +24,7 @@ optimizers, and takes no room in the default global offsets (so passing
 The set of trainable parameters is read at construction; it may change until the first step
 (the optimizer then registers the new set), not after. In :class:`FO`, a parameter whose
 ``.grad`` is ``None`` at ``step()`` is skipped as ``torch.optim.AdamW`` skips it: not
-updated, no weight decay.
+updated, no weight decay, its moments untouched.
 
 The closure of :class:`ZO` and :class:`Hybrid` only computes and returns the loss; the
 optimizer runs it under ``torch.no_grad()`` for zeroth-order evaluations, and with grad
@@ -1262,12 +1262,12 @@ class FO(_HyzoOptimizer):
         seed: seeds stochastic rounding (``precision="stochastic"``).
 
     Gradients: a parameter whose ``.grad`` is ``None`` at ``step()`` is skipped, as
-    ``torch.optim.AdamW`` skips it: its values are not changed (no update, no weight
-    decay). hyzo keeps one state per param group, so its moment buffers still see a step
-    with a zero gradient (they decay by ``β1``/``β2``; torch leaves them as they were), and
-    in ``precision="compensated"`` its bf16 residual may absorb part of that step. A group
-    whose parameters all have ``.grad`` None is not stepped at all (nothing changes, as in
-    torch). ``zero_grad()`` zeroes the gradient buffers in place (as torch's
+    ``torch.optim.AdamW`` skips it: its values, its moments and its residual stay exactly as
+    they were (no update, no weight decay, no decay of the moments). One difference
+    remains: hyzo counts the bias-correction step ``t`` per param group, torch per
+    parameter, so a parameter that receives its first gradient late is corrected with the
+    group's ``t``. A group whose parameters all have ``.grad`` None is not stepped at all
+    (nothing changes, as in torch). ``zero_grad()`` zeroes the gradient buffers in place (as torch's
     ``set_to_none=False``, so that ``backward()`` accumulates into the buffers hyzo holds,
     with no copy): a parameter the next loss does not reach then has a zero gradient and is
     updated with it, as ``torch.optim.AdamW`` does after ``zero_grad(set_to_none=False)``.
@@ -1305,16 +1305,14 @@ class FO(_HyzoOptimizer):
                 loss = closure()
         self._prepare()
         for s in self._shards:
-            missing = self._collect_grads(s, none_is_skip=True)
+            missing = set(self._collect_grads(s, none_is_skip=True))
             if len(missing) == len(s.params):
-                continue  # nothing to update in this group: leave its state as it is
-            # The C optimizer updates every tensor it holds: put the skipped ones back.
-            kept = [(s.params[i], s.params[i].detach().clone()) for i in missing]
-            s.c.fo_step()
-            if kept:
-                with torch.no_grad():
-                    for p, before in kept:
-                        p.copy_(before)
+                continue  # nothing to update in this group: it is not stepped at all
+            if missing:
+                # As torch.optim: no update, no moment decay, no weight decay for them.
+                s.c.fo_step_masked([i not in missing for i in range(len(s.params))])
+            else:
+                s.c.fo_step()
         return loss
 
 

@@ -209,10 +209,15 @@ k * factor_stride (update passes with lowrank)*/
     pub factor_base: hyzo_u64,
     /// floats per term's block
     pub factor_stride: hyzo_u64,
+    /** device u8[ntensors], or 0: when set, the pass skips every
+tensor i with tensor_mask[i] == 0 (a first-order step over
+the tensors that have a gradient, as torch.optim skips
+parameters whose .grad is None)*/
+    pub tensor_mask: hyzo_u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of HyzoPass"][::std::mem::size_of::<HyzoPass>() - 240usize];
+    ["Size of HyzoPass"][::std::mem::size_of::<HyzoPass>() - 248usize];
     ["Alignment of HyzoPass"][::std::mem::align_of::<HyzoPass>() - 8usize];
     [
         "Offset of field: HyzoPass::table",
@@ -290,6 +295,9 @@ const _: () = {
     [
         "Offset of field: HyzoPass::factor_stride",
     ][::std::mem::offset_of!(HyzoPass, factor_stride) - 232usize];
+    [
+        "Offset of field: HyzoPass::tensor_mask",
+    ][::std::mem::offset_of!(HyzoPass, tensor_mask) - 240usize];
 };
 /** One factor stream of one low-rank tensor (hyzo_lowrank_factors_*): floats
  out .. out + count of each term's block get the Gaussian entries (spec §3) of the Philox

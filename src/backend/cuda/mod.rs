@@ -364,6 +364,8 @@ pub struct CudaBackend {
     terms_in: Option<CudaBuffer>,
     /// Coefficients computed by `hyzo_device_losses`.
     terms_out: Option<CudaBuffer>,
+    /// One byte a tensor: the tensors an update pass with [`UpdatePass::tensors`] updates.
+    tensor_mask: Option<CudaBuffer>,
     /// u32 skip flag at 0, u64 skip counter at 8, `HyzoCounters` at [`COUNTERS_AT`].
     flags: Option<CudaBuffer>,
     /// sq_norm's per-chunk partials, then the total.
@@ -422,6 +424,7 @@ impl CudaBackend {
             state: Default::default(),
             losses: None,
             terms_in: None,
+            tensor_mask: None,
             terms_out: None,
             flags: None,
             partials: None,
@@ -821,6 +824,36 @@ impl CudaBackend {
         Ok(ptr)
     }
 
+    /// Uploads the flags of the tensors a pass updates, in stream order (from pageable
+    /// memory: like terms beyond MAX_TERMS, not capturable in a CUDA graph); returns the
+    /// device address.
+    fn stage_mask(&mut self, mask: &[bool]) -> Result<u64> {
+        let bytes: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
+        if self
+            .tensor_mask
+            .as_ref()
+            .map_or(true, |b| b.bytes() < bytes.len())
+        {
+            self.tensor_mask = Some(CudaBuffer::on(&self.dev, bytes.len().max(1))?);
+        }
+        let buf = self.tensor_mask.as_ref().unwrap();
+        self.dev.bind()?;
+        // SAFETY: the buffer holds `bytes.len()` bytes; the driver stages a copy from
+        // pageable memory before returning.
+        check(
+            unsafe {
+                sys::cuMemcpyHtoDAsync_v2(
+                    buf.ptr(),
+                    bytes.as_ptr() as *const c_void,
+                    bytes.len(),
+                    self.stream.raw(),
+                )
+            },
+            "cuMemcpyHtoDAsync",
+        )?;
+        Ok(buf.ptr())
+    }
+
     /// Puts `terms` in the launch parameters, or (more than MAX_TERMS) uploads them to the
     /// `terms_in` array; returns its address or 0.
     fn stage_terms(
@@ -1051,9 +1084,7 @@ impl Backend for CudaBackend {
     fn update(&mut self, shard: &ParamShard, pass: &UpdatePass) -> Result<()> {
         self.check_shard(shard)?;
         self.ensure_lowrank(shard)?;
-        if pass.grad_weight.is_some() && !shard.has_grads() {
-            return invalid("grad: a step that uses gradients needs one for every tensor");
-        }
+        crate::backend::check_update_tensors(shard, pass)?;
         self.dev.bind()?;
         let mut p = self.base_pass(pass.gen, pass.precision, pass.rule);
         p.state_set = pass.state as u32;
@@ -1065,6 +1096,9 @@ impl Backend for CudaBackend {
         if let Some(a) = pass.grad_weight {
             p.has_grad = 1;
             p.grad_weight = a;
+        }
+        if let Some(mask) = pass.tensors {
+            p.tensor_mask = self.stage_mask(mask)?;
         }
         let fo_only = pass.restore.is_none() && pass.zo.is_empty() && pass.device_losses.is_none();
         if fo_only {

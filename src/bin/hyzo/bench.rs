@@ -267,6 +267,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
                 t: 1,
                 precision: Precision::Nearest,
                 device_losses: None,
+                tensors: None,
             };
             let secs = median_secs(reps, || be.update(&shard, &pass).unwrap());
             rows.push(Row {
@@ -287,6 +288,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Error> {
             t: 1,
             precision: Precision::Nearest,
             device_losses: None,
+            tensors: None,
         };
         let secs = median_secs(reps, || be.update(&shard, &fo).unwrap());
         rows.push(Row {
