@@ -836,22 +836,28 @@ impl CudaBackend {
         {
             self.tensor_mask = Some(CudaBuffer::on(&self.dev, bytes.len().max(1))?);
         }
-        let buf = self.tensor_mask.as_ref().unwrap();
+        let dst = self.tensor_mask.as_ref().unwrap().ptr();
+        // SAFETY: the buffer holds at least `bytes.len()` bytes.
+        unsafe { self.upload_async(dst, &bytes)? };
+        Ok(dst)
+    }
+
+    /// Copies `src` to device address `dst` in stream order. From pageable memory the
+    /// driver stages the copy before returning, so `src` may be dropped right after.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `size_of_val(src)` bytes.
+    unsafe fn upload_async<T: Copy>(&self, dst: u64, src: &[T]) -> Result<()> {
         self.dev.bind()?;
-        // SAFETY: the buffer holds `bytes.len()` bytes; the driver stages a copy from
-        // pageable memory before returning.
         check(
-            unsafe {
-                sys::cuMemcpyHtoDAsync_v2(
-                    buf.ptr(),
-                    bytes.as_ptr() as *const c_void,
-                    bytes.len(),
-                    self.stream.raw(),
-                )
-            },
+            sys::cuMemcpyHtoDAsync_v2(
+                dst,
+                src.as_ptr() as *const c_void,
+                std::mem::size_of_val(src),
+                self.stream.raw(),
+            ),
             "cuMemcpyHtoDAsync",
-        )?;
-        Ok(buf.ptr())
+        )
     }
 
     /// Puts `terms` in the launch parameters, or (more than MAX_TERMS) uploads them to the
@@ -873,22 +879,10 @@ impl CudaBackend {
             return Ok(0);
         }
         self.ensure_capacity(converted.len())?;
-        let buf = self.terms_in.as_ref().unwrap();
-        self.dev.bind()?;
-        // SAFETY: capacity ensured; from pageable memory the driver stages the copy before
-        // returning, so the host vector may be dropped right after.
-        check(
-            unsafe {
-                sys::cuMemcpyHtoDAsync_v2(
-                    buf.ptr(),
-                    converted.as_ptr() as *const c_void,
-                    8 * converted.len(),
-                    self.stream.raw(),
-                )
-            },
-            "cuMemcpyHtoDAsync",
-        )?;
-        Ok(buf.ptr())
+        let dst = self.terms_in.as_ref().unwrap().ptr();
+        // SAFETY: capacity ensured: the array holds `converted.len()` terms.
+        unsafe { self.upload_async(dst, &converted)? };
+        Ok(dst)
     }
 }
 
