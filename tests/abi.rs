@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use bindgen::callbacks::{IntKind, ParseCallbacks};
 
+mod common;
+
 const OUTPUT: &str = "src/backend/cuda/abi_generated.rs";
 const HEADER: &str = "kernels/hyzo_params.h";
 
@@ -103,27 +105,14 @@ fn abi_bindings_are_up_to_date() {
             return;
         }
     };
-    let fresh = generate(root);
-    let path = root.join(OUTPUT);
-    if std::env::var_os("HYZO_UPDATE_ABI").is_some_and(|v| v == "1") {
-        std::fs::write(&path, &fresh).unwrap_or_else(|e| panic!("write {OUTPUT}: {e}"));
-        return;
-    }
-    let current = std::fs::read_to_string(&path).unwrap_or_default();
-    if current != fresh {
-        let first = current
-            .lines()
-            .zip(fresh.lines())
-            .position(|(a, b)| a != b)
-            .unwrap_or_else(|| current.lines().count().min(fresh.lines().count()));
-        let show = |s: &str| s.lines().nth(first).unwrap_or("<end of file>").to_string();
-        panic!(
-            "{OUTPUT} is stale: first difference at line {}:\n  checked in: {}\n  generated:  {}\n\
-             (generated with {version}; the checked-in file comes from the pinned libclang 18.1.1 \
-             wheel)\nregenerate with: HYZO_UPDATE_ABI=1 cargo test --no-default-features --test abi",
-            first + 1,
-            show(&current),
-            show(&fresh)
-        );
-    }
+    common::check_generated(
+        OUTPUT,
+        &generate(root),
+        "HYZO_UPDATE_ABI",
+        "HYZO_UPDATE_ABI=1 cargo test --no-default-features --test abi",
+        &format!(
+            "(generated with {version}; the checked-in file comes from the pinned libclang \
+             18.1.1 wheel)\n"
+        ),
+    );
 }

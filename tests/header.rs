@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+mod common;
+
 fn generate() -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let config =
@@ -22,26 +24,11 @@ fn generate() -> String {
 
 #[test]
 fn header_is_up_to_date() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("ffi/hyzo.h");
-    let fresh = generate();
-    if std::env::var_os("HYZO_UPDATE_HEADER").is_some_and(|v| v == "1") {
-        std::fs::write(&path, &fresh).expect("write ffi/hyzo.h");
-        return;
-    }
-    let current = std::fs::read_to_string(&path).unwrap_or_default();
-    if current != fresh {
-        let first = current
-            .lines()
-            .zip(fresh.lines())
-            .position(|(a, b)| a != b)
-            .unwrap_or_else(|| current.lines().count().min(fresh.lines().count()));
-        let show = |s: &str| s.lines().nth(first).unwrap_or("<end of file>").to_string();
-        panic!(
-            "ffi/hyzo.h is stale: first difference at line {}:\n  checked in: {}\n  generated:  {}\n\
-             regenerate with: HYZO_UPDATE_HEADER=1 cargo test --test header",
-            first + 1,
-            show(&current),
-            show(&fresh)
-        );
-    }
+    common::check_generated(
+        "ffi/hyzo.h",
+        &generate(),
+        "HYZO_UPDATE_HEADER",
+        "HYZO_UPDATE_HEADER=1 cargo test --test header",
+        "",
+    );
 }
