@@ -23,7 +23,7 @@
 //!   then serves a whole training loop; [`crate::Optimizer::sync_counters`] brings the
 //!   host's counts up to date after replays.
 //! - Low-rank directions (spec §7): the table carries each low-rank tensor's shape, and a
-//!   job table (built when the shapes are first seen, `ensure_lowrank`) names its two factor
+//!   job table (built with the state, `ensure_lowrank`) names its two factor
 //!   streams. An update pass of a low-rank step first writes the factors of its zeroth-order
 //!   terms into a device scratch (`hyzo_lowrank_factors_*`, on the stream: nothing is
 //!   staged from the host for up to 8 terms, so capture keeps working), then rebuilds `Z`
@@ -698,8 +698,10 @@ impl CudaBackend {
     }
 
     /// Builds the low-rank job table and the table's low-rank fields for `shard`'s shapes
-    /// when they are not built yet or the shapes changed (synchronizes then; never once a
-    /// shard's shapes are fixed, so never during a capture).
+    /// when they are not built yet or the shapes changed (synchronizes then). Called by
+    /// `allocate_state`, after which the shapes are fixed (`Optimizer::set_shape` refuses
+    /// once the state exists), so the passes need not call it; and by `lowrank_factors`,
+    /// which may come first.
     fn ensure_lowrank(&mut self, shard: &ParamShard) -> Result<()> {
         let key: Vec<(usize, u64, LowRankShape)> = shard
             .lowrank_tensors()
@@ -1061,7 +1063,6 @@ impl Backend for CudaBackend {
 
     fn perturb(&mut self, shard: &ParamShard, pass: &PerturbPass) -> Result<()> {
         self.check_shard(shard)?;
-        self.ensure_lowrank(shard)?;
         self.dev.bind()?;
         let mut p = self.base_pass(
             pass.gen,
@@ -1077,7 +1078,6 @@ impl Backend for CudaBackend {
 
     fn update(&mut self, shard: &ParamShard, pass: &UpdatePass) -> Result<()> {
         self.check_shard(shard)?;
-        self.ensure_lowrank(shard)?;
         crate::backend::check_update_tensors(shard, pass)?;
         self.dev.bind()?;
         let mut p = self.base_pass(pass.gen, pass.precision, pass.rule);
