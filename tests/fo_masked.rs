@@ -18,12 +18,19 @@ fn config() -> Config {
     }
 }
 
+/// The gradient of tensor `i` at `step`.
+fn grad(i: usize, step: u64) -> Vec<f32> {
+    (0..N)
+        .map(|k| ((k as f32 * 0.1 + i as f32 + step as f32).sin()) * 0.5)
+        .collect()
+}
+
 fn set_grads(opt: &mut Optimizer, step: u64) {
     for i in 0..opt.params().len() {
-        let g: Vec<f32> = (0..N)
-            .map(|k| ((k as f32 * 0.1 + i as f32 + step as f32).sin()) * 0.5)
-            .collect();
-        opt.grad_mut(i).unwrap().copy_from_f32(&g).unwrap();
+        opt.grad_mut(i)
+            .unwrap()
+            .copy_from_f32(&grad(i, step))
+            .unwrap();
     }
 }
 
@@ -74,10 +81,7 @@ fn left_out_tensors_and_their_state_do_not_move() {
 
     for step in 0..4u64 {
         set_grads(&mut opt, step);
-        let g: Vec<f32> = (0..N)
-            .map(|k| ((k as f32 * 0.1 + step as f32).sin()) * 0.5)
-            .collect();
-        alone.grad_mut(0).unwrap().copy_from_f32(&g).unwrap();
+        set_grads(&mut alone, step);
         let before = (values(&opt, 1), tensor_state(&mut opt, 1));
         let update = [true, step == 0];
         opt.fo_step_masked(&update).unwrap();

@@ -182,27 +182,24 @@ fn factors_are_the_specs_gaussian_streams() {
         let mut at = 0usize;
         for (s, l) in shapes.iter().zip([layouts[0], layouts[2]]) {
             let r = s.rank;
-            let a = |i: u64, p: u64| f[at + (i * r + p) as usize];
-            let b = |k: u64, p: u64| f[at + (s.a_len() + k * r + p) as usize];
-            let stream = |base: u32| DirectionId::new(0x5eed_1234, 0, base + d);
-            for i in 0..s.rows {
-                for p in 0..r {
-                    let j = l.offset + i * r + p;
-                    assert!(j < l.offset + s.rows * s.cols, "A index outside the tensor");
-                    assert_eq!(
-                        a(i, p),
-                        direction_at(DirectionKind::Gaussian, stream(LOWRANK_A_STREAM), j)
-                    );
-                }
-            }
-            for k in 0..s.cols {
-                for p in 0..r {
-                    let j = l.offset + k * r + p;
-                    assert!(j < l.offset + s.rows * s.cols, "B index outside the tensor");
-                    assert_eq!(
-                        b(k, p),
-                        direction_at(DirectionKind::Gaussian, stream(LOWRANK_B_STREAM), j)
-                    );
+            // A (rows × r) then B (cols × r): row i's entries are stream entries o + i·r + p.
+            for (what, stream, first, n) in [
+                ("A", LOWRANK_A_STREAM, 0, s.rows),
+                ("B", LOWRANK_B_STREAM, s.a_len(), s.cols),
+            ] {
+                let id = DirectionId::new(0x5eed_1234, 0, stream + d);
+                for i in 0..n {
+                    for p in 0..r {
+                        let j = l.offset + i * r + p;
+                        assert!(
+                            j < l.offset + s.rows * s.cols,
+                            "{what} index outside the tensor"
+                        );
+                        assert_eq!(
+                            f[at + (first + i * r + p) as usize],
+                            direction_at(DirectionKind::Gaussian, id, j)
+                        );
+                    }
                 }
             }
             // Entries within the spec's tolerance of the exact (f64) value.
