@@ -1,6 +1,8 @@
 // hyzo.hpp: a small C++17 RAII wrapper over the C API of hyzo.h.
 //
 // - hyzo::Optimizer owns a hyzo_optimizer (move-only; destroyed in the destructor);
+// - tensors registered through std::shared_ptr are owned with it: their memory is released
+//   only after the C optimizer is destroyed (raw pointers stay the caller's to keep alive);
 // - every failing call throws hyzo::Error, carrying the status and the library's message;
 // - zo_step(loss_fn) runs a whole zeroth-order step, aborting it (restoring the parameters)
 //   if loss_fn throws.
@@ -10,6 +12,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -71,11 +74,14 @@ public:
     ~Optimizer() { hyzo_optimizer_destroy(opt_); }
     Optimizer(const Optimizer &) = delete;
     Optimizer &operator=(const Optimizer &) = delete;
-    Optimizer(Optimizer &&other) noexcept : opt_(std::exchange(other.opt_, nullptr)) {}
+    Optimizer(Optimizer &&other) noexcept
+        : opt_(std::exchange(other.opt_, nullptr)), owners_(std::move(other.owners_)) {}
     Optimizer &operator=(Optimizer &&other) noexcept {
         if (this != &other) {
+            // The old optimizer goes before the memory it may write.
             hyzo_optimizer_destroy(opt_);
             opt_ = std::exchange(other.opt_, nullptr);
+            owners_ = std::move(other.owners_);
         }
         return *this;
     }
@@ -96,6 +102,17 @@ public:
     void add_tensor(float *data, std::size_t numel, std::uint64_t global_offset,
                     float *grad = nullptr) {
         add_tensor_raw(data, HYZO_F32, numel, global_offset, grad, HYZO_F32);
+    }
+
+    /// Registers a float tensor owned with the optimizer: `data` (and `grad`) stay alive as
+    /// long as the C optimizer, whatever the caller does with its own references.
+    void add_tensor(std::shared_ptr<float[]> data, std::size_t numel,
+                    std::uint64_t global_offset, std::shared_ptr<float[]> grad = nullptr) {
+        add_tensor(data.get(), numel, global_offset, grad.get());
+        owners_.push_back(std::move(data));
+        if (grad) {
+            owners_.push_back(std::move(grad));
+        }
     }
 
     /// Gives tensor `index` a row-major rows x cols shape: under HYZO_DIRECTION_LOWRANK it
@@ -241,6 +258,8 @@ public:
 private:
     explicit Optimizer(hyzo_optimizer *o) noexcept : opt_(o) {}
     hyzo_optimizer *opt_ = nullptr;
+    // Declared after opt_ and destroyed after the destructor's body has destroyed it.
+    std::vector<std::shared_ptr<const void>> owners_;
 };
 
 } // namespace hyzo

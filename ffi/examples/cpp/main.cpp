@@ -62,6 +62,36 @@ static int lowrank_example() {
     return (last < 0.5f * first && written == 0) ? 0 : 1;
 }
 
+// A tensor registered through std::shared_ptr lives as long as the optimizer: the caller
+// may drop its own reference (valgrind, in scripts/test-ffi, would report a write to freed
+// memory otherwise).
+static int owned_tensor_example() {
+    const std::size_t n = 256;
+    hyzo_config cfg = hyzo::default_config();
+    cfg.rule = HYZO_RULE_ADAMW;
+    cfg.lr = 0.01f;
+    cfg.seed = 3;
+    hyzo::Optimizer opt(cfg);
+    std::shared_ptr<float[]> w(new float[n]);
+    for (std::size_t i = 0; i < n; i++) w[i] = 1.0f;
+    std::weak_ptr<float[]> watch = w;
+    float *raw = w.get();
+    opt.add_tensor(std::move(w), n, 0);
+    hyzo::Optimizer moved = std::move(opt); // ownership moves with the handle
+    auto loss = [&] {
+        float s = 0.0f;
+        for (std::size_t i = 0; i < n; i++) s += raw[i] * raw[i];
+        return s / static_cast<float>(n);
+    };
+    const float first = loss();
+    for (int i = 0; i < 20; i++) moved.zo_step(loss);
+    const bool alive = !watch.expired();
+    const float last = loss();
+    std::printf("owned tensor: alive while registered %d, loss %.3f -> %.3f\n", alive, first,
+                last);
+    return (alive && last < first) ? 0 : 1;
+}
+
 int main() {
     const std::size_t n = 64;
     std::vector<float> w(n, 0.0f), target(n);
@@ -133,6 +163,7 @@ int main() {
         }
 
         failures += lowrank_example();
+        failures += owned_tensor_example();
     } catch (const hyzo::Error &e) {
         std::fprintf(stderr, "unexpected hyzo error: %s\n", e.what());
         return 1;

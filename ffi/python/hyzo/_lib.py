@@ -23,7 +23,7 @@ import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 __all__ = [
     "HyzoError",
@@ -392,8 +392,10 @@ def _path_arg(path: Any) -> bytes:
 class COptimizer:
     """Owns one ``hyzo_optimizer*``; a thin method per C call.
 
-    Tensors are registered by raw address: the caller keeps the memory alive (and in place)
-    for the lifetime of this object.
+    Tensors are registered by raw address, with the objects that own that memory
+    (``owners=``): this object keeps a reference to each until the C optimizer is destroyed,
+    so that no caller can free memory the library still writes (a C caller owns its buffers
+    in the same way). Moving the memory (a reallocation) is the caller's to avoid.
 
     One thread at a time: a call made while another thread is inside a call on this object
     raises :class:`BadStateError` (the C library does not allow overlapping calls on one
@@ -404,6 +406,8 @@ class COptimizer:
                  num_threads: Optional[int] = None) -> None:
         self._h = ctypes.c_void_p()
         self._lock = threading.RLock()
+        # What owns the registered memory: released only once the C optimizer is gone.
+        self._owners: List[Any] = []
         self.device = device
         self.num_directions = int(cfg.num_directions)
         if device == "cpu":
@@ -450,6 +454,7 @@ class COptimizer:
             h, self._h = getattr(self, "_h", None), ctypes.c_void_p()
             if h:
                 lib.hyzo_optimizer_destroy(h)
+            self._owners = []
         finally:
             if lock is not None:
                 lock.release()
@@ -468,13 +473,18 @@ class COptimizer:
 
     # -- setup --
     def add_tensor(self, data: int, dtype: int, numel: int, offset: int,
-                   grad: Optional[int] = None, grad_dtype: int = 0) -> None:
+                   grad: Optional[int] = None, grad_dtype: int = 0, *,
+                   owners: Sequence[Any] = ()) -> None:
+        """Registers ``numel`` elements at ``data`` (and the gradient at ``grad``);
+        ``owners``: the objects whose memory that is (an array, a tensor sharing the
+        parameter's storage), kept alive as long as the C optimizer."""
         numel = u64("numel", numel)
         offset = u64("global_offset", offset)
         if offset + numel >= 2**64:  # the end of its elements must be a u64 too
             raise ValueError(f"global_offset: {offset} + {numel} elements reaches 2**64")
         self._call("hyzo_optimizer_add_tensor", ctypes.c_void_p(data), u32("dtype", dtype),
                    numel, offset, ctypes.c_void_p(grad or None), u32("grad_dtype", grad_dtype))
+        self._owners.extend(owners)
 
     def set_stream(self, stream: int) -> None:
         self._call("hyzo_optimizer_set_stream", ctypes.c_void_p(stream or None))

@@ -108,8 +108,10 @@ class Optimizer:
             if not opt.feed(loss_fn()):
                 break
 
-    Closure style: ``opt.step(loss_fn)``. The arrays must stay alive and must not be
-    reallocated while the optimizer exists (it keeps references to them).
+    Closure style: ``opt.step(loss_fn)``. The optimizer keeps its own reference to every
+    array it registered (:attr:`params` and :attr:`grads` are read-only tuples of them) until
+    :meth:`close`, so none can be freed while it may still write them; do not resize them
+    in place.
 
     State: :meth:`state_dict` / :meth:`load_state_dict` in memory, :meth:`save_state` /
     :meth:`load_state` to and from a file (streamed by the library, written atomically).
@@ -171,9 +173,9 @@ class Optimizer:
                 if g.size != a.size:
                     raise ValueError(f"grads[{i}]: {g.size} elements, params[{i}] has {a.size}")
         self._c = _lib.COptimizer(cfg, "cpu", num_threads=num_threads)
-        self.params: List[np.ndarray] = [a for a, _ in specs]
-        self.grads: Optional[List[np.ndarray]] = grads
-        self.offsets: List[int] = []
+        self._params: Tuple[np.ndarray, ...] = tuple(a for a, _ in specs)
+        self._grads: Optional[Tuple[np.ndarray, ...]] = None if grads is None else tuple(grads)
+        offsets: List[int] = []
         self.estimator = estimator
         self.num_directions = num_directions
         auto = 0
@@ -184,10 +186,28 @@ class Optimizer:
             g = grads[i] if grads is not None else None
             self._c.add_tensor(a.ctypes.data, dtype_code(a.dtype), a.size, off,
                                g.ctypes.data if g is not None else None,
-                               dtype_code(g.dtype) if g is not None else 0)
-            self.offsets.append(off)
+                               dtype_code(g.dtype) if g is not None else 0,
+                               owners=(a,) if g is None else (a, g))
+            offsets.append(off)
+        self._offsets = tuple(offsets)
         for i, (rows, cols) in sorted((shapes or {}).items()):
             self._c.set_shape(i, rows, cols)
+
+    # ---- what it registered (read-only: the library writes these arrays) ----
+    @property
+    def params(self) -> Tuple[np.ndarray, ...]:
+        """The parameter arrays, in registration order."""
+        return self._params
+
+    @property
+    def grads(self) -> Optional[Tuple[np.ndarray, ...]]:
+        """The gradient arrays (``None`` without gradients)."""
+        return self._grads
+
+    @property
+    def offsets(self) -> Tuple[int, ...]:
+        """Each array's global offset."""
+        return self._offsets
 
     # ---- configuration ----
     @property

@@ -151,7 +151,7 @@ class _HyzoOptimizer(torch.optim.Optimizer):
         self._pg = process_group
         self._num_threads = num_threads
         self._shards: List[_ShardState] = []
-        self._trainable: List[List[bool]] = []
+        self._trainable: List[List[Tuple[int, bool]]] = []
         self._built = False
         # Low-rank directions (spec v3 §7): the 2-D weights registered with a shape (id of
         # the parameter -> (rows, cols)), the forward hooks of attach(), and during a
@@ -269,8 +269,12 @@ class _HyzoOptimizer(torch.optim.Optimizer):
             s.c.close()
         self._built = True
 
-    def _trainable_flags(self) -> List[List[bool]]:
-        return [[bool(p.requires_grad) for p in g["params"]] for g in self.param_groups]
+    def _trainable_flags(self) -> List[List[Tuple[int, bool]]]:
+        """Per group, each parameter's identity and whether it is trainable: what the C
+        optimizers were built for (the shards hold the registered parameters, so their ids
+        stay theirs)."""
+        return [[(id(p), bool(p.requires_grad)) for p in g["params"]]
+                for g in self.param_groups]
 
     def _plan(self) -> List[Tuple[int, torch.device, List[_Planned]]]:
         """What each param group registers: its trainable parameters, their global offsets
@@ -334,9 +338,12 @@ class _HyzoOptimizer(torch.optim.Optimizer):
                                     [it.grad for it in items], [it.p.data_ptr() for it in items])
                 shards.append(shard)
                 for it in items:
+                    # The C optimizer keeps the storage alive (a detached tensor shares it),
+                    # whatever happens to the Parameter, its groups or its .data.
+                    owners = [it.p.detach()] + ([it.grad] if it.grad is not None else [])
                     c.add_tensor(it.p.data_ptr(), _DTYPES[it.p.dtype], it.p.numel(), it.offset,
                                  it.grad.data_ptr() if it.grad is not None else None,
-                                 _DTYPES[it.p.dtype])
+                                 _DTYPES[it.p.dtype], owners=owners)
                 self._register_shapes(shard, g)
         except BaseException:
             for s in shards:
@@ -382,14 +389,18 @@ class _HyzoOptimizer(torch.optim.Optimizer):
             return
         if self._steps_taken() > 0:
             for gi, (now, then) in enumerate(zip(flags, self._trainable)):
-                for pi, (a, b) in enumerate(zip(now, then)):
-                    if a != b:
+                for pi, ((pid, a), (qid, b)) in enumerate(zip(now, then)):
+                    if pid == qid and a != b:
                         raise RuntimeError(
                             f"hyzo: param group {gi}, parameter {pi} was "
                             f"{'unfrozen' if a else 'frozen'} (requires_grad={a}) after the "
                             "first step; hyzo registers the trainable parameters once (its "
                             "state is laid out for them): freeze or unfreeze before the "
                             "first step, or create a new optimizer")
+            raise RuntimeError(
+                "hyzo: the parameters of the param groups changed after the first step (a "
+                "parameter was removed, replaced or added); hyzo registers them once (its "
+                "state is laid out for them): create a new optimizer for the new set")
         self._build()
 
     def _prepare(self) -> None:
