@@ -40,7 +40,10 @@ pub enum Precision {
     Nearest = 0,
     /// Stochastic rounding on the update pass, nearest on perturbation passes.
     Stochastic = 1,
-    /// `hi + lo` with a bf16 residual `lo`: perturb-then-restore returns to the same value.
+    /// `hi + lo` with a bf16 residual `lo`: perturb-then-restore returns `hi + lo` to within
+    /// 2^-9 of an ulp of the stored type per pass, plus f32 rounding (docs/interpretation.md,
+    /// "Compensated mode"; exactly is impossible in 32 bits per element), where nearest
+    /// rounding drifts by up to half an ulp per pass.
     Compensated = 2,
 }
 

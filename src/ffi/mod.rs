@@ -153,7 +153,11 @@ pub enum hyzo_precision {
     HYZO_PRECISION_NEAREST = 0,
     /// Stochastic rounding on updates, nearest on perturbations.
     HYZO_PRECISION_STOCHASTIC = 1,
-    /// `hi + lo` with a bf16 residual kept by the optimizer (exact perturb/restore).
+    /// `hi + lo` with a bf16 residual kept by the optimizer: perturb-then-restore moves
+    /// `hi + lo` by at most `2^-9` of an ulp of the stored dtype per pass plus f32 rounding
+    /// (`P · (2^-9 ulp(M) + 2^-21 M)` over `P` passes, `M` the element's largest magnitude
+    /// during them; docs/interpretation.md), against half an ulp per pass for nearest. Not
+    /// exactly: with 32 bits per element no arrangement of the passes can be exact.
     HYZO_PRECISION_COMPENSATED = 2,
 }
 

@@ -134,8 +134,10 @@ pub unsafe extern "C" fn hyzo_zo_feed_device(
 }
 
 /// Abandons the zeroth-order step in progress (e.g. the forward pass failed): the parameters
-/// are restored (exactly in compensated mode; otherwise within the rounding of the stored
-/// dtype), nothing is updated, the step is not counted. No step in progress: no-op.
+/// are restored (within the rounding of the stored dtype per pass; in compensated mode
+/// `hi + lo` within `2^-9` of an ulp per pass plus f32 rounding, see
+/// `HYZO_PRECISION_COMPENSATED`), nothing is updated, the step is not counted. No step in
+/// progress: no-op.
 ///
 /// # Safety
 /// `opt` must be NULL or a live optimizer.
