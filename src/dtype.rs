@@ -30,6 +30,17 @@ impl DType {
     pub fn from_u32(v: u32) -> Option<Self> {
         Self::ALL.get(v as usize).copied()
     }
+
+    /// The largest `|Δ|` that cannot turn a finite value of this type non-finite when a
+    /// pass adds it (in f32) and rounds back to nearest: f16 rounds to infinity from 65520,
+    /// 16 past its largest finite value 65504; bf16 and f32 end near 2^128, and an f32
+    /// addition of less than 2^103 (half an ulp of `f32::MAX`) rounds back below it.
+    pub fn max_safe_increment(self) -> f32 {
+        match self {
+            DType::F16 => 8.0,
+            DType::BF16 | DType::F32 => (1u128 << 100) as f32,
+        }
+    }
 }
 
 /// How parameters are rounded when a pass writes them back.

@@ -239,6 +239,13 @@ pub struct hyzo_config {
     /// Rank `r` of `HYZO_DIRECTION_LOWRANK` directions, 1..=1024 (default 1; ignored by
     /// the other kinds). A `rows × cols` tensor gets rank `min(r, rows, cols)`.
     pub rank: u32,
+    /// 1 (the default): a step whose gradient holds a NaN or an infinity (a first-order
+    /// step, or a zeroth-order step mixing it in with `hybrid_alpha > 0`) is skipped, as
+    /// `torch.amp.GradScaler` skips it: no weight, rule state or `t` changes, and
+    /// `hyzo_optimizer_stats` counts it as skipped. 0: the rule applies the gradient as it
+    /// is, NaN included (torch.optim's behaviour). Other values are refused. The CUDA
+    /// backend does not check yet: there gradients are applied as they are.
+    pub skip_nonfinite_grads: u32,
 }
 
 /// An optimizer over a set of registered tensors (opaque). Create it with
