@@ -282,7 +282,14 @@ fn add_terms(gen: Generator, terms: &[Term], global: u64, acc: &mut [f32], z: &m
     }
 }
 
-unsafe fn perturb_chunk<T: Element>(c: &ChunkMem, pass: &PerturbPass) {
+/// What a perturbation pass makes of the chunk, block by block: `visit(k, x)` gets the
+/// values of elements `k..k + x.len()` once the terms are added (f32, before rounding); the
+/// walk stops, returning `false`, when `visit` does.
+unsafe fn perturbed<T: Element>(
+    c: &ChunkMem,
+    pass: &PerturbPass,
+    mut visit: impl FnMut(usize, &[f32]) -> bool,
+) -> bool {
     let compensated = pass.precision == Precision::Compensated;
     let mut x = [0f32; SUB];
     let mut z = [0f32; SUB];
@@ -297,9 +304,19 @@ unsafe fn perturb_chunk<T: Element>(c: &ChunkMem, pass: &PerturbPass) {
             &mut x[..n],
             &mut z[..n],
         );
-        store::<T>(c, k, &x[..n], pass.precision, None);
+        if !visit(k, &x[..n]) {
+            return false;
+        }
         k += n;
     }
+    true
+}
+
+unsafe fn perturb_chunk<T: Element>(c: &ChunkMem, pass: &PerturbPass) {
+    perturbed::<T>(c, pass, |k, x| {
+        store::<T>(c, k, x, pass.precision, None);
+        true
+    });
 }
 
 /// The factors of the zeroth-order terms of an update on one low-rank tensor (spec §7), in
@@ -461,30 +478,17 @@ unsafe fn grads_finite_chunk(c: &ChunkMem) -> bool {
 
 /// Whether `perturb_chunk` would write a non-finite value over a finite one.
 unsafe fn perturb_overflows_chunk<T: Element>(c: &ChunkMem, pass: &PerturbPass) -> bool {
-    let compensated = pass.precision == Precision::Compensated;
-    let mut x = [0f32; SUB];
-    let mut before = [0f32; SUB];
-    let mut z = [0f32; SUB];
-    let mut k = 0;
-    while k < c.len {
-        let n = SUB.min(c.len - k);
-        load::<T>(c, k, &mut x[..n], compensated);
-        before[..n].copy_from_slice(&x[..n]);
-        add_terms(
-            pass.gen,
-            pass.terms,
-            c.global + k as u64,
-            &mut x[..n],
-            &mut z[..n],
-        );
-        let overflows =
-            |(b, v): (&f32, &f32)| b.is_finite() && !T::from_f32(*v).to_f32().is_finite();
-        if before[..n].iter().zip(&x[..n]).any(overflows) {
+    let finite = |v: &f32| T::from_f32(*v).to_f32().is_finite();
+    let mut old = [0f32; SUB];
+    !perturbed::<T>(c, pass, |k, x| {
+        if x.iter().all(finite) {
             return true;
         }
-        k += n;
-    }
-    false
+        // Rare: which of the non-finite values were finite before?
+        let old = &mut old[..x.len()];
+        load::<T>(c, k, old, pass.precision == Precision::Compensated);
+        !old.iter().zip(x).any(|(b, v)| b.is_finite() && !finite(v))
+    })
 }
 
 impl CpuBackend {
