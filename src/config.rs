@@ -12,7 +12,8 @@ use crate::dtype::Precision;
 use crate::error::{invalid, Result};
 use crate::rules::Rule;
 
-/// Which finite-difference estimator a zeroth-order step uses (spec §4).
+/// Which finite-difference estimator a zeroth-order step uses (spec §4). The values are those
+/// of the C ABI's `hyzo_estimator`, tied at compile time in `src/ffi/enums.rs`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Estimator {

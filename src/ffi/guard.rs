@@ -168,52 +168,9 @@ pub(crate) fn byte_len(len: u64, name: &str) -> Result<usize> {
         .ok_or_else(|| invalid_arg(format!("{name}: {len} exceeds the address space")))
 }
 
-/// A C enum value as the core enum, or an error naming the argument and the valid range.
-pub(crate) fn enum_from<T>(v: u32, all: &[T], c_type: &str, name: &str) -> Result<T>
-where
-    T: Copy,
-{
-    all.get(v as usize).copied().ok_or_else(|| {
-        invalid_arg(format!(
-            "{name}: {v} is not a {c_type} (0..={})",
-            all.len() - 1
-        ))
-    })
-}
-
-pub(crate) fn dtype_from(v: RawDType, name: &str) -> Result<DType> {
-    enum_from(v, &DType::ALL, "hyzo_dtype", name)
-}
-
-pub(crate) fn direction_from(v: RawDirection, name: &str) -> Result<DirectionKind> {
-    enum_from(v, &DirectionKind::ALL, "hyzo_direction", name)
-}
-
-pub(crate) fn estimator_from(v: RawEstimator, name: &str) -> Result<Estimator> {
-    enum_from(v, &Estimator::ALL, "hyzo_estimator", name)
-}
-
-pub(crate) fn rule_from(v: RawRule, name: &str) -> Result<Rule> {
-    enum_from(v, &Rule::ALL, "hyzo_rule", name)
-}
-
-/// `fo_rule`: a rule, or `HYZO_RULE_NONE`.
-pub(crate) fn fo_rule_from(v: RawRule, name: &str) -> Result<Option<Rule>> {
-    if v == hyzo_rule::HYZO_RULE_NONE as u32 {
-        return Ok(None);
-    }
-    rule_from(v, name)
-        .map(Some)
-        .map_err(|e| invalid_arg(format!("{} or HYZO_RULE_NONE", e.message())))
-}
-
 /// An optional f32 of the C API: NaN means "not set".
 pub(crate) fn unset_if_nan(v: f32) -> Option<f32> {
     (!v.is_nan()).then_some(v)
-}
-
-pub(crate) fn precision_from(v: RawPrecision, name: &str) -> Result<Precision> {
-    enum_from(v, &Precision::ALL, "hyzo_precision", name)
 }
 
 /// A path argument: a non-NULL, NUL-terminated string.

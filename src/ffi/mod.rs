@@ -15,10 +15,11 @@
 //! - a failure stores a message in a thread-local buffer read by `hyzo_last_error`.
 
 //!
-//! One file per concern: `guard.rs` (errors, the panic guard, argument checks),
-//! `library.rs` (library-level functions), `config.rs` (the configuration),
-//! `optimizer.rs` (creating and configuring an optimizer), `steps.rs` (zeroth- and
-//! first-order steps), `state.rs` (saving and loading). The types of the ABI are here.
+//! One file per concern: `guard.rs` (errors, the panic guard, argument checks), `enums.rs`
+//! (the C enums tied to the core's, and their conversions), `library.rs` (library-level
+//! functions), `config.rs` (the configuration), `optimizer.rs` (creating and configuring an
+//! optimizer), `steps.rs` (zeroth- and first-order steps), `state.rs` (saving and loading).
+//! The types of the ABI are here.
 
 #![allow(non_camel_case_types)]
 
@@ -35,6 +36,7 @@ use crate::rules::Rule;
 use crate::shard::{Location, ParamShard, TensorSpec};
 
 mod config;
+mod enums;
 mod guard;
 mod library;
 mod lowrank;
@@ -43,6 +45,7 @@ mod state;
 mod steps;
 
 pub use config::*;
+use enums::*;
 use guard::*;
 pub use library::*;
 pub use lowrank::*;
@@ -53,6 +56,7 @@ pub use steps::*;
 // ---------------------------------------------------------------------------------------
 // Enums. The Rust enums exist for the header (and for Rust callers' readability); the entry
 // points take and store the `Raw*` integer aliases, which the header names like the enums.
+// Each value is tied to the core enum's in `enums.rs`, at compile time.
 
 /// Outcome of a call. Every failure also sets the thread's message (`hyzo_last_error`).
 #[repr(C)]

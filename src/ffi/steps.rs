@@ -259,11 +259,7 @@ pub unsafe extern "C" fn hyzo_next_phase(
 ) -> hyzo_status {
     with_opt("hyzo_next_phase", opt as *mut _, |o| {
         let out = out_arg(out, "out")?;
-        *out = match o.inner.next_phase() {
-            Some(Phase::FirstOrder) => hyzo_phase::HYZO_PHASE_FO,
-            Some(Phase::ZerothOrder) => hyzo_phase::HYZO_PHASE_ZO,
-            None => hyzo_phase::HYZO_PHASE_ANY,
-        } as u32;
+        *out = c_phase(o.inner.next_phase()) as u32;
         Ok(())
     })
 }

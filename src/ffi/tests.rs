@@ -965,3 +965,89 @@ fn one_optimizer_serves_one_call_at_a_time() {
     }
     unsafe { hyzo_optimizer_destroy(o) };
 }
+
+/// The values of the C enum `name` as `ffi/hyzo.h` declares them: `(constant, value)`.
+fn header_enum(name: &str) -> Vec<(String, u32)> {
+    let header = include_str!("../../ffi/hyzo.h");
+    let end = header
+        .find(&format!("}} {name};"))
+        .unwrap_or_else(|| panic!("ffi/hyzo.h declares no enum {name}"));
+    let start = header[..end]
+        .rfind("typedef enum {")
+        .expect("an enum's start");
+    header[start..end]
+        .lines()
+        .filter_map(|l| {
+            let (constant, value) = l.trim().strip_suffix(',')?.split_once(" = ")?;
+            Some((
+                constant.to_string(),
+                value.parse().expect("a decimal value"),
+            ))
+        })
+        .collect()
+}
+
+/// The C enums of the header have exactly the values of the core enums, each under the
+/// name `enums.rs` gives it: no C value without a core variant (it would be refused), no
+/// core variant left out of `ALL` (it could not be chosen from C). The values themselves
+/// are tied at compile time (`enums.rs`).
+#[test]
+fn header_enums_are_the_core_enums() {
+    fn names<T: Copy, C: std::fmt::Debug>(
+        all: &[T],
+        c: impl Fn(T) -> C,
+        v: impl Fn(T) -> u32,
+    ) -> Vec<(String, u32)> {
+        all.iter().map(|&x| (format!("{:?}", c(x)), v(x))).collect()
+    }
+    let mut rules = names(&Rule::ALL, c_rule, |r| r as u32);
+    rules.push(("HYZO_RULE_NONE".into(), hyzo_rule::HYZO_RULE_NONE as u32));
+    let cases = [
+        ("hyzo_dtype", names(&DType::ALL, c_dtype, |t| t as u32)),
+        ("hyzo_rule", rules),
+        (
+            "hyzo_direction",
+            names(&DirectionKind::ALL, c_direction, |k| k as u32),
+        ),
+        (
+            "hyzo_estimator",
+            names(&Estimator::ALL, c_estimator, |e| e as u32),
+        ),
+        (
+            "hyzo_precision",
+            names(&Precision::ALL, c_precision, |p| p as u32),
+        ),
+    ];
+    for (name, core) in cases {
+        assert_eq!(
+            header_enum(name),
+            core,
+            "{name}: ffi/hyzo.h against the core"
+        );
+    }
+    // Every value of the header is accepted through the configuration, and read back.
+    for (field, values) in [
+        ("direction", header_enum("hyzo_direction")),
+        ("estimator", header_enum("hyzo_estimator")),
+        ("rule", header_enum("hyzo_rule")),
+        ("precision", header_enum("hyzo_precision")),
+    ] {
+        for (constant, v) in values {
+            let mut c = hyzo_config_default();
+            match field {
+                "direction" => c.direction = v,
+                "estimator" => c.estimator = v,
+                "precision" => c.precision = v,
+                _ if constant == "HYZO_RULE_NONE" => c.fo_rule = v,
+                _ => c.rule = v,
+            }
+            let core = config_from_c(&c).unwrap_or_else(|e| panic!("{constant}: {e:?}"));
+            // Debug, not ==: the unset fo_lr and fo_weight_decay are NaN.
+            assert_eq!(
+                format!("{:?}", config_to_c(&core)),
+                format!("{c:?}"),
+                "{constant}"
+            );
+        }
+    }
+}
