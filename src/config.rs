@@ -238,10 +238,7 @@ impl Config {
 
     /// Loss evaluations of one zeroth-order step.
     pub fn evaluations_per_step(&self) -> u32 {
-        match self.estimator {
-            Estimator::TwoSided => 2 * self.num_directions,
-            Estimator::OneSided => self.num_directions + 1,
-        }
+        crate::protocol::evaluations(self.estimator, self.num_directions)
     }
 
     /// The scheduled kind of step number `step` (0-based), `None` without a schedule.
