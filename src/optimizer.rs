@@ -1,6 +1,6 @@
 //! The optimizer: the steps of the spec over one shard, and the state it carries between
 //! them. Which pass a zeroth-order step runs when is `protocol.rs`'s; this file runs them
-//! (backends execute them) and keeps the protocol's [`State`].
+//! (backends execute them) and keeps the protocol's `State`.
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{

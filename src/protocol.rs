@@ -2,24 +2,25 @@
 //!
 //! Which pass runs when is a pure function of the estimator, `q` and the number of losses
 //! fed ([`pass_after`]), and so is the point the parameters hold while a loss is awaited
-//! ([`point`]); `optimizer.rs` runs the passes and moves between the [`State`]s:
+//! ([`point`]); `optimizer.rs` runs the passes and moves between the `State`s:
 //!
 //! ```text
-//!  Idle ──begin──▶ AwaitingLoss { eval: 0 } ──feed──▶ … ──feed──▶ AwaitingLoss { eval: E−1 }
-//!    ▲                      │                                            │
-//!    │                      │ abort (its undo pass fails)                │ feed: the update pass
-//!    │                      ▼                                            │
-//!    ├───abort (undo ok)── UndoFailed ──abort (fails again)──▶ Poisoned  │
-//!    │                                                            ▲      │
-//!    └────────────── the update pass, or abort's undo ──────────────────◀┘
-//!                                  any other failed pass ─────────┘
+//! Idle                  begin                           AwaitingLoss { eval: 0 }
+//! AwaitingLoss { e }    feed (a perturbation pass)      AwaitingLoss { eval: e + 1 }
+//! AwaitingLoss { E−1 }  feed (the update pass)          Idle
+//! AwaitingLoss { e }    abort (its undo pass runs)      Idle
+//! AwaitingLoss { e }    abort (its undo pass fails)     UndoFailed
+//! UndoFailed            abort (the undo runs)           Idle
+//! UndoFailed            abort (the undo fails again)    Poisoned
+//! Idle, AwaitingLoss    begin or feed (a pass fails)    Poisoned
+//! UndoFailed, Poisoned  a load that succeeds            Idle
 //! ```
 //!
 //! `E` is [`evaluations`]. A pass that fails leaves the parameters in an unknown state (a
-//! device may have written part of them): the optimizer is [`State::Poisoned`] and refuses
-//! every call but a load of a saved state, which makes it [`State::Idle`] again. Only
-//! `abort`'s undo gets one retry ([`State::UndoFailed`]): it is the one pass whose repetition
-//! is what the caller asked for (see docs/interpretation.md, "The step protocol's states").
+//! device may have written part of them): the optimizer is `Poisoned` and refuses every
+//! call but a load of a saved state, which makes it `Idle` again. Only `abort`'s undo gets
+//! one retry (`UndoFailed`): repeating it is what the caller asks for (see
+//! docs/interpretation.md, "The step protocol's states").
 
 use crate::backend::Generator;
 use crate::config::Estimator;
@@ -119,6 +120,9 @@ pub const fn point(estimator: Estimator, eval: u32) -> Option<Offset> {
 /// pass takes the parameters from [`point`]`(fed − 1)` to [`point`]`(fed)`, in one pass;
 /// the last one back to θ, fused with the update. `2q + 1` passes two-sided, `q + 1`
 /// one-sided.
+///
+/// # Panics
+/// When `q = 0` or `fed` is beyond the last loss.
 pub const fn pass_after(estimator: Estimator, q: u32, fed: u32) -> Pass {
     let last = evaluations(estimator, q);
     assert!(q >= 1 && fed <= last, "pass_after: no such point of a step");

@@ -56,6 +56,8 @@ pub(crate) fn invalid_arg(msg: impl Into<String>) -> Error {
 }
 
 /// Checks an optimizer handle and runs `f` on it; a panic inside `f` poisons the optimizer.
+/// An optimizer that a failed pass poisoned (or whose abort failed to restore) is refused:
+/// see [`with_recovering_opt`] for the calls it accepts.
 ///
 /// # Safety
 /// `opt` is NULL or a pointer returned by `hyzo_optimizer_create` not yet destroyed, used
@@ -63,6 +65,30 @@ pub(crate) fn invalid_arg(msg: impl Into<String>) -> Error {
 pub(crate) unsafe fn with_opt(
     func: &str,
     opt: *mut hyzo_optimizer,
+    f: impl FnOnce(&mut hyzo_optimizer) -> Result<()>,
+) -> hyzo_status {
+    with_opt_checked(func, opt, true, f)
+}
+
+/// [`with_opt`] for the calls that recover an optimizer a failed pass poisoned (the loads)
+/// or whose abort failed (`hyzo_zo_abort` again): the core decides what they accept.
+///
+/// # Safety
+/// As [`with_opt`].
+pub(crate) unsafe fn with_recovering_opt(
+    func: &str,
+    opt: *mut hyzo_optimizer,
+    f: impl FnOnce(&mut hyzo_optimizer) -> Result<()>,
+) -> hyzo_status {
+    with_opt_checked(func, opt, false, f)
+}
+
+/// # Safety
+/// As [`with_opt`].
+unsafe fn with_opt_checked(
+    func: &str,
+    opt: *mut hyzo_optimizer,
+    refuse_poisoned: bool,
     f: impl FnOnce(&mut hyzo_optimizer) -> Result<()>,
 ) -> hyzo_status {
     guard(func, || {
@@ -73,6 +99,9 @@ pub(crate) unsafe fn with_opt(
                 "opt: an earlier internal error left this optimizer inconsistent; destroy it"
                     .into(),
             ));
+        }
+        if refuse_poisoned {
+            o.inner.check_usable("opt")?;
         }
         match catch_unwind(AssertUnwindSafe(|| f(&mut *o))) {
             Ok(r) => r,

@@ -6,8 +6,8 @@
 //!   `HYZO_ERR_INTERNAL`, never an unwind across the C frame (and an optimizer that panicked
 //!   is marked poisoned, since its state may be half-updated);
 //! - arguments are checked before anything changes, so a failed call leaves the optimizer and
-//!   the parameters as they were (exceptions are documented: a failed pass of a backend ends
-//!   the step);
+//!   the parameters as they were (exceptions are documented: a failed pass of a zeroth-order
+//!   step poisons the optimizer, `hyzo_optimizer_poisoned`);
 //! - enum arguments arrive as plain `u32` (C may pass any integer, and a Rust enum holding an
 //!   undeclared value is undefined behaviour); cbindgen prints them under their C enum names
 //!   (`[export.rename]` in `cbindgen.toml`), which have the size of `int` on every supported
@@ -66,7 +66,8 @@ pub enum hyzo_status {
     HYZO_OK = 0,
     /// An argument is out of its domain (NULL, NaN, out-of-range enum, overlap, misaligned).
     HYZO_ERR_INVALID_ARGUMENT = 1,
-    /// The call is not allowed now (protocol misuse: wrong phase, no step in progress, ...).
+    /// The call is not allowed now (protocol misuse: wrong phase, no step in progress, ...;
+    /// or the optimizer is poisoned, see `hyzo_optimizer_poisoned`).
     HYZO_ERR_BAD_STATE = 2,
     /// No CUDA driver, no such device, or a build without CUDA.
     HYZO_ERR_NO_DEVICE = 3,
