@@ -361,18 +361,21 @@ class _HyzoTrainer(transformers.Trainer):
             else:
                 super().create_optimizer(model)  # type: ignore[call-arg]
             opt = self.optimizer
-            if not isinstance(opt, self._optimizer_class):
-                raise TypeError(
-                    f"{type(self).__name__}: create_optimizer set a {type(opt).__name__}, not "
-                    "hyzo's optimizer; a create_optimizer override should choose the "
-                    "parameters (requires_grad) and call super().create_optimizer(), which "
-                    "builds hyzo's over them")
+            self._refuse_foreign(opt)
             if opt.param_groups[0]["directions"] == "lowrank":
                 # Before any step, and before a checkpoint's state is loaded into it.
                 opt.attach(opt_model, exclude=self.zo_options.get("lowrank_exclude", ()))
             opt._late_step = self._take_late_step
             self._hyzo_optimizer = opt
         return self.optimizer  # type: ignore[return-value]
+
+    def _refuse_foreign(self, opt: Any) -> None:
+        if not isinstance(opt, self._optimizer_class):
+            raise TypeError(
+                f"{type(self).__name__}: create_optimizer set a {type(opt).__name__}, not "
+                "hyzo's optimizer; a create_optimizer override should choose the parameters "
+                "(requires_grad) and call super().create_optimizer(), which builds hyzo's "
+                "over them")
 
     # ------------------------------------------------------------------------------------
     # A step.
@@ -383,7 +386,11 @@ class _HyzoTrainer(transformers.Trainer):
         step on all of them and returns its loss (detached; zero for the others, so that the
         Trainer's sum over the window is the step's loss)."""
         if self._hyzo_optimizer is None:
-            raise RuntimeError(f"{type(self).__name__}: training_step before create_optimizer")
+            if self.optimizer is None:
+                raise RuntimeError(f"{type(self).__name__}: training_step before "
+                                   "create_optimizer")
+            # A create_optimizer override that did not call super().create_optimizer().
+            self._refuse_foreign(getattr(self.optimizer, "optimizer", self.optimizer))
         self._window.append(self._prepare_inputs(inputs))
         self._window_model, self._window_num_items = model, num_items_in_batch
         # The Trainer (accelerate before transformers 4.46) sets sync_gradients at the last
