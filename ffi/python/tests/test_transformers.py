@@ -115,9 +115,10 @@ def replay(opt: Any, model: torch.nn.Module, calls: List[Dict[str, Any]], steps:
 
 
 def allow_trainer_rng_state(monkeypatch: Any) -> None:
-    """transformers before 4.50 loads its checkpoint's RNG state (numpy arrays) with
-    torch.load's default, which torch 2.6 made weights_only=True: the Trainer itself cannot
-    resume there unless the environment lifts that default for the call."""
+    """transformers without ``trainer_pt_utils.safe_globals`` (4.45 among them) loads its
+    checkpoint's RNG state (numpy arrays) with torch.load's default, which torch 2.6 made
+    weights_only=True: the Trainer itself cannot resume there unless the environment lifts
+    that default for the calls that do not set it."""
     if not hasattr(transformers.trainer_pt_utils, "safe_globals"):
         monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
