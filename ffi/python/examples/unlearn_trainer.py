@@ -76,8 +76,8 @@ class GradDiff(Trainer):
 
 
 class NPO(GradDiff):
-    """Negative preference optimization against the frozen starting model, plus the
-    retain loss: ``-(2/β) · mean log σ(-β · (log p_θ - log p_ref)(forget)) + α · L(retain)``."""
+    """Negative preference optimization against the frozen starting model, plus the retain
+    loss: ``-(2/β) · mean log σ(-β (log p_θ - log p_ref)(forget)) + α · L(retain)``."""
 
     def __init__(self, *args: Any, beta: float = 0.1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
