@@ -10,6 +10,7 @@ mod fast;
 pub mod ffi;
 pub mod optimizer;
 pub mod philox;
+pub mod protocol;
 pub mod rules;
 pub mod shard;
 mod state;
