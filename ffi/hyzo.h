@@ -120,7 +120,11 @@ typedef enum {
   HYZO_PRECISION_NEAREST = 0,
   // Stochastic rounding on updates, nearest on perturbations.
   HYZO_PRECISION_STOCHASTIC = 1,
-  // `hi + lo` with a bf16 residual kept by the optimizer (exact perturb/restore).
+  // `hi + lo` with a bf16 residual kept by the optimizer: perturb-then-restore moves
+  // `hi + lo` by at most `2^-9` of an ulp of the stored dtype per pass plus f32 rounding
+  // (`P · (2^-9 ulp(M) + 2^-21 M)` over `P` passes, `M` the element's largest magnitude
+  // during them; docs/interpretation.md), against half an ulp per pass for nearest. Not
+  // exactly: with 32 bits per element no arrangement of the passes can be exact.
   HYZO_PRECISION_COMPENSATED = 2,
 } hyzo_precision;
 
@@ -185,6 +189,13 @@ typedef struct {
   // Rank `r` of `HYZO_DIRECTION_LOWRANK` directions, 1..=1024 (default 1; ignored by
   // the other kinds). A `rows × cols` tensor gets rank `min(r, rows, cols)`.
   uint32_t rank;
+  // 1 (the default): a step whose gradient holds a NaN or an infinity (a first-order
+  // step, or a zeroth-order step mixing it in with `hybrid_alpha > 0`) is skipped, as
+  // `torch.amp.GradScaler` skips it: no weight, rule state or `t` changes, and
+  // `hyzo_optimizer_stats` counts it as skipped. 0: the rule applies the gradient as it
+  // is, NaN included (torch.optim's behaviour). Other values are refused. The CUDA
+  // backend does not check yet: there gradients are applied as they are.
+  uint32_t skip_nonfinite_grads;
 } hyzo_config;
 
 #ifdef __cplusplus
@@ -194,7 +205,8 @@ extern "C" {
 // The defaults: ZO-SGD, one Gaussian direction, two-sided, `lr = eps = 1e-3`, seed 0,
 // `beta1 = 0.9`, `beta2 = 0.999`, `adam_eps = 1e-8`, no weight decay, nearest rounding,
 // no hybrid schedule, `hybrid_alpha = 0`, no first-order rule of its own
-// (`fo_rule = HYZO_RULE_NONE`, `fo_lr = fo_weight_decay = NaN`: as `lr`, `weight_decay`).
+// (`fo_rule = HYZO_RULE_NONE`, `fo_lr = fo_weight_decay = NaN`: as `lr`, `weight_decay`),
+// `rank = 1`, `skip_nonfinite_grads = 1`.
 hyzo_config hyzo_config_default(void);
 
 // The library version (`"MAJOR.MINOR.PATCH"`), a static string.
@@ -375,9 +387,11 @@ hyzo_status hyzo_optimizer_state_size(const hyzo_optimizer *opt, uint64_t *bytes
 hyzo_status hyzo_optimizer_save_state(const hyzo_optimizer *opt, void *buf, uint64_t len);
 
 // Saves the optimizer state, as `hyzo_optimizer_save_state`, to the file `path`, streaming
-// (memory use does not grow with the state) and atomically: the file is written beside
-// `path` and renamed over it once complete, so `path` never holds a partial state.
-// `HYZO_ERR_IO` when the file cannot be written.
+// (memory use does not grow with the state), atomically and durably: it is written to a new
+// temporary file of a unique name in `path`'s directory (created exclusively, so never
+// through a link planted there), synced, renamed over `path`, and the directory synced.
+// `path` never holds a partial state, and concurrent saves to one path each leave a whole
+// one. `HYZO_ERR_IO` when the file cannot be written.
 //
 // # Safety
 // `opt` must be NULL or a live optimizer; `path` NULL or a NUL-terminated string.
@@ -388,7 +402,8 @@ hyzo_status hyzo_optimizer_save_state_file(const hyzo_optimizer *opt, const char
 // (dtypes, sizes, offsets), from this or another device; the run then continues
 // bit-identically (restore the parameters too). `len` must be the exact size. A state that
 // is truncated, corrupted (checksum), of another configuration or size, or of an unknown
-// format version is rejected and nothing changes. States of hyzo 0.1 (format 1) load into
+// format version is rejected and nothing changes; so is one holding values no run
+// writes (a non-finite moment or residual, a negative second moment of AdamW or AdaZO). States of hyzo 0.1 (format 1) load into
 // optimizers without `fo_rule`. Not during a zeroth-order step.
 //
 // The one call (with `hyzo_optimizer_load_state_file`, and destroy) that an optimizer
@@ -401,8 +416,10 @@ hyzo_status hyzo_optimizer_save_state_file(const hyzo_optimizer *opt, const char
 hyzo_status hyzo_optimizer_load_state(hyzo_optimizer *opt, const void *buf, uint64_t len);
 
 // Restores a state from the file `path`, as `hyzo_optimizer_load_state`. The file is read
-// twice, streaming: once to check it whole, then to load it. `HYZO_ERR_IO` when it cannot
-// be read.
+// once, whole, into memory (the state's size; `HYZO_ERR_OUT_OF_MEMORY` when that does not
+// fit), then checked and loaded, so a file replaced, truncated or rewritten meanwhile loads
+// one state whole or is refused with nothing changed. `HYZO_ERR_IO` when it cannot be read
+// or is not a regular file (a FIFO, device or directory, refused without waiting on it).
 //
 // # Safety
 // `opt` must be NULL or a live optimizer; `path` NULL or a NUL-terminated string.
@@ -440,11 +457,13 @@ hyzo_status hyzo_optimizer_local_sq_norms(hyzo_optimizer *opt, double *out, uint
 // Feeds the loss of the forward pass just run. `*needs_more` becomes 1 when the parameters
 // hold the next point to evaluate, 0 when the step is complete (the parameters are updated)
 // or when the call fails. A non-finite loss is accepted: when a loss or a projected
-// gradient of the step is not finite (spec §4), the step completes with the parameters
-// restored (exactly in compensated mode; otherwise each element within one rounding of
-// its stored dtype per pass) and no rule state or `t` changed; it counts as skipped.
-// A pass that fails (the next perturbation, or the update) leaves the parameters in an
-// unknown state and poisons the optimizer (`hyzo_optimizer_poisoned`).
+// gradient of the step is not finite (spec §4), or the gradient it mixes in
+// (`hybrid_alpha > 0`) holds a NaN or an infinity (`cfg.skip_nonfinite_grads`), the step
+// completes with the parameters restored (each element within one rounding of its stored
+// dtype per pass; in compensated mode `hi + lo` within `2^-9` of an ulp per pass plus f32
+// rounding, see `HYZO_PRECISION_COMPENSATED`) and no rule state or `t` changed; it counts
+// as skipped. A pass that fails (the next perturbation, or the update) leaves the
+// parameters in an unknown state and poisons the optimizer (`hyzo_optimizer_poisoned`).
 //
 // # Safety
 // `opt` must be NULL or a live optimizer; `needs_more` NULL or writable.
@@ -460,8 +479,10 @@ hyzo_status hyzo_zo_feed(hyzo_optimizer *opt, float loss, int *needs_more);
 hyzo_status hyzo_zo_feed_device(hyzo_optimizer *opt, const float *loss_on_device, int *needs_more);
 
 // Abandons the zeroth-order step in progress (e.g. the forward pass failed): the parameters
-// are restored (exactly in compensated mode; otherwise within the rounding of the stored
-// dtype), nothing is updated, the step is not counted. No step in progress: no-op.
+// are restored (within the rounding of the stored dtype per pass; in compensated mode
+// `hi + lo` within `2^-9` of an ulp per pass plus f32 rounding, see
+// `HYZO_PRECISION_COMPENSATED`), nothing is updated, the step is not counted. No step in
+// progress: no-op.
 //
 // When the restoring pass fails, the step is kept and its error returned: every call but
 // `hyzo_zo_abort` and the loads is then refused (`HYZO_ERR_BAD_STATE`), and calling
@@ -505,7 +526,10 @@ hyzo_status hyzo_zo_last_projected_grads(const hyzo_optimizer *opt, float *out, 
 
 // A first-order step on the registered gradients (write them before the call). Every
 // tensor needs a gradient; `HYZO_ERR_BAD_STATE` during a zeroth-order step or when the
-// hybrid schedule calls for a zeroth-order step.
+// hybrid schedule calls for a zeroth-order step. A gradient holding a NaN or an infinity
+// skips the step (`HYZO_OK`; unless `cfg.skip_nonfinite_grads = 0`): nothing changes but
+// the step count, and `hyzo_optimizer_stats` counts it as skipped. (The CUDA backend does
+// not check yet: there the rule applies gradients as they are.)
 //
 // # Safety
 // `opt` must be NULL or a live optimizer.
@@ -517,7 +541,8 @@ hyzo_status hyzo_fo_step(hyzo_optimizer *opt);
 // need gradients. The step counts as one (hybrid schedule, step number); the rule's `t`
 // advances when at least one tensor is updated. On CUDA the flags are copied in stream
 // order from host memory (such a step cannot be captured in a CUDA graph; `hyzo_fo_step`
-// can).
+// can). Only the updated tensors' gradients are checked for NaN and infinity
+// (`hyzo_fo_step`).
 //
 // # Safety
 // `opt` must be NULL or a live optimizer; `update` valid for `len` bytes.
@@ -529,8 +554,9 @@ hyzo_status hyzo_fo_step_masked(hyzo_optimizer *opt, const uint8_t *update, uint
 // `opt` must be NULL or a live optimizer; `out` NULL or writable.
 hyzo_status hyzo_next_phase(const hyzo_optimizer *opt, hyzo_phase *out);
 
-// Steps taken (first- and zeroth-order, skipped ones included) and zeroth-order steps
-// skipped because a loss or a projected gradient was not finite (spec §4). On CUDA this
+// Steps taken (first- and zeroth-order, skipped ones included) and steps skipped: because
+// a loss or a projected gradient was not finite (spec §4), or a gradient held a NaN or an
+// infinity (`cfg.skip_nonfinite_grads`). On CUDA this
 // synchronizes the optimizer's stream.
 //
 // # Safety
@@ -555,7 +581,11 @@ hyzo_status hyzo_optimizer_synchronize(hyzo_optimizer *opt);
 // the configured kind (`HYZO_DIRECTION_SPHERE`: the unscaled Gaussian) at each element's
 // global index: a seeded displacement that every process regenerates exactly for its own
 // shard (e.g. a noise control in an experiment). One perturbation pass; no state, counter
-// or schedule changes. `HYZO_ERR_BAD_STATE` during a zeroth-order step.
+// or schedule changes. `HYZO_ERR_BAD_STATE` during a zeroth-order step. A displacement that
+// would make a finite parameter non-finite (past its dtype's range) is refused
+// (`HYZO_ERR_INVALID_ARGUMENT`) and changes nothing; on CUDA, where that check is not
+// implemented yet, so is any whose `|scale| · max|z|` exceeds 8 on an f16 tensor or 2^100
+// (`max|z|` = 6.77 Gaussian, 1 Rademacher).
 //
 // # Safety
 // `opt` must be NULL or a live optimizer.

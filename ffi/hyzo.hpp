@@ -209,6 +209,8 @@ public:
         return skipped != 0;
     }
 
+    /// A first-order step on the registered gradients. One holding a NaN or an infinity
+    /// skips it (nothing changes; skipped() counts it) unless cfg.skip_nonfinite_grads = 0.
     void fo_step() { check(hyzo_fo_step(opt_)); }
     /// A first-order step on the tensors with update[i] != 0 only (one flag per tensor).
     void fo_step_masked(const std::vector<std::uint8_t> &update) {
@@ -227,6 +229,8 @@ public:
         return steps;
     }
 
+    /// Steps skipped: non-finite losses or projected gradients (zeroth-order), gradients
+    /// holding a NaN or an infinity (skip_nonfinite_grads).
     std::uint64_t skipped() const {
         std::uint64_t steps = 0, skipped = 0;
         check(hyzo_optimizer_stats(opt_, &steps, &skipped));

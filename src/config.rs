@@ -106,6 +106,13 @@ pub struct Config {
     /// Rank `r` of low-rank directions (spec §7), `1 ≤ r ≤` [`MAX_RANK`]; used only with
     /// [`DirectionKind::LowRank`].
     pub rank: u32,
+    /// Skip a step whose gradient holds a NaN or an infinity (default): a first-order step,
+    /// or a zeroth-order step mixing the gradient in (`hybrid_alpha > 0`), then changes no
+    /// weight, state or `t`, and counts as skipped, as `torch.amp.GradScaler` skips it and
+    /// as spec §4 skips zeroth-order steps. `false`: the rule applies the gradient as it is,
+    /// NaN included (`torch.optim`'s behaviour). The CUDA backend does not check yet: there
+    /// gradients are applied as they are, whatever this says.
+    pub skip_nonfinite_grads: bool,
 }
 
 impl Default for Config {
@@ -130,6 +137,7 @@ impl Default for Config {
             zo_steps: 0,
             hybrid_alpha: 0.0,
             rank: 1,
+            skip_nonfinite_grads: true,
         }
     }
 }

@@ -31,6 +31,17 @@ impl DType {
     pub fn from_u32(v: u32) -> Option<Self> {
         Self::ALL.get(v as usize).copied()
     }
+
+    /// The largest `|Δ|` that cannot turn a finite value of this type non-finite when a
+    /// pass adds it (in f32) and rounds back to nearest: f16 rounds to infinity from 65520,
+    /// 16 past its largest finite value 65504; bf16 and f32 end near 2^128, and an f32
+    /// addition of less than 2^103 (half an ulp of `f32::MAX`) rounds back below it.
+    pub fn max_safe_increment(self) -> f32 {
+        match self {
+            DType::F16 => 8.0,
+            DType::BF16 | DType::F32 => (1u128 << 100) as f32,
+        }
+    }
 }
 
 /// How parameters are rounded when a pass writes them back. The values are those of the C
@@ -42,7 +53,10 @@ pub enum Precision {
     Nearest = 0,
     /// Stochastic rounding on the update pass, nearest on perturbation passes.
     Stochastic = 1,
-    /// `hi + lo` with a bf16 residual `lo`: perturb-then-restore returns to the same value.
+    /// `hi + lo` with a bf16 residual `lo`: perturb-then-restore returns `hi + lo` to within
+    /// 2^-9 of an ulp of the stored type per pass, plus f32 rounding (docs/interpretation.md,
+    /// "Compensated mode"; exactly is impossible in 32 bits per element), where nearest
+    /// rounding drifts by up to half an ulp per pass.
     Compensated = 2,
 }
 

@@ -24,12 +24,15 @@ pub enum Feed {
     Done(StepReport),
 }
 
-/// The outcome of a finished zeroth-order step.
+/// The outcome of a finished step: zeroth-order ([`Optimizer::feed`]), or first-order
+/// ([`Optimizer::fo_step`]: `loss` `None`, no projected gradients).
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepReport {
-    /// A loss or a projected gradient was not finite (spec §4): parameters were restored
-    /// and nothing was updated. Always `false` when the losses stayed on the device, where
-    /// the device decides ([`Optimizer::skipped`] counts those skips).
+    /// A loss or a projected gradient was not finite (spec §4), or the gradient the step
+    /// applies or mixes in held a NaN or an infinity ([`Config::skip_nonfinite_grads`]):
+    /// parameters were restored and nothing was updated. Always `false` when the losses
+    /// stayed on the device, where the device decides ([`Optimizer::skipped`] counts those
+    /// skips).
     pub skipped: bool,
     /// The loss at the unperturbed point: `L_0` for the one-sided estimator, the mean of the
     /// `2q` perturbed losses for the two-sided one (equal to `f(θ)` up to `O(μ²)`). `None`
@@ -289,8 +292,9 @@ impl<'a> Optimizer<'a> {
         self.counters.updates[StateSet::FirstOrder as usize]
     }
 
-    /// Zeroth-order steps skipped because a loss or a projected gradient was not finite
-    /// (reads the device counter).
+    /// Steps skipped: zeroth-order ones whose losses or projected gradients were not finite
+    /// (spec §4; reads the device counter), and steps whose gradient held a NaN or an
+    /// infinity ([`Config::skip_nonfinite_grads`]).
     pub fn skipped(&mut self) -> Result<u64> {
         self.check_usable("skipped")?;
         Ok(self.counters.skipped + self.backend.device_skipped()?)
@@ -653,7 +657,8 @@ impl<'a> Optimizer<'a> {
             let finite = step.losses.iter().all(|l| l.is_finite())
                 && g.iter().all(|v| v.is_finite())
                 && zo.iter().all(|t| t.coeff.is_finite())
-                && coefficient_sum <= limit;
+                && coefficient_sum <= limit
+                && self.mixed_grads_finite()?;
             if !finite {
                 self.perturb(step.gen, &[restore])?;
                 self.counters.skipped += 1;
@@ -758,7 +763,13 @@ impl<'a> Optimizer<'a> {
 
     /// A first-order step on the registered gradients: the first-order rule with its own
     /// state when the configuration has one (spec v2 §5), the main rule otherwise.
-    pub fn fo_step(&mut self) -> Result<()> {
+    ///
+    /// A gradient holding a NaN or an infinity skips the step, as `torch.amp.GradScaler`
+    /// skips it (unless [`Config::skip_nonfinite_grads`] is off): weights, rule states and
+    /// `t` stay as they are, the step counts (schedule, directions' names) and is counted in
+    /// [`Optimizer::skipped`], and the report says `skipped` (its `loss` is `None`, its
+    /// projected gradients empty).
+    pub fn fo_step(&mut self) -> Result<StepReport> {
         self.check_usable("fo_step")?;
         self.fo_step_inner(None)
     }
@@ -767,8 +778,9 @@ impl<'a> Optimizer<'a> {
     /// parameters that have a gradient: the others, their rule state and their `lo` stay
     /// exactly as they are (no moment decay, no weight decay). The step counts as one step
     /// of the schedule; the rule's `t` advances when at least one tensor is updated. Only
-    /// the updated tensors need gradients.
-    pub fn fo_step_masked(&mut self, update: &[bool]) -> Result<()> {
+    /// the updated tensors need gradients, and only theirs are checked for NaN and infinity
+    /// ([`Optimizer::fo_step`]).
+    pub fn fo_step_masked(&mut self, update: &[bool]) -> Result<StepReport> {
         self.check_usable("fo_step")?;
         if update.len() != self.shard.len() {
             return invalid(format!(
@@ -780,7 +792,7 @@ impl<'a> Optimizer<'a> {
         self.fo_step_inner(Some(update))
     }
 
-    fn fo_step_inner(&mut self, update: Option<&[bool]>) -> Result<()> {
+    fn fo_step_inner(&mut self, update: Option<&[bool]>) -> Result<StepReport> {
         self.check_phase(Phase::FirstOrder, "fo_step")?;
         let updated = |i: usize| update.map_or(true, |u| u[i]);
         if let Some(i) =
@@ -792,12 +804,22 @@ impl<'a> Optimizer<'a> {
             ));
         }
         self.prepare()?;
-        if update.is_some_and(|u| !u.contains(&true)) {
-            // Nothing to update: the step still counts (schedule, directions' names).
+        let report = |skipped| StepReport {
+            skipped,
+            loss: None,
+            projected_grads: Vec::new(),
+        };
+        let nothing_to_update = update.is_some_and(|u| !u.contains(&true));
+        let skip = !nothing_to_update
+            && self.config.skip_nonfinite_grads
+            && self.backend.grads_finite(&self.shard, update)? == Some(false);
+        if nothing_to_update || skip {
+            // Nothing applied; the step still counts (schedule, directions' names).
             self.counters.step += 1;
-            return self
-                .backend
-                .set_counters(self.counters.step, self.counters.updates);
+            self.counters.skipped += u64::from(skip);
+            self.backend
+                .set_counters(self.counters.step, self.counters.updates)?;
+            return Ok(report(skip));
         }
         let pass = UpdatePass {
             grad_weight: Some(1.0),
@@ -807,7 +829,16 @@ impl<'a> Optimizer<'a> {
         self.backend.update(&self.shard, &pass)?;
         self.counters.updates[pass.state as usize] += 1;
         self.counters.step += 1;
-        Ok(())
+        Ok(report(false))
+    }
+
+    /// Whether the gradient a zeroth-order update mixes in (`hybrid_alpha > 0`) is finite;
+    /// `true` when none is mixed in, the check is off, or the backend does not check.
+    fn mixed_grads_finite(&mut self) -> Result<bool> {
+        if !(self.config.hybrid_alpha > 0.0 && self.config.skip_nonfinite_grads) {
+            return Ok(true);
+        }
+        Ok(self.backend.grads_finite(&self.shard, None)? != Some(false))
     }
 
     /// Adds `scale · z` once, `z` the direction `(seed, step, direction)` of the configured
@@ -815,6 +846,11 @@ impl<'a> Optimizer<'a> {
     /// that any process holding any shard of the model regenerates exactly (a noise
     /// control, say). One perturbation pass, rounded like the others; the optimizer's state,
     /// counters and schedule do not change. Not during a zeroth-order step.
+    ///
+    /// A displacement that would make a finite parameter non-finite (past its dtype's range)
+    /// is refused and changes nothing, as a step's own bound keeps Inf out of the weights. A
+    /// scale small enough that it cannot ([`crate::DType::max_safe_increment`] over the largest
+    /// `|z|`) is applied at once; a larger one is computed first over every parameter.
     pub fn displace(&mut self, seed: u64, step: u32, direction: u32, scale: f32) -> Result<()> {
         self.check_usable("displace")?;
         self.check_not_in_step("displace")?;
@@ -822,18 +858,27 @@ impl<'a> Optimizer<'a> {
             return invalid(format!("scale: must be finite, got {scale}"));
         }
         self.prepare()?;
+        let kind = self.config.direction.generated();
         let pass = PerturbPass {
-            gen: Generator {
-                seed,
-                step,
-                kind: self.config.direction.generated(),
-            },
+            gen: Generator { seed, step, kind },
             terms: &[Term {
                 direction,
                 coeff: scale,
             }],
             precision: self.config.precision,
         };
+        let largest = scale.abs() * kind.max_abs();
+        let safe = self
+            .shard
+            .tensors()
+            .iter()
+            .all(|t| largest <= t.dtype.max_safe_increment());
+        if !safe && !self.backend.perturb_stays_finite(&self.shard, &pass)? {
+            return invalid(format!(
+                "scale: {scale} would make parameters non-finite (past their dtype's range); \
+                 nothing was changed"
+            ));
+        }
         self.backend.perturb(&self.shard, &pass)
     }
 
@@ -857,9 +902,12 @@ impl<'a> Optimizer<'a> {
     pub fn state_size(&mut self) -> Result<u64> {
         self.check_usable("state_size")?;
         self.prepare()?;
-        Ok(state::saved_size(
-            self.state_layout().bytes(self.shard.tensors()),
-        ))
+        Ok(self.saved_size())
+    }
+
+    /// Bytes of a saved state (the state allocated).
+    fn saved_size(&self) -> u64 {
+        state::saved_size(self.state_layout().bytes(self.shard.tensors()))
     }
 
     fn check_not_in_step(&self, what: &str) -> Result<()> {
@@ -903,8 +951,11 @@ impl<'a> Optimizer<'a> {
         Ok(out)
     }
 
-    /// Saves the state to the file `path`, atomically: it is written beside it and renamed
-    /// over it once complete, so a crash never leaves a truncated state under `path`.
+    /// Saves the state to the file `path`, atomically and durably: it is written to a new
+    /// temporary file of a unique name beside it (created exclusively: never through a link
+    /// planted there), synced, renamed over `path`, and the directory synced, so a crash never
+    /// leaves a truncated state under `path` and concurrent saves to one path each leave a
+    /// whole state.
     pub fn save_state_file(&mut self, path: &std::path::Path) -> Result<()> {
         self.check_usable("save_state")?;
         self.check_not_in_step("save_state")?;
@@ -925,6 +976,7 @@ impl<'a> Optimizer<'a> {
             self.fingerprint(),
             self.state_layout().bytes(self.shard.tensors()),
             self.config.fo_rule.is_some(),
+            &self.body_layout(),
         )?;
         let mut body = &bytes[saved.body_start..];
         self.backend.load_state(&mut |buf: &mut [u8]| {
@@ -936,24 +988,26 @@ impl<'a> Optimizer<'a> {
         self.finish_load(saved.counters)
     }
 
-    /// [`Optimizer::load_state`] from the file `path`. The file is read twice: once to check
-    /// it whole (checksum), then to load it, so nothing changes unless it is intact (a
-    /// read error in the second pass, after a successful first, is reported as such).
+    /// [`Optimizer::load_state`] from the file `path`, which is read once, whole, into
+    /// memory (the state's size; an out-of-memory error when that does not fit) and then
+    /// checked and loaded: a file replaced, truncated or rewritten while it is read loads
+    /// one state whole or is refused, changing nothing. Anything but a regular file (a FIFO,
+    /// which would block, a device, a directory) is refused before it is read.
     pub fn load_state_file(&mut self, path: &std::path::Path) -> Result<()> {
         self.check_not_in_step("load_state")?;
+        // Not state_size: a poisoned optimizer refuses it, and loads are its way back.
         self.prepare()?;
-        let saved = state::check_file(
-            path,
-            self.fingerprint(),
-            self.state_layout().bytes(self.shard.tensors()),
-            self.config.fo_rule.is_some(),
-        )?;
-        let mut reader = state::open_body(path, saved.body_start)?;
-        self.backend.load_state(&mut |buf: &mut [u8]| {
-            std::io::Read::read_exact(&mut reader, buf)
-                .map_err(|e| state::io_error("load_state", path, e))
-        })?;
-        self.finish_load(saved.counters)
+        let bytes = state::read_file(path, self.saved_size())?;
+        self.load_state(&bytes)
+    }
+
+    /// What the saved body holds, buffer by buffer, for the checks of a load.
+    fn body_layout(&self) -> state::BodyLayout<'_> {
+        state::BodyLayout {
+            tensors: self.shard.tensors(),
+            rules: [Some(self.config.rule), self.config.fo_rule],
+            residual: self.state_layout().residual,
+        }
     }
 
     fn finish_load(&mut self, counters: Counters) -> Result<()> {

@@ -41,6 +41,13 @@ impl Rule {
         }
     }
 
+    /// Whether the rule's second buffer (`v`) is a second moment: an average of squares,
+    /// never negative (AdamW: of `ĝ²`, AdaZO: of `m²`). The first buffer (`m`) of every rule
+    /// may take either sign.
+    pub fn keeps_second_moment(self) -> bool {
+        self.state_buffers() == 2
+    }
+
     /// Parses `sgd`, `momentum`, `sign`, `signum`, `adamw` or `adazo`.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {

@@ -17,16 +17,23 @@
 //! | body | the buffers, as `Backend::save_state` streams them |
 //! | 4 | CRC32C of all the bytes above |
 //!
+//! A state is checked whole (header, size, checksum, values) before anything is loaded; a
+//! file is read once into memory for that ([`read_file`]) and written to a temporary file
+//! renamed over the target ([`write_file_atomically`]).
+//!
 //! Format 1 (hyzo 0.1): magic, format 1, `body size ^ 0x5a5a5a5a` as u32, fingerprint,
 //! step, updates, skipped, body; no checksum. Its body is format 2's for an optimizer without
 //! a first-order rule, so such an optimizer loads it.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::Path;
 
 use crate::config::{Config, StateSet};
+use crate::dtype::DType;
 use crate::error::{invalid, Error, Result};
+use crate::rules::Rule;
+use crate::shard::TensorSpec;
 
 const MAGIC: &[u8; 8] = b"HYZOSTAT";
 const FORMAT: u32 = 2;
@@ -61,6 +68,77 @@ impl Counters {
         }
         Ok(self)
     }
+}
+
+/// What a state's body holds, for [`check`] to refuse values no run produces: for each
+/// tensor, the buffers of each rule (`m`, then `v`; see [`Rule::state_buffers`]), then `lo`
+/// (bf16) where kept.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BodyLayout<'t> {
+    pub tensors: &'t [TensorSpec],
+    /// The rule of each [`StateSet`], `None` for a set the optimizer does not keep.
+    pub rules: [Option<Rule>; 2],
+    /// Whether f16/bf16 tensors keep a `lo` (compensated precision).
+    pub residual: bool,
+}
+
+/// Refuses a body holding a value no run writes: a moment or a residual that is not finite
+/// (it would make its parameter NaN at the next update), or a negative second moment
+/// (AdamW's and AdaZO's `v` are averages of squares; `sqrt(v)` of a negative one is NaN).
+fn check_body(body: &[u8], layout: &BodyLayout) -> Result<()> {
+    let mut at = 0;
+    let mut next = |bytes: usize| {
+        let part = body.get(at..at + bytes);
+        at += bytes;
+        part.ok_or_else(|| Error::Internal("state: body shorter than its layout".into()))
+    };
+    for (i, t) in layout.tensors.iter().enumerate() {
+        let n = t.numel as usize;
+        for (set, rule) in layout.rules.iter().enumerate() {
+            let Some(rule) = rule else { continue };
+            for k in 0..rule.state_buffers() {
+                let second = k == 1 && rule.keeps_second_moment();
+                let values = next(4 * n)?.chunks_exact(4);
+                for (e, b) in values.enumerate() {
+                    let x = f32::from_le_bytes(b.try_into().unwrap());
+                    if !x.is_finite() || (second && x < 0.0) {
+                        let which = if set == StateSet::Main as usize {
+                            "rule"
+                        } else {
+                            "first-order rule"
+                        };
+                        let (what, never) = if second {
+                            ("second moment v", "non-finite or negative")
+                        } else {
+                            ("first moment m", "non-finite")
+                        };
+                        return invalid(format!(
+                            "state: tensor {i}'s {what} (of the {which}, {rule:?}) holds {x} at \
+                             element {e}: no run writes a {never} one"
+                        ));
+                    }
+                }
+            }
+        }
+        if layout.residual && t.dtype != DType::F32 {
+            for (e, b) in next(2 * n)?.chunks_exact(2).enumerate() {
+                let lo = half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+                if !lo.is_finite() {
+                    return invalid(format!(
+                        "state: tensor {i}'s compensation residual lo holds {lo} at element \
+                         {e}: no run writes a non-finite one"
+                    ));
+                }
+            }
+        }
+    }
+    if at != body.len() {
+        return Err(Error::Internal(format!(
+            "state: a body of {} bytes for a layout of {at}",
+            body.len()
+        )));
+    }
+    Ok(())
 }
 
 /// What [`check`] found in a saved state.
@@ -127,7 +205,7 @@ pub(crate) fn buffer(size: u64) -> Result<Vec<u8>> {
     Ok(v)
 }
 
-pub(crate) fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
+fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
     Error::Io(format!("{what}: {}: {e}", path.display()))
 }
 
@@ -289,12 +367,14 @@ fn checksum_error() -> Error {
     Error::InvalidArgument("state: checksum mismatch (the state is corrupted)".into())
 }
 
-/// Checks a state in memory against the optimizer that would load it.
+/// Checks a state in memory against the optimizer that would load it: header, size,
+/// checksum, then the values of the body ([`BodyLayout`]).
 pub(crate) fn check(
     bytes: &[u8],
     fingerprint: u64,
     body: u64,
     has_fo_rule: bool,
+    layout: &BodyLayout,
 ) -> Result<Checked> {
     let h = parse_header(bytes, bytes.len() as u64)?;
     let checked = check_header(&h, bytes.len() as u64, fingerprint, body, has_fo_rule)?;
@@ -304,85 +384,142 @@ pub(crate) fn check(
             return Err(checksum_error());
         }
     }
+    check_body(
+        &bytes[checked.body_start..checked.body_start + body as usize],
+        layout,
+    )?;
     Ok(checked)
 }
 
-/// [`check`] for a file, read once through (the body is not kept).
-pub(crate) fn check_file(
-    path: &Path,
-    fingerprint: u64,
-    body: u64,
-    has_fo_rule: bool,
-) -> Result<Checked> {
-    let file = File::open(path).map_err(|e| io_error("load_state", path, e))?;
+/// Opens `path` for reading if it is a regular file. The open does not wait (a FIFO opened
+/// for reading would block until a writer came); what it opened is then checked, not the
+/// path, so nothing can be swapped in between.
+fn open_regular(path: &Path) -> Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options
+        .open(path)
+        .map_err(|e| io_error("load_state", path, e))?;
+    let kind = file
+        .metadata()
+        .map_err(|e| io_error("load_state", path, e))?
+        .file_type();
+    if !kind.is_file() {
+        return Err(Error::Io(format!(
+            "load_state: {}: not a regular file (a FIFO, device or directory is refused)",
+            path.display()
+        )));
+    }
+    Ok(file)
+}
+
+/// Reads the state file `path` once, whole, into memory, so that what is checked is what is
+/// loaded (a file replaced, truncated or rewritten meanwhile cannot mix two states or half
+/// apply one). `limit` is the size of the loading optimizer's state: a larger file cannot be
+/// one, and is refused before anything is read or allocated.
+pub(crate) fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    let mut file = open_regular(path)?;
     let len = file
         .metadata()
         .map_err(|e| io_error("load_state", path, e))?
         .len();
-    let mut r = BufReader::with_capacity(1 << 20, file);
-    let mut head = vec![0u8; HEADER.min(len as usize)];
-    r.read_exact(&mut head)
-        .map_err(|e| io_error("load_state", path, e))?;
-    let h = parse_header(&head, len)?;
-    let checked = check_header(&h, len, fingerprint, body, has_fo_rule)?;
-    if h.format == 2 {
-        let mut crc = crc32c::crc32c(&head);
-        let mut left = len - (HEADER + TRAILER) as u64;
-        let mut buf = vec![0u8; 1 << 20];
-        while left > 0 {
-            let n = (buf.len() as u64).min(left) as usize;
-            r.read_exact(&mut buf[..n])
-                .map_err(|e| io_error("load_state", path, e))?;
-            crc = crc32c::crc32c_append(crc, &buf[..n]);
-            left -= n as u64;
-        }
-        let mut stored = [0u8; 4];
-        r.read_exact(&mut stored)
-            .map_err(|e| io_error("load_state", path, e))?;
-        if crc != u32::from_le_bytes(stored) {
-            return Err(checksum_error());
-        }
+    if len > limit {
+        return invalid(format!(
+            "state: {}: {len} bytes; this optimizer's state has {limit} (saved by an \
+             optimizer with other tensors or rules)",
+            path.display()
+        ));
     }
-    Ok(checked)
+    let mut bytes = buffer(len)?;
+    bytes.resize(len as usize, 0);
+    let changed = || {
+        Error::Io(format!(
+            "load_state: {}: the file changed while it was read (nothing was loaded)",
+            path.display()
+        ))
+    };
+    file.read_exact(&mut bytes).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => changed(),
+        _ => io_error("load_state", path, e),
+    })?;
+    let mut more = [0u8; 1];
+    match file.read(&mut more) {
+        Ok(0) => Ok(bytes),
+        Ok(_) => Err(changed()),
+        Err(e) => Err(io_error("load_state", path, e)),
+    }
 }
 
-/// A buffered reader of `path` positioned at the body.
-pub(crate) fn open_body(path: &Path, body_start: usize) -> Result<impl Read> {
-    let mut file = File::open(path).map_err(|e| io_error("load_state", path, e))?;
-    file.seek(SeekFrom::Start(body_start as u64))
-        .map_err(|e| io_error("load_state", path, e))?;
-    Ok(BufReader::with_capacity(1 << 20, file))
-}
-
-/// Runs `write` on a temporary file beside `path`, then renames it over `path`; on any
-/// failure the temporary file is removed and `path` is left as it was.
+/// Runs `write` on a new temporary file beside `path`, then renames it over `path`, durably
+/// (the file and then its directory are synced), as checkpoints are written. The temporary
+/// file has a unique name and is created exclusively, so that it never is, or follows, a
+/// link planted there, and concurrent savers to one path (of any process) each write their
+/// own. On any failure it is removed and `path` is left as it was.
 pub(crate) fn write_file_atomically(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> Result<()>,
 ) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp-{}", std::process::id()));
-    let tmp = std::path::PathBuf::from(tmp);
-    let result = (|| {
-        let file = File::create(&tmp).map_err(|e| io_error("save_state", &tmp, e))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        write(&mut out)?;
-        let file = out
-            .into_inner()
-            .map_err(|e| io_error("save_state", &tmp, e.into_error()))?;
-        file.sync_all()
-            .map_err(|e| io_error("save_state", &tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io_error("save_state", path, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    let Some(name) = path.file_name() else {
+        return invalid(format!("path: {} names no file", path.display()));
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(name);
+    prefix.push(".");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
+    // The mode `File::create` gives (the umask applies), not the temporary file's 0600.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let tmp = builder
+        .tempfile_in(dir)
+        .map_err(|e| io_error("save_state", path, e))?;
+    let mut out = BufWriter::with_capacity(1 << 20, tmp.as_file());
+    write(&mut out)?;
+    out.flush()
+        .map_err(|e| io_error("save_state", tmp.path(), e))?;
+    drop(out);
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| io_error("save_state", tmp.path(), e))?;
+    tmp.persist(path)
+        .map_err(|e| io_error("save_state", path, e.error))?;
+    // The rename is durable once the directory is.
+    #[cfg(unix)]
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error("save_state", dir, e))?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The layout of a body of raw bytes: one f32 tensor with one momentum buffer.
+    fn layout(tensors: &[TensorSpec]) -> BodyLayout<'_> {
+        BodyLayout {
+            tensors,
+            rules: [Some(Rule::Momentum), None],
+            residual: false,
+        }
+    }
+
+    fn tensor(bytes: usize) -> [TensorSpec; 1] {
+        [TensorSpec {
+            data: 0,
+            dtype: DType::F32,
+            numel: bytes as u64 / 4,
+            offset: 0,
+            grad: 0,
+            grad_dtype: DType::F32,
+        }]
+    }
 
     fn saved(body: &[u8], counters: Counters) -> Vec<u8> {
         let mut out = Vec::new();
@@ -406,14 +543,15 @@ mod tests {
         };
         let s = saved(&body, counters);
         assert_eq!(s.len() as u64, saved_size(body.len() as u64));
-        let c = check(&s, 42, body.len() as u64, true).unwrap();
+        let t = tensor(body.len());
+        let c = check(&s, 42, body.len() as u64, true, &layout(&t)).unwrap();
         assert_eq!(c.counters, counters);
         assert_eq!(&s[c.body_start..c.body_start + body.len()], &body[..]);
         for bit in 0..8 * s.len() {
             let mut bad = s.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
             assert!(
-                check(&bad, 42, body.len() as u64, true).is_err(),
+                check(&bad, 42, body.len() as u64, true, &layout(&t)).is_err(),
                 "bit {bit}"
             );
         }
@@ -430,7 +568,7 @@ mod tests {
                 skipped: 0,
             },
         );
-        let e = check(&s, 42, 8, false).unwrap_err();
+        let e = check(&s, 42, 8, false, &layout(&tensor(8))).unwrap_err();
         assert!(e.message().contains("inconsistent counters"), "{e}");
     }
 }

@@ -84,7 +84,7 @@ fn device_counts_follow_the_host_and_sync_back() {
     let mut saved = None;
     for kind in ["zo", "zo", "skip", "fo", "zo", "skip", "fo", "fo", "zo"] {
         match kind {
-            "fo" => opt.fo_step().unwrap(),
+            "fo" => assert!(!opt.fo_step().unwrap().skipped),
             _ => {
                 let r = opt
                     .zo_step(|_| {

@@ -516,3 +516,145 @@ fn an_estimate_beyond_the_bound_skips_the_step() {
     assert_ne!(params(&opt), before);
     assert!(params(&opt).iter().all(|v| v.is_finite()));
 }
+
+/// Puts `bad` into element `at` of the gradient.
+fn poison_grad(opt: &mut Optimizer, at: usize, bad: f32) {
+    let GradMut::F32(g) = opt.grad_mut(0).unwrap() else {
+        unreachable!()
+    };
+    g[at] = bad;
+}
+
+/// A first-order step whose gradient holds a NaN or an infinity is skipped, as
+/// `torch.amp.GradScaler` skips it: weights and both rule states unchanged, the first-order
+/// `t` unchanged, the step counted as skipped; the schedule moves on.
+#[test]
+fn a_non_finite_gradient_skips_the_first_order_step() {
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let (mut x, mut g) = (vec![0.5f32; N], vec![0f32; N]);
+        let mut opt = optimizer(paper_hybrid(2, 1), &mut x, &mut g);
+        step(&mut opt, Phase::FirstOrder);
+        let (before, states_before) = (params(&opt), states(&mut opt));
+        set_grad(&mut opt, 1);
+        poison_grad(&mut opt, 123, bad);
+        opt.fo_step().unwrap();
+        assert_eq!(params(&opt), before, "{bad}: weights changed");
+        assert_eq!(
+            states(&mut opt),
+            states_before,
+            "{bad}: a rule state changed"
+        );
+        assert_eq!(
+            (opt.steps(), opt.skipped().unwrap(), opt.fo_updates()),
+            (2, 1, 1)
+        );
+        assert_eq!(opt.next_phase(), Some(Phase::ZerothOrder));
+        // The first-order t did not move: the next good step is the second update.
+        step(&mut opt, Phase::ZerothOrder);
+        step(&mut opt, Phase::FirstOrder);
+        assert_eq!(opt.fo_updates(), 2);
+        assert!(params(&opt).iter().all(|v| v.is_finite()));
+    }
+}
+
+/// A zeroth-order step mixing in a gradient (`α∇ + (1 − α)ĝ`) that holds a NaN is skipped
+/// like one with a NaN loss: the same restore, nothing updated.
+#[test]
+fn a_non_finite_gradient_skips_the_mixed_step() {
+    let config = Config {
+        hybrid_alpha: 0.5,
+        rule: Rule::AdamW,
+        ..paper_hybrid(0, 0)
+    };
+    let (mut x, mut g) = (vec![0.5f32; N], vec![0f32; N]);
+    let mut opt = optimizer(config.clone(), &mut x, &mut g);
+    set_grad(&mut opt, 0);
+    poison_grad(&mut opt, 7, f32::NAN);
+    let state = opt.save_state().unwrap();
+    let report = opt.zo_step(loss).unwrap();
+    assert!(report.skipped);
+    let after = opt.save_state().unwrap();
+    assert_eq!(
+        after[HEADER..after.len() - 4],
+        state[HEADER..state.len() - 4]
+    );
+    assert_eq!((opt.skipped().unwrap(), opt.updates().unwrap()), (1, 0));
+    // The weights are where a step skipped for its loss leaves them.
+    let (mut y, mut h) = (vec![0.5f32; N], vec![0f32; N]);
+    let mut nan_loss = optimizer(config, &mut y, &mut h);
+    set_grad(&mut nan_loss, 0);
+    assert!(nan_loss.zo_step(|_| f32::NAN).unwrap().skipped);
+    assert_eq!(params(&opt), params(&nan_loss));
+}
+
+/// `skip_nonfinite_grads: false` is torch.optim's behaviour: the rule applies the gradient
+/// as it is, NaN included, and nothing is counted as skipped.
+#[test]
+fn skipping_non_finite_gradients_can_be_turned_off() {
+    let config = Config {
+        skip_nonfinite_grads: false,
+        ..paper_hybrid(0, 0)
+    };
+    let (mut x, mut g) = (vec![0.5f32; N], vec![0f32; N]);
+    let mut opt = optimizer(config, &mut x, &mut g);
+    set_grad(&mut opt, 0);
+    poison_grad(&mut opt, 5, f32::NAN);
+    let report = opt.fo_step().unwrap();
+    assert!(!report.skipped);
+    assert!(params(&opt)[5].is_nan());
+    assert_eq!((opt.skipped().unwrap(), opt.fo_updates()), (0, 1));
+    // The default skips, and says so.
+    let (mut y, mut h) = (vec![0.5f32; N], vec![0f32; N]);
+    let mut skipping = optimizer(paper_hybrid(0, 0), &mut y, &mut h);
+    set_grad(&mut skipping, 0);
+    poison_grad(&mut skipping, 5, f32::INFINITY);
+    assert!(skipping.fo_step().unwrap().skipped);
+}
+
+/// A masked first-order step reads only the gradients of the tensors it updates: a NaN in
+/// the gradient of a tensor left out does not skip it.
+#[test]
+fn a_masked_step_checks_only_the_gradients_it_reads() {
+    let (mut a, mut ga) = (vec![0.5f32; 64], vec![0.1f32; 64]);
+    let (mut b, mut gb) = (vec![0.5f32; 64], vec![f32::NAN; 64]);
+    let mut shard = ParamShard::new();
+    shard.add_with_grad(&mut a, &mut ga, 0).unwrap();
+    shard.add_with_grad(&mut b, &mut gb, 64).unwrap();
+    let mut opt = Optimizer::with_threads(paper_hybrid(0, 0), shard, 1).unwrap();
+    assert!(!opt.fo_step_masked(&[true, false]).unwrap().skipped);
+    assert!(opt.fo_step_masked(&[true, true]).unwrap().skipped);
+    assert_eq!(opt.skipped().unwrap(), 1);
+    drop(opt);
+    assert!(a.iter().all(|v| *v < 0.5) && b.iter().all(|v| *v == 0.5));
+}
+
+/// A finite displacement so large that it would make parameters non-finite is refused and
+/// changes nothing (as the step's own overflow rule keeps Inf out of the weights); a large
+/// one that stays finite is applied.
+#[test]
+fn a_displacement_that_would_overflow_is_refused() {
+    let (mut x, mut g) = (vec![0.5f32; N], vec![0f32; N]);
+    let mut opt = optimizer(paper_hybrid(1, 1), &mut x, &mut g);
+    let state = opt.save_state().unwrap();
+    let e = opt.displace(1, 0, 0, 3e38).unwrap_err();
+    assert!(e.message().contains("non-finite"), "{e}");
+    assert_eq!(params(&opt), vec![0.5; N]);
+    assert_eq!(opt.save_state().unwrap(), state);
+    opt.displace(1, 0, 0, 1e37).unwrap();
+    assert!(params(&opt).iter().all(|v| v.is_finite()));
+    // f16 overflows past 65504: a scale of 3e4 reaches it where |z| > 2.2, 1e3 never does.
+    let mut h = vec![half::f16::from_f32(0.5); N];
+    let mut shard = ParamShard::new();
+    shard.add(&mut h, 0).unwrap();
+    let config = Config {
+        precision: hyzo::Precision::Compensated,
+        ..Config::default()
+    };
+    let mut half_opt = Optimizer::with_threads(config, shard, 1).unwrap();
+    let state = half_opt.save_state().unwrap();
+    assert!(half_opt.displace(1, 0, 0, 3e4).is_err());
+    assert_eq!(half_opt.save_state().unwrap(), state, "lo unchanged");
+    half_opt.displace(1, 0, 0, 1e3).unwrap();
+    drop(half_opt);
+    assert!(h.iter().all(|v| v.is_finite()) && h.iter().any(|v| v.to_f32().abs() > 1000.0));
+}

@@ -282,7 +282,14 @@ fn add_terms(gen: Generator, terms: &[Term], global: u64, acc: &mut [f32], z: &m
     }
 }
 
-unsafe fn perturb_chunk<T: Element>(c: &ChunkMem, pass: &PerturbPass) {
+/// What a perturbation pass makes of the chunk, block by block: `visit(k, x)` gets the
+/// values of elements `k..k + x.len()` once the terms are added (f32, before rounding); the
+/// walk stops, returning `false`, when `visit` does.
+unsafe fn perturbed<T: Element>(
+    c: &ChunkMem,
+    pass: &PerturbPass,
+    mut visit: impl FnMut(usize, &[f32]) -> bool,
+) -> bool {
     let compensated = pass.precision == Precision::Compensated;
     let mut x = [0f32; SUB];
     let mut z = [0f32; SUB];
@@ -297,9 +304,19 @@ unsafe fn perturb_chunk<T: Element>(c: &ChunkMem, pass: &PerturbPass) {
             &mut x[..n],
             &mut z[..n],
         );
-        store::<T>(c, k, &x[..n], pass.precision, None);
+        if !visit(k, &x[..n]) {
+            return false;
+        }
         k += n;
     }
+    true
+}
+
+unsafe fn perturb_chunk<T: Element>(c: &ChunkMem, pass: &PerturbPass) {
+    perturbed::<T>(c, pass, |k, x| {
+        store::<T>(c, k, x, pass.precision, None);
+        true
+    });
 }
 
 /// The factors of the zeroth-order terms of an update on one low-rank tensor (spec §7), in
@@ -444,13 +461,39 @@ macro_rules! by_dtype {
     };
 }
 
+/// Whether every gradient entry of the chunk is finite.
+unsafe fn grads_finite_chunk(c: &ChunkMem) -> bool {
+    let mut g = [0f32; SUB];
+    let mut k = 0;
+    while k < c.len {
+        let n = SUB.min(c.len - k);
+        load_grad(c, k, &mut g[..n]);
+        if !g[..n].iter().all(|v| v.is_finite()) {
+            return false;
+        }
+        k += n;
+    }
+    true
+}
+
+/// Whether `perturb_chunk` would write a non-finite value over a finite one.
+unsafe fn perturb_overflows_chunk<T: Element>(c: &ChunkMem, pass: &PerturbPass) -> bool {
+    let finite = |v: &f32| T::from_f32(*v).to_f32().is_finite();
+    let mut old = [0f32; SUB];
+    !perturbed::<T>(c, pass, |k, x| {
+        if x.iter().all(finite) {
+            return true;
+        }
+        // Rare: which of the non-finite values were finite before?
+        let old = &mut old[..x.len()];
+        load::<T>(c, k, old, pass.precision == Precision::Compensated);
+        !old.iter().zip(x).any(|(b, v)| b.is_finite() && !finite(v))
+    })
+}
+
 impl CpuBackend {
-    fn for_each_chunk(
-        &mut self,
-        shard: &ParamShard,
-        set: StateSet,
-        f: impl Fn(&ChunkMem) + Sync,
-    ) -> Result<()> {
+    /// The chunks of every tensor of `shard`, with the moments of `set`.
+    fn chunks(&mut self, shard: &ParamShard, set: StateSet) -> Result<Vec<ChunkMem>> {
         let tensors = shard.tensors();
         if self.state.len() != tensors.len() {
             return Err(Error::Internal("state not allocated for this shard".into()));
@@ -463,8 +506,28 @@ impl CpuBackend {
                 ChunkMem::new(&tensors[w.tensor], &mut self.state[w.tensor], set, *w)
             });
         }
+        Ok(chunks)
+    }
+
+    fn for_each_chunk(
+        &mut self,
+        shard: &ParamShard,
+        set: StateSet,
+        f: impl Fn(&ChunkMem) + Sync,
+    ) -> Result<()> {
+        let chunks = self.chunks(shard, set)?;
         self.run(|| chunks.par_iter().for_each(&f));
         Ok(())
+    }
+
+    /// Whether `f` holds for some chunk (reading only).
+    fn any_chunk(
+        &mut self,
+        shard: &ParamShard,
+        f: impl Fn(&ChunkMem) -> bool + Sync,
+    ) -> Result<bool> {
+        let chunks = self.chunks(shard, StateSet::Main)?;
+        Ok(self.run(|| chunks.par_iter().any(&f)))
     }
 }
 
@@ -562,6 +625,32 @@ impl Backend for CpuBackend {
                 by_dtype!(c.dtype, update_chunk, c, pass, lowrank[c.tensor].as_ref())
             }
         })
+    }
+
+    fn grads_finite(
+        &mut self,
+        shard: &ParamShard,
+        tensors: Option<&[bool]>,
+    ) -> Result<Option<bool>> {
+        if tensors.is_some_and(|m| m.len() != shard.len()) {
+            return invalid(format!("tensors: flags for {} tensors", shard.len()));
+        }
+        let read = |i: usize| tensors.map_or(true, |m| m[i]);
+        // SAFETY: as in perturb; a chunk without a gradient is not read.
+        let bad = self.any_chunk(shard, |c| unsafe {
+            read(c.tensor) && !c.grad.is_null() && !grads_finite_chunk(c)
+        })?;
+        Ok(Some(!bad))
+    }
+
+    fn perturb_stays_finite(&mut self, shard: &ParamShard, pass: &PerturbPass) -> Result<bool> {
+        let gen = pass.gen;
+        // SAFETY: as in perturb, reading only.
+        let bad = self.any_chunk(shard, |c| unsafe {
+            !is_lowrank(&gen, shard, c.tensor)
+                && by_dtype!(c.dtype, perturb_overflows_chunk, c, pass)
+        })?;
+        Ok(!bad)
     }
 
     fn sq_norm(&mut self, shard: &ParamShard, gen: Generator, direction: u32) -> Result<f64> {

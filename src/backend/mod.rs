@@ -198,6 +198,28 @@ pub trait Backend: Send {
     fn perturb(&mut self, shard: &ParamShard, pass: &PerturbPass) -> Result<()>;
     /// Runs an update pass.
     fn update(&mut self, shard: &ParamShard, pass: &UpdatePass) -> Result<()>;
+    /// Whether every gradient entry of the tensors `tensors` names (`None`: every tensor) is
+    /// finite, read as an update pass reads them (`Config::skip_nonfinite_grads`); `None`
+    /// from a backend that does not check yet, whose steps then apply gradients as they are.
+    fn grads_finite(
+        &mut self,
+        shard: &ParamShard,
+        tensors: Option<&[bool]>,
+    ) -> Result<Option<bool>> {
+        let _ = (shard, tensors);
+        Ok(None)
+    }
+    /// Whether [`Backend::perturb`] of `pass` would leave every finite parameter finite once
+    /// rounded to its dtype; computes what it would write, writes nothing.
+    fn perturb_stays_finite(&mut self, shard: &ParamShard, pass: &PerturbPass) -> Result<bool> {
+        let _ = (shard, pass);
+        crate::error::invalid(format!(
+            "scale: a displacement this large could overflow a parameter, and the {} backend \
+             does not check every parameter for that yet (|scale| · max|z| up to 8 for f16 \
+             tensors, 2^100 otherwise, needs no check)",
+            self.name()
+        ))
+    }
     /// `Σ_j z[j]²` over every element of the shard, for one direction (accumulated in f64,
     /// in an order that does not depend on threads or launch geometry).
     fn sq_norm(&mut self, shard: &ParamShard, gen: Generator, direction: u32) -> Result<f64>;

@@ -24,6 +24,15 @@ pub(crate) fn config_from_c(c: &hyzo_config) -> Result<Config> {
         fo_lr: unset_if_nan(c.fo_lr),
         fo_weight_decay: unset_if_nan(c.fo_weight_decay),
         rank: c.rank,
+        skip_nonfinite_grads: match c.skip_nonfinite_grads {
+            0 => false,
+            1 => true,
+            v => {
+                return Err(invalid_arg(format!(
+                    "cfg->skip_nonfinite_grads: must be 0 or 1, got {v}"
+                )))
+            }
+        },
     };
     // The core names the field; prefix it with the argument.
     config.validate().map_err(|e| match e {
@@ -54,6 +63,7 @@ pub(crate) fn config_to_c(c: &Config) -> hyzo_config {
         fo_lr: c.fo_lr.unwrap_or(f32::NAN),
         fo_weight_decay: c.fo_weight_decay.unwrap_or(f32::NAN),
         rank: c.rank,
+        skip_nonfinite_grads: u32::from(c.skip_nonfinite_grads),
     }
 }
 
@@ -72,7 +82,8 @@ pub(crate) unsafe fn read_config(cfg: *const hyzo_config) -> Result<Config> {
 /// The defaults: ZO-SGD, one Gaussian direction, two-sided, `lr = eps = 1e-3`, seed 0,
 /// `beta1 = 0.9`, `beta2 = 0.999`, `adam_eps = 1e-8`, no weight decay, nearest rounding,
 /// no hybrid schedule, `hybrid_alpha = 0`, no first-order rule of its own
-/// (`fo_rule = HYZO_RULE_NONE`, `fo_lr = fo_weight_decay = NaN`: as `lr`, `weight_decay`).
+/// (`fo_rule = HYZO_RULE_NONE`, `fo_lr = fo_weight_decay = NaN`: as `lr`, `weight_decay`),
+/// `rank = 1`, `skip_nonfinite_grads = 1`.
 #[no_mangle]
 pub extern "C" fn hyzo_config_default() -> hyzo_config {
     catch_unwind(|| config_to_c(&Config::default())).unwrap_or(hyzo_config {
@@ -96,5 +107,6 @@ pub extern "C" fn hyzo_config_default() -> hyzo_config {
         fo_lr: f32::NAN,
         fo_weight_decay: f32::NAN,
         rank: 0,
+        skip_nonfinite_grads: 1,
     })
 }

@@ -158,7 +158,11 @@ pub enum hyzo_precision {
     HYZO_PRECISION_NEAREST = 0,
     /// Stochastic rounding on updates, nearest on perturbations.
     HYZO_PRECISION_STOCHASTIC = 1,
-    /// `hi + lo` with a bf16 residual kept by the optimizer (exact perturb/restore).
+    /// `hi + lo` with a bf16 residual kept by the optimizer: perturb-then-restore moves
+    /// `hi + lo` by at most `2^-9` of an ulp of the stored dtype per pass plus f32 rounding
+    /// (`P · (2^-9 ulp(M) + 2^-21 M)` over `P` passes, `M` the element's largest magnitude
+    /// during them; docs/interpretation.md), against half an ulp per pass for nearest. Not
+    /// exactly: with 32 bits per element no arrangement of the passes can be exact.
     HYZO_PRECISION_COMPENSATED = 2,
 }
 
@@ -240,6 +244,13 @@ pub struct hyzo_config {
     /// Rank `r` of `HYZO_DIRECTION_LOWRANK` directions, 1..=1024 (default 1; ignored by
     /// the other kinds). A `rows × cols` tensor gets rank `min(r, rows, cols)`.
     pub rank: u32,
+    /// 1 (the default): a step whose gradient holds a NaN or an infinity (a first-order
+    /// step, or a zeroth-order step mixing it in with `hybrid_alpha > 0`) is skipped, as
+    /// `torch.amp.GradScaler` skips it: no weight, rule state or `t` changes, and
+    /// `hyzo_optimizer_stats` counts it as skipped. 0: the rule applies the gradient as it
+    /// is, NaN included (torch.optim's behaviour). Other values are refused. The CUDA
+    /// backend does not check yet: there gradients are applied as they are.
+    pub skip_nonfinite_grads: u32,
 }
 
 /// An optimizer over a set of registered tensors (opaque). Create it with

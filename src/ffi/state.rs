@@ -53,9 +53,11 @@ pub unsafe extern "C" fn hyzo_optimizer_save_state(
 }
 
 /// Saves the optimizer state, as `hyzo_optimizer_save_state`, to the file `path`, streaming
-/// (memory use does not grow with the state) and atomically: the file is written beside
-/// `path` and renamed over it once complete, so `path` never holds a partial state.
-/// `HYZO_ERR_IO` when the file cannot be written.
+/// (memory use does not grow with the state), atomically and durably: it is written to a new
+/// temporary file of a unique name in `path`'s directory (created exclusively, so never
+/// through a link planted there), synced, renamed over `path`, and the directory synced.
+/// `path` never holds a partial state, and concurrent saves to one path each leave a whole
+/// one. `HYZO_ERR_IO` when the file cannot be written.
 ///
 /// # Safety
 /// `opt` must be NULL or a live optimizer; `path` NULL or a NUL-terminated string.
@@ -75,7 +77,8 @@ pub unsafe extern "C" fn hyzo_optimizer_save_state_file(
 /// (dtypes, sizes, offsets), from this or another device; the run then continues
 /// bit-identically (restore the parameters too). `len` must be the exact size. A state that
 /// is truncated, corrupted (checksum), of another configuration or size, or of an unknown
-/// format version is rejected and nothing changes. States of hyzo 0.1 (format 1) load into
+/// format version is rejected and nothing changes; so is one holding values no run
+/// writes (a non-finite moment or residual, a negative second moment of AdamW or AdaZO). States of hyzo 0.1 (format 1) load into
 /// optimizers without `fo_rule`. Not during a zeroth-order step.
 ///
 /// The one call (with `hyzo_optimizer_load_state_file`, and destroy) that an optimizer
@@ -104,8 +107,10 @@ pub unsafe extern "C" fn hyzo_optimizer_load_state(
 }
 
 /// Restores a state from the file `path`, as `hyzo_optimizer_load_state`. The file is read
-/// twice, streaming: once to check it whole, then to load it. `HYZO_ERR_IO` when it cannot
-/// be read.
+/// once, whole, into memory (the state's size; `HYZO_ERR_OUT_OF_MEMORY` when that does not
+/// fit), then checked and loaded, so a file replaced, truncated or rewritten meanwhile loads
+/// one state whole or is refused with nothing changed. `HYZO_ERR_IO` when it cannot be read
+/// or is not a regular file (a FIFO, device or directory, refused without waiting on it).
 ///
 /// # Safety
 /// `opt` must be NULL or a live optimizer; `path` NULL or a NUL-terminated string.

@@ -71,11 +71,13 @@ pub unsafe extern "C" fn hyzo_optimizer_local_sq_norms(
 /// Feeds the loss of the forward pass just run. `*needs_more` becomes 1 when the parameters
 /// hold the next point to evaluate, 0 when the step is complete (the parameters are updated)
 /// or when the call fails. A non-finite loss is accepted: when a loss or a projected
-/// gradient of the step is not finite (spec §4), the step completes with the parameters
-/// restored (exactly in compensated mode; otherwise each element within one rounding of
-/// its stored dtype per pass) and no rule state or `t` changed; it counts as skipped.
-/// A pass that fails (the next perturbation, or the update) leaves the parameters in an
-/// unknown state and poisons the optimizer (`hyzo_optimizer_poisoned`).
+/// gradient of the step is not finite (spec §4), or the gradient it mixes in
+/// (`hybrid_alpha > 0`) holds a NaN or an infinity (`cfg.skip_nonfinite_grads`), the step
+/// completes with the parameters restored (each element within one rounding of its stored
+/// dtype per pass; in compensated mode `hi + lo` within `2^-9` of an ulp per pass plus f32
+/// rounding, see `HYZO_PRECISION_COMPENSATED`) and no rule state or `t` changed; it counts
+/// as skipped. A pass that fails (the next perturbation, or the update) leaves the
+/// parameters in an unknown state and poisons the optimizer (`hyzo_optimizer_poisoned`).
 ///
 /// # Safety
 /// `opt` must be NULL or a live optimizer; `needs_more` NULL or writable.
@@ -138,8 +140,10 @@ pub unsafe extern "C" fn hyzo_zo_feed_device(
 }
 
 /// Abandons the zeroth-order step in progress (e.g. the forward pass failed): the parameters
-/// are restored (exactly in compensated mode; otherwise within the rounding of the stored
-/// dtype), nothing is updated, the step is not counted. No step in progress: no-op.
+/// are restored (within the rounding of the stored dtype per pass; in compensated mode
+/// `hi + lo` within `2^-9` of an ulp per pass plus f32 rounding, see
+/// `HYZO_PRECISION_COMPENSATED`), nothing is updated, the step is not counted. No step in
+/// progress: no-op.
 ///
 /// When the restoring pass fails, the step is kept and its error returned: every call but
 /// `hyzo_zo_abort` and the loads is then refused (`HYZO_ERR_BAD_STATE`), and calling
@@ -243,13 +247,16 @@ pub unsafe extern "C" fn hyzo_zo_last_projected_grads(
 
 /// A first-order step on the registered gradients (write them before the call). Every
 /// tensor needs a gradient; `HYZO_ERR_BAD_STATE` during a zeroth-order step or when the
-/// hybrid schedule calls for a zeroth-order step.
+/// hybrid schedule calls for a zeroth-order step. A gradient holding a NaN or an infinity
+/// skips the step (`HYZO_OK`; unless `cfg.skip_nonfinite_grads = 0`): nothing changes but
+/// the step count, and `hyzo_optimizer_stats` counts it as skipped. (The CUDA backend does
+/// not check yet: there the rule applies gradients as they are.)
 ///
 /// # Safety
 /// `opt` must be NULL or a live optimizer.
 #[no_mangle]
 pub unsafe extern "C" fn hyzo_fo_step(opt: *mut hyzo_optimizer) -> hyzo_status {
-    with_opt("hyzo_fo_step", opt, |o| o.inner.fo_step())
+    with_opt("hyzo_fo_step", opt, |o| o.inner.fo_step().map(drop))
 }
 
 /// A first-order step on the tensors with `update[i] != 0` only (`len` must be the number
@@ -258,7 +265,8 @@ pub unsafe extern "C" fn hyzo_fo_step(opt: *mut hyzo_optimizer) -> hyzo_status {
 /// need gradients. The step counts as one (hybrid schedule, step number); the rule's `t`
 /// advances when at least one tensor is updated. On CUDA the flags are copied in stream
 /// order from host memory (such a step cannot be captured in a CUDA graph; `hyzo_fo_step`
-/// can).
+/// can). Only the updated tensors' gradients are checked for NaN and infinity
+/// (`hyzo_fo_step`).
 ///
 /// # Safety
 /// `opt` must be NULL or a live optimizer; `update` valid for `len` bytes.
@@ -278,7 +286,7 @@ pub unsafe extern "C" fn hyzo_fo_step_masked(
             .iter()
             .map(|&b| b != 0)
             .collect();
-        o.inner.fo_step_masked(&flags)
+        o.inner.fo_step_masked(&flags).map(drop)
     })
 }
 
@@ -298,8 +306,9 @@ pub unsafe extern "C" fn hyzo_next_phase(
     })
 }
 
-/// Steps taken (first- and zeroth-order, skipped ones included) and zeroth-order steps
-/// skipped because a loss or a projected gradient was not finite (spec §4). On CUDA this
+/// Steps taken (first- and zeroth-order, skipped ones included) and steps skipped: because
+/// a loss or a projected gradient was not finite (spec §4), or a gradient held a NaN or an
+/// infinity (`cfg.skip_nonfinite_grads`). On CUDA this
 /// synchronizes the optimizer's stream.
 ///
 /// # Safety
@@ -355,7 +364,11 @@ pub unsafe extern "C" fn hyzo_optimizer_synchronize(opt: *mut hyzo_optimizer) ->
 /// the configured kind (`HYZO_DIRECTION_SPHERE`: the unscaled Gaussian) at each element's
 /// global index: a seeded displacement that every process regenerates exactly for its own
 /// shard (e.g. a noise control in an experiment). One perturbation pass; no state, counter
-/// or schedule changes. `HYZO_ERR_BAD_STATE` during a zeroth-order step.
+/// or schedule changes. `HYZO_ERR_BAD_STATE` during a zeroth-order step. A displacement that
+/// would make a finite parameter non-finite (past its dtype's range) is refused
+/// (`HYZO_ERR_INVALID_ARGUMENT`) and changes nothing; on CUDA, where that check is not
+/// implemented yet, so is any whose `|scale| · max|z|` exceeds 8 on an f16 tensor or 2^100
+/// (`max|z|` = 6.77 Gaussian, 1 Rademacher).
 ///
 /// # Safety
 /// `opt` must be NULL or a live optimizer.

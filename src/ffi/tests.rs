@@ -966,6 +966,106 @@ fn one_optimizer_serves_one_call_at_a_time() {
     unsafe { hyzo_optimizer_destroy(o) };
 }
 
+/// Issue 29 through the C ABI: a first-order step on a NaN gradient is skipped and counted
+/// (or applied with `skip_nonfinite_grads = 0`, any other value refused), a displacement
+/// that would overflow is refused, and a state file holding a negative second moment, or a
+/// FIFO, is refused with nothing changed.
+#[test]
+fn reliability_through_c() {
+    let mut cfg = hyzo_config_default();
+    assert_eq!(cfg.skip_nonfinite_grads, 1);
+    cfg.skip_nonfinite_grads = 2;
+    let mut o = null_mut();
+    unsafe {
+        expect(
+            hyzo_optimizer_create_cpu(&cfg, 1, &mut o),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "cfg->skip_nonfinite_grads",
+        );
+    }
+    cfg.rule = hyzo_rule::HYZO_RULE_ADAMW as u32;
+    for skip in [1, 0] {
+        cfg.skip_nonfinite_grads = skip;
+        let mut a = vec![0.5f32; 100];
+        let mut g = vec![0.1f32; 100];
+        g[42] = f32::NAN;
+        let o = with_tensor(&cfg, &mut a, &mut g);
+        let (mut steps, mut skipped) = (0, 0);
+        unsafe {
+            ok(hyzo_fo_step(o));
+            ok(hyzo_optimizer_stats(o, &mut steps, &mut skipped));
+            let mut c = hyzo_config_default();
+            ok(hyzo_optimizer_get_config(o, &mut c));
+            assert_eq!(c.skip_nonfinite_grads, skip);
+            hyzo_optimizer_destroy(o);
+        }
+        assert_eq!(steps, 1);
+        if skip == 1 {
+            assert_eq!(skipped, 1);
+            assert!(a.iter().all(|v| *v == 0.5));
+        } else {
+            assert_eq!(skipped, 0);
+            assert!(a[42].is_nan() && a[0] < 0.5);
+        }
+    }
+    let mut a = vec![0.5f32; 100];
+    let mut g = vec![0f32; 100];
+    let o = with_tensor(&cfg, &mut a, &mut g);
+    let dir = std::env::temp_dir().join(format!("hyzo-ffi-reliability-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    unsafe {
+        expect(
+            hyzo_optimizer_displace(o, 1, 0, 0, 3e38),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "non-finite",
+        );
+        assert!(a.iter().all(|v| *v == 0.5));
+        zo_step(o, &a);
+        let mut size = 0;
+        ok(hyzo_optimizer_state_size(o, &mut size));
+        let mut state = vec![0u8; size as usize];
+        ok(hyzo_optimizer_save_state(
+            o,
+            state.as_mut_ptr().cast(),
+            size,
+        ));
+        // v[0] = −1 (body: m then v of 100 elements), checksum recomputed.
+        let mut bad = state.clone();
+        bad[64 + 400..64 + 404].copy_from_slice(&(-1f32).to_le_bytes());
+        let n = bad.len() - 4;
+        let crc = crc32c::crc32c(&bad[..n]);
+        bad[n..].copy_from_slice(&crc.to_le_bytes());
+        let file = dir.join("bad");
+        std::fs::write(&file, &bad).unwrap();
+        let path = CString::new(file.to_str().unwrap()).unwrap();
+        expect(
+            hyzo_optimizer_load_state_file(o, path.as_ptr()),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "second moment",
+        );
+        expect(
+            hyzo_optimizer_load_state(o, bad.as_ptr().cast(), size),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "second moment",
+        );
+        #[cfg(unix)]
+        {
+            let fifo = CString::new(dir.join("fifo").to_str().unwrap()).unwrap();
+            assert_eq!(libc::mkfifo(fifo.as_ptr(), 0o600), 0);
+            expect(
+                hyzo_optimizer_load_state_file(o, fifo.as_ptr()),
+                HYZO_ERR_IO,
+                "not a regular file",
+            );
+        }
+        let mut now = vec![0u8; size as usize];
+        ok(hyzo_optimizer_save_state(o, now.as_mut_ptr().cast(), size));
+        assert_eq!(now, state, "nothing changed");
+        hyzo_optimizer_destroy(o);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The values of the C enum `name` as `ffi/hyzo.h` declares them: `(constant, value)`.
 fn header_enum(name: &str) -> Vec<(String, u32)> {
     let header = include_str!("../../ffi/hyzo.h");

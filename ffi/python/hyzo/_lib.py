@@ -147,6 +147,7 @@ class hyzo_config(ctypes.Structure):
         ("fo_lr", ctypes.c_float),
         ("fo_weight_decay", ctypes.c_float),
         ("rank", ctypes.c_uint32),
+        ("skip_nonfinite_grads", ctypes.c_uint32),
     ]
 
 
@@ -337,6 +338,7 @@ def make_config(
     fo_lr: Optional[float] = None,
     fo_weight_decay: Optional[float] = None,
     rank: int = 1,
+    skip_nonfinite_grads: bool = True,
 ) -> hyzo_config:
     """Builds a ``hyzo_config`` from Python options (strings for the enums).
 
@@ -344,6 +346,9 @@ def make_config(
     ``fo_rule`` (``None``: none, ``HYZO_RULE_NONE``) gives first-order steps a rule with a
     state of its own (spec v2 §5); ``fo_lr`` / ``fo_weight_decay`` (``None``: follow ``lr`` /
     ``weight_decay``) are the learning rate and weight decay of first-order steps.
+    ``skip_nonfinite_grads`` (default): a step whose gradient holds a NaN or an infinity is
+    skipped and counted, as ``torch.amp.GradScaler`` skips it; ``False``: applied as it is
+    (torch.optim's behaviour).
 
     Types, enum names and integer ranges are checked here; value ranges (NaN, negative
     lr, ...) are checked by the library when an optimizer is created, with its own message.
@@ -375,6 +380,10 @@ def make_config(
     cfg.fo_lr = _optional_float("fo_lr", fo_lr, "lr")
     cfg.fo_weight_decay = _optional_float("fo_weight_decay", fo_weight_decay, "weight_decay")
     cfg.rank = u32("rank", rank)
+    if skip_nonfinite_grads not in (True, False):
+        raise ValueError(f"skip_nonfinite_grads: expected True or False, got "
+                         f"{skip_nonfinite_grads!r}")
+    cfg.skip_nonfinite_grads = 1 if skip_nonfinite_grads else 0
     return cfg
 
 

@@ -93,6 +93,10 @@ class Optimizer:
             first-order steps apply ``rule`` to the one shared state (spec v1).
         fo_lr, fo_weight_decay: learning rate and weight decay of first-order steps
             (``None``: follow ``lr`` / ``weight_decay``, also when those change later).
+        skip_nonfinite_grads: ``True`` (the default): a step whose gradient holds a NaN or
+            an infinity (:meth:`fo_step`, or a zeroth-order step with ``hybrid_alpha > 0``)
+            changes nothing and is counted in :attr:`skipped`, as ``torch.amp.GradScaler``
+            skips it; ``False``: the rule applies it as it is (torch.optim's behaviour).
         num_threads: CPU threads of this optimizer (``None``: the shared pool over all cores;
             at most 1024).
         rank, shapes: low-rank directions (``directions="lowrank"``, spec §7): ``shapes``
@@ -145,13 +149,15 @@ class Optimizer:
         num_threads: Optional[int] = None,
         rank: int = 1,
         shapes: Optional[Dict[int, Tuple[int, int]]] = None,
+        skip_nonfinite_grads: bool = True,
     ) -> None:
         cfg = _lib.make_config(lr=lr, eps=eps, rule=rule, betas=betas, adam_eps=adam_eps,
                                weight_decay=weight_decay, directions=directions,
                                num_directions=num_directions, estimator=estimator,
                                precision=precision, seed=seed, fo_steps=fo_steps,
                                zo_steps=zo_steps, hybrid_alpha=hybrid_alpha, fo_rule=fo_rule,
-                               fo_lr=fo_lr, fo_weight_decay=fo_weight_decay, rank=rank)
+                               fo_lr=fo_lr, fo_weight_decay=fo_weight_decay, rank=rank,
+                               skip_nonfinite_grads=skip_nonfinite_grads)
         specs: List[Tuple[np.ndarray, Optional[int]]] = []
         for i, p in enumerate(params):
             if isinstance(p, tuple):
@@ -258,8 +264,9 @@ class Optimizer:
 
     @property
     def skipped(self) -> int:
-        """Zeroth-order steps skipped because a loss or a projected gradient was not finite
-        (spec v2 §4: the arrays were restored, no state was updated)."""
+        """Steps skipped: zeroth-order ones whose losses or projected gradients were not
+        finite (spec v2 §4: the arrays were restored), and steps whose gradient held a NaN or
+        an infinity (``skip_nonfinite_grads``); no state was updated."""
         return self._c.stats()[1]
 
     @property
@@ -337,9 +344,13 @@ class Optimizer:
         return self._c.last_projected_grads()
 
     # ---- first-order steps ----
-    def fo_step(self) -> None:
-        """A first-order step on the gradient arrays (write them first)."""
+    def fo_step(self) -> bool:
+        """A first-order step on the gradient arrays (write them first). Returns whether it
+        was skipped: a gradient held a NaN or an infinity (``skip_nonfinite_grads``), and
+        nothing but the step count changed."""
+        skipped = self._c.stats()[1]
         self._c.fo_step()
+        return self._c.stats()[1] != skipped
 
     # ---- state ----
     def state_dict(self) -> bytearray:

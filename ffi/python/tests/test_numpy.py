@@ -470,3 +470,71 @@ def test_lowrank_directions_train_a_matrix_never_written_mid_step():
     assert end < 0.5 * start, (start, end)
     with pytest.raises(hyzo.InvalidArgumentError):
         hyzo.Optimizer([np.zeros(6, np.float32)], directions="lowrank", shapes={0: (4, 2)})
+
+
+def test_non_finite_gradients_skip_unless_turned_off(rng):
+    """Issue 29: a first-order step (or a mixed zeroth-order one) whose gradient holds a NaN
+    or an infinity changes nothing and is counted, as torch.amp.GradScaler skips it;
+    ``skip_nonfinite_grads=False`` applies it as torch.optim does."""
+    x0 = rng.standard_normal(16).astype(np.float32)
+    x, g = x0.copy(), np.full(16, 0.5, np.float32)
+    g[3] = np.inf
+    opt = hyzo.Optimizer([x], grads=[g], lr=0.1, rule="adamw", seed=0)
+    assert opt.fo_step() is True
+    np.testing.assert_array_equal(bits(x), bits(x0))
+    assert (opt.steps, opt.skipped, opt.updates) == (1, 1, 0)
+    g[3] = 0.5
+    assert opt.fo_step() is False
+    assert np.all(x < x0)
+    mixed = hyzo.Optimizer([x0.copy()], grads=[np.full(16, np.nan, np.float32)], lr=0.1,
+                           hybrid_alpha=0.5, seed=0)
+    mixed.step(lambda: 1.0)
+    assert mixed.last_loss()[1] is True and mixed.skipped == 1
+    y = x0.copy()
+    torch_like = hyzo.Optimizer([y], grads=[g], lr=0.1, seed=0, skip_nonfinite_grads=False)
+    g[3] = np.nan
+    assert torch_like.fo_step() is False
+    assert np.isnan(y[3]) and torch_like.skipped == 0
+    with pytest.raises(ValueError, match="skip_nonfinite_grads"):
+        hyzo.Optimizer([x0.copy()], skip_nonfinite_grads="no")
+
+
+def test_displacement_that_would_overflow_is_refused(rng):
+    x0 = rng.standard_normal(64).astype(np.float32)
+    x = x0.copy()
+    opt = hyzo.Optimizer([x])
+    with pytest.raises(hyzo.InvalidArgumentError, match="non-finite"):
+        opt._c.displace(seed=1, step=0, direction=0, scale=3e38)
+    np.testing.assert_array_equal(bits(x), bits(x0))
+
+
+def test_state_files_with_impossible_moments_or_not_regular_are_refused(rng, tmp_path):
+    import os
+    import struct
+
+    x = rng.standard_normal(10).astype(np.float32)
+    opt = hyzo.Optimizer([x], rule="adamw", seed=0)
+    opt.step(lambda: quad(x))
+    good = bytearray(opt.state_dict())
+    bad = bytearray(good)
+    bad[64 + 40:64 + 44] = struct.pack("<f", -1.0)  # v[0] (body: m, v of 10 elements)
+    bad[-4:] = struct.pack("<I", _crc32c(bytes(bad[:-4])))
+    (tmp_path / "bad").write_bytes(bytes(bad))
+    with pytest.raises(hyzo.InvalidArgumentError, match="second moment"):
+        opt.load_state(tmp_path / "bad")
+    with pytest.raises(hyzo.InvalidArgumentError, match="second moment"):
+        opt.load_state_dict(bad)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(hyzo.HyzoIOError, match="not a regular file"):
+        opt.load_state(tmp_path / "fifo")
+    assert opt.state_dict() == good
+
+
+def _crc32c(data: bytes) -> int:
+    """CRC32C (Castagnoli, reflected), bit by bit."""
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
