@@ -4,8 +4,9 @@ missing from the wheel and from ``pip install``)."""
 
 from __future__ import annotations
 
-import pytest
 from pathlib import Path
+
+import pytest
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11
 PYTHON = Path(__file__).resolve().parents[1]

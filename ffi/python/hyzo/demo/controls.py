@@ -38,10 +38,12 @@ DESCRIPTION = {
 
 def make_optimizer(name: str, params, setup: Setup, seed: int):
     common = dict(lr=setup.lr, num_threads=1)
+    # No run has weight decay (Hybrid's and ZO's default; FO's is AdamW's 1e-2): the
+    # optimizers differ in their updates only.
     if name == ADAMW:
-        return hzt.FO(params, rule="adamw", **common)
+        return hzt.FO(params, rule="adamw", weight_decay=0.0, **common)
     if name == SIGNUM:
-        return hzt.FO(params, rule="signum", **common)
+        return hzt.FO(params, rule="signum", weight_decay=0.0, **common)
     if name in (HYBRID, NULL_ZO):
         # Spec v2 defaults: AdamW first-order steps, AdaZO zeroth-order steps, own states.
         return hzt.Hybrid(params, fo_steps=setup.block, zo_steps=setup.block, eps=setup.mu,

@@ -32,11 +32,16 @@ enabled followed by ``loss.backward()`` (called by the optimizer) for first-orde
 :class:`FO` is a drop-in ``torch.optim.AdamW``-style optimizer: the user calls
 ``backward()`` as usual, then ``step()``.
 
-Options per group: ``lr``, ``weight_decay``, ``rule`` (``fo_rule``, ``zo_rule``,
-``zo_lr_ratio``, ``zo_weight_decay`` in :class:`Hybrid`), ``betas``, ``adam_eps``,
-``precision``, ``hybrid_alpha``, ``global_offset``. Options shared by all groups (they
-define the perturbation, which must be one for the whole model): ``eps``, ``directions``,
-``num_directions``, ``estimator``, ``seed``, ``fo_steps``, ``zo_steps``, ``rank``.
+Options per group (each group's C optimizer has its own): ``lr``, ``weight_decay``,
+``rule`` (``fo_rule``, ``zo_rule``, ``zo_lr_ratio``, ``zo_weight_decay`` in :class:`Hybrid`),
+``betas``, ``adam_eps``, ``precision``, ``hybrid_alpha`` (:class:`Hybrid`; 0 in :class:`ZO`),
+``global_offset``. Options shared by all groups (they define the perturbation, its schedule
+and seed, which must be one for the whole model: the groups step in lockstep), refused
+when groups differ: ``eps``, ``directions``, ``num_directions``, ``estimator``, ``seed``,
+``fo_steps``, ``zo_steps``, ``rank``. :class:`FO` has torch.optim.AdamW's keys instead
+(``lr``, ``betas``, ``eps`` = Adam's epsilon, ``weight_decay``, plus ``rule``, ``precision``,
+``global_offset`` per group and ``seed`` shared). A group is checked alike wherever it comes
+from: the constructor, :meth:`add_param_group` or :meth:`load_state_dict`.
 
 Low-rank directions (``directions="lowrank", rank=r``, spec v3 §7): ``opt.attach(model)``
 registers the 2-D weights of the model's ``nn.Linear`` and ``nn.Embedding`` modules that the

@@ -27,10 +27,33 @@ def pack(shards: Sequence[GroupShard]) -> Dict[str, Any]:
 
 
 def unpack(hz: Any) -> List[Any]:
-    """The saved shard states of a ``"hyzo"`` entry."""
+    """The saved shard states of a ``"hyzo"`` entry, of a format this code reads."""
     if hz is None:
         raise ValueError("load_state_dict: not a hyzo optimizer state dict (no 'hyzo' key)")
+    if not isinstance(hz, dict) or "shards" not in hz:
+        raise ValueError("load_state_dict: the 'hyzo' entry is not hyzo's (expected a dict "
+                         "with 'format' and 'shards')")
+    if hz.get("format") != FORMAT:
+        raise ValueError(f"load_state_dict: the hyzo state dict has format "
+                         f"{hz.get('format')!r} (saved by hyzo {hz.get('library_version')}); "
+                         f"this hyzo ({_lib.version()}) reads format {FORMAT}")
     return hz["shards"]
+
+
+def check_lockstep(shards: Sequence[GroupShard]) -> None:
+    """Refuses loaded shards that disagree on their counters: in a run whose groups step
+    together they always agree, so a disagreement means states of several saves (shard 0
+    from step 6, shard 1 from step 7), which would fail or silently desynchronize the
+    schedule at the next step."""
+    counters = [(s.c.stats(), s.c.updates()) for s in shards]
+    if all(c == counters[0] for c in counters):
+        return
+    described = "; ".join(
+        f"shard {i} (param group {s.group_index}): step {st}, updates {up}/{fo}, skipped {sk}"
+        for i, (s, ((st, sk), (up, fo))) in enumerate(zip(shards, counters)))
+    raise ValueError("load_state_dict: the saved shards disagree (" + described + "); all "
+                     "shards must agree on step, updates, schedule position and seed (is the "
+                     "checkpoint mixed from several saves?)")
 
 
 def load(shards: Sequence[GroupShard], bufs: Sequence[Any]) -> None:

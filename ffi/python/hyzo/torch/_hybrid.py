@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 
 from ._optimizer import HyzoOptimizer
-from ._options import RuleSettings, as_float, check_options, optional_nonneg, zo_lr_ratio
+from ._options import RuleSettings, as_float, optional_nonneg, zo_lr_ratio
 
 
 class DefaultRule(str):
@@ -107,15 +107,13 @@ class Hybrid(HyzoOptimizer):
                 raise ValueError("Hybrid: pass either rule (one rule and one shared state for "
                                  "every step) or fo_rule/zo_rule, not both")
             fo_rule, zo_rule = None, rule
-        defaults = check_options(lr=lr, eps=eps, fo_rule=fo_rule, zo_rule=zo_rule, betas=betas,
-                             weight_decay=weight_decay, directions=directions,
-                             num_directions=num_directions, estimator=estimator,
-                             precision=precision, seed=seed, adam_eps=adam_eps,
-                             fo_steps=fo_steps, zo_steps=zo_steps, hybrid_alpha=hybrid_alpha,
-                             zo_lr_ratio=zo_lr_ratio(zo_lr, lr, "zo_lr"),
-                             zo_weight_decay=optional_nonneg("zo_weight_decay",
-                                                              zo_weight_decay),
-                             rank=rank)
+        defaults = dict(lr=lr, eps=eps, fo_rule=fo_rule, zo_rule=zo_rule, betas=betas,
+                        weight_decay=weight_decay, directions=directions,
+                        num_directions=num_directions, estimator=estimator,
+                        precision=precision, seed=seed, adam_eps=adam_eps,
+                        fo_steps=fo_steps, zo_steps=zo_steps, hybrid_alpha=hybrid_alpha,
+                        zo_lr_ratio=zo_lr_ratio(zo_lr, lr, "zo_lr"),
+                        zo_weight_decay=zo_weight_decay, rank=rank)
         super().__init__(params, defaults, process_group=process_group,
                          num_threads=num_threads)
 
@@ -123,6 +121,7 @@ class Hybrid(HyzoOptimizer):
         """A group's ``rule`` becomes ``zo_rule`` with ``fo_rule=None``, its ``zo_lr`` the
         ratio ``zo_lr_ratio`` to its ``lr``; a loaded group of the single-rule Hybrid (before
         spec v2) gets the keys it lacks."""
+        super()._normalize_group(group, loaded)
         where = "param group"
         if "rule" in group:
             if "fo_rule" in group or "zo_rule" in group:
@@ -135,15 +134,13 @@ class Hybrid(HyzoOptimizer):
                 raise ValueError(f"{where}: pass either 'zo_lr' or 'zo_lr_ratio', not both")
             lr = group.get("lr", self.defaults.get("lr"))
             group["zo_lr_ratio"] = zo_lr_ratio(group.pop("zo_lr"), lr, f"{where}: zo_lr")
-        elif "zo_lr_ratio" in group and group["zo_lr_ratio"] is not None:
-            group["zo_lr_ratio"] = optional_nonneg(f"{where}: zo_lr_ratio",
-                                                    group["zo_lr_ratio"])
-        if "zo_weight_decay" in group:
-            group["zo_weight_decay"] = optional_nonneg(f"{where}: zo_weight_decay",
-                                                        group["zo_weight_decay"])
         if loaded:
             group.setdefault("zo_lr_ratio", None)
             group.setdefault("zo_weight_decay", None)
+
+    def _check_own_options(self, g: Dict[str, Any], prefix: str) -> None:
+        for k in ("zo_lr_ratio", "zo_weight_decay"):
+            g[k] = optional_nonneg(f"{prefix}{k}", g.get(k))
 
     def _rule_settings(self, g: Dict[str, Any]) -> RuleSettings:
         # The C optimizer's main rule is the zeroth-order one; fo_lr / fo_weight_decay are

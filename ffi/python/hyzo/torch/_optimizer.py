@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import _lib
 from . import _checkpoint, _gradients, _lowrank, _protocol
-from ._options import ENUM_KEYS, RuleSettings, as_float, config_of, enum_name
+from ._options import MODEL_WIDE_KEYS, RuleSettings, as_float, check_group, config_of
 from ._registration import GroupPlan, GroupShard, check_model_wide, plan, register
 
 
@@ -23,6 +23,11 @@ class HyzoOptimizer(torch.optim.Optimizer):
     # Make the registered buffer the parameter's .grad at construction (Hybrid, which runs
     # backward itself). FO leaves a None .grad as it is: None means "skip this parameter".
     _assign_grads_at_build = True
+    # The options every param group must share (see _options.MODEL_WIDE_KEYS).
+    _model_wide_keys: Tuple[str, ...] = MODEL_WIDE_KEYS
+    # Whether every group's C optimizer steps whenever the others do (ZO, Hybrid), so that
+    # all of them always agree on their counters; FO skips a group without gradients.
+    _lockstep = True
 
     def __init__(self, params: Any, defaults: Dict[str, Any], *,
                  process_group: Any = None, num_threads: Optional[int] = None) -> None:
@@ -41,12 +46,8 @@ class HyzoOptimizer(torch.optim.Optimizer):
         self._trainable: List[List[Tuple[int, bool]]] = []
         self._built = False
         self._lowrank = _lowrank.Hooks()
-        for k in ENUM_KEYS:
-            if k in defaults and isinstance(defaults[k], str):
-                defaults[k] = enum_name(defaults[k])
-        # Validate the values with the library now (a throwaway C optimizer), for a clear
-        # error at construction even when no group has a trainable parameter yet.
-        _lib.COptimizer(self._config_of(defaults), "cpu").close()
+        defaults.setdefault("global_offset", None)
+        self._check_group(defaults)
         if defaults.get("seed") is None:
             defaults["seed"] = _protocol.draw_seed(self._pg)
         super().__init__(params, defaults)
@@ -62,25 +63,47 @@ class HyzoOptimizer(torch.optim.Optimizer):
         if isinstance(param_group, dict):
             self._normalize_group(param_group)
         super().add_param_group(param_group)
-        if getattr(self, "_built", False):
-            try:
+        try:
+            self._check_group(self.param_groups[-1], f"param group {len(self.param_groups) - 1}")
+            if getattr(self, "_built", False):
                 self._build()
-            except BaseException:
-                self.param_groups.pop()
-                raise
+        except BaseException:
+            self.param_groups.pop()
+            raise
 
     def _normalize_group(self, group: Dict[str, Any], loaded: bool = False) -> None:
         """Rewrites a param group's own keys into the stored form (see :class:`Hybrid`);
         ``loaded``: a group of a loaded state dict, possibly from an older version."""
+        if loaded:
+            group.setdefault("rank", 1)  # a state dict from before low-rank directions
 
     def _rule_settings(self, g: Dict[str, Any]) -> RuleSettings:
         """The rule fields of group ``g``'s C configuration."""
         return RuleSettings(rule=g["rule"], lr=as_float(g["lr"]),
                             weight_decay=as_float(g["weight_decay"]))
 
+    def _check_group(self, g: Dict[str, Any], where: str = "") -> None:
+        """The one check of a param group (or of the defaults, ``where`` empty), whether
+        it comes from the constructor, :meth:`add_param_group` or a loaded state dict:
+        its options' types, the optimizer's own rules, then their values, by the library
+        (a throwaway C optimizer: the same checks as the group's own, also for a group
+        without trainable parameters, which gets none)."""
+        prefix = f"{where}: " if where else ""
+        check_group(g, where)
+        self._check_own_options(g, prefix)
+        try:
+            _lib.COptimizer(self._config_of(g), "cpu").close()
+        except _lib.HyzoError as e:
+            raise type(e)(prefix + str(e), e.status, e.func) from None
+        except (TypeError, ValueError) as e:  # make_config's checks of what is left
+            raise type(e)(prefix + str(e)) from None
+
+    def _check_own_options(self, g: Dict[str, Any], prefix: str) -> None:
+        """What this kind of optimizer refuses in a group (``prefix`` starts messages)."""
+
     def _check_groups(self) -> None:
-        """Checks the param groups before they are registered (subclasses add theirs)."""
-        check_model_wide(self.param_groups)
+        """Checks what the param groups must share before they are registered."""
+        check_model_wide(self.param_groups, self._model_wide_keys)
 
     def _config_of(self, g: Dict[str, Any]) -> _lib.hyzo_config:
         return config_of(g, self._rule_settings(g))
@@ -218,7 +241,7 @@ class HyzoOptimizer(torch.optim.Optimizer):
         """
         if not self._uses_lowrank():
             raise ValueError(f"attach: the optimizer uses directions="
-                             f"{self.param_groups[0]['directions']!r}; attach() is for "
+                             f"{self.param_groups[0].get('directions')!r}; attach() is for "
                              "directions='lowrank'")
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach: expected a torch.nn.Module, got {type(model).__name__}")
@@ -317,9 +340,15 @@ class HyzoOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restores :meth:`state_dict` (the optimizer must have the same param groups, with
         the same trainable parameters). The saved states are read in place (uint8 CPU
-        tensors, e.g. from ``torch.load(..., mmap=True)``, or bytes-like objects). A state
-        that does not fit (another configuration, corrupted, truncated) is refused and the
-        optimizer stays as it was."""
+        tensors, e.g. from ``torch.load(..., mmap=True)``, or bytes-like objects).
+
+        Refused, with the optimizer left as it was: a state dict of an unknown format, a
+        loaded param group that the constructor would refuse (the same checks run), a state
+        that does not fit (another configuration, corrupted, truncated), and shards that
+        disagree on step, updates or skipped steps (a checkpoint mixed from several saves;
+        not :class:`FO`, whose groups without gradients are not stepped). The seed and
+        the schedule are the groups' (they must be one for all) and each state must match
+        them."""
         state_dict = dict(state_dict)
         bufs = _checkpoint.unpack(state_dict.pop("hyzo", None))
         groups = state_dict.get("param_groups") or [{}]
@@ -332,11 +361,13 @@ class HyzoOptimizer(torch.optim.Optimizer):
         # restores hyperparameters; on any failure the optimizer stays as it was.
         shards: List[GroupShard] = []
         try:
-            for g in self.param_groups:
-                g.setdefault("rank", 1)  # a state dict from before low-rank directions
+            for i, g in enumerate(self.param_groups):
                 self._normalize_group(g, loaded=True)
+                self._check_group(g, f"load_state_dict: param group {i}")
             shards = self._make_shards()
             _checkpoint.load(shards, bufs)
+            if self._lockstep:
+                _checkpoint.check_lockstep(shards)
         except BaseException:
             for s in shards:
                 s.c.close()

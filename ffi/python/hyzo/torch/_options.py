@@ -5,6 +5,7 @@ values the library checks)."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Dict, NamedTuple, Optional
 
 import torch
@@ -44,28 +45,56 @@ def normalize_enums(g: Dict[str, Any]) -> None:
             g[k] = enum_name(g[k])
 
 
-def check_options(**kw: Any) -> Dict[str, Any]:
-    """Normalizes the options (enum names lower-case) and checks their types early; the
-    optimizer checks the values with the library."""
+# Float options, which torch lets be a number or a 0-d tensor (a scheduler's ``lr``).
+FLOAT_KEYS = ("lr", "eps", "weight_decay", "adam_eps", "hybrid_alpha")
+# Integer options and their ranges [lo, hi).
+INT_KEYS = {"num_directions": (0, 2**32), "fo_steps": (0, 2**32), "zo_steps": (0, 2**32),
+            "rank": (1, 1025)}
+
+
+def check_group(g: Dict[str, Any], where: str = "") -> None:
+    """Normalizes the options of ``g`` in place (enum names as the library spells them,
+    ``betas`` a tuple) and checks their types and integer ranges: the one check of a param
+    group's own options, run on the constructor's defaults, on every added group and on
+    every loaded one. ``where`` prefixes the messages ("param group 1"). The optimizer
+    then checks the values with the library."""
+    p = f"{where}: " if where else ""
     for k in ENUM_KEYS:
-        if k not in kw or (k == "fo_rule" and kw[k] is None):
+        if k not in g or (k == "fo_rule" and g[k] is None):
             continue
-        if not isinstance(kw[k], str):
-            raise TypeError(f"{k}: expected a string, got {kw[k]!r}")
-        kw[k] = enum_name(str(kw[k]))
+        if not isinstance(g[k], str):
+            raise TypeError(f"{p}{k}: expected a string, got {g[k]!r}")
+        g[k] = enum_name(g[k])
         if k.endswith("rule"):
-            _lib.rule_code(k, kw[k])  # an unknown rule is reported under its own name
-    try:
-        kw["betas"] = tuple(float(b) for b in kw["betas"])
-    except (TypeError, ValueError):
-        raise ValueError(f"betas: expected two floats, got {kw['betas']!r}") from None
-    if len(kw["betas"]) != 2:
-        raise ValueError(f"betas: expected two floats, got {kw['betas']!r}")
-    if kw["seed"] is not None:
-        kw["seed"] = _lib.check_int("seed", kw["seed"], 0, 2**64)
-    kw["rank"] = _lib.check_int("rank", kw.get("rank", 1), 1, 1025)
-    kw["global_offset"] = None
-    return kw
+            _lib.rule_code(f"{p}{k}", g[k])  # an unknown rule is reported under its own name
+    for k in FLOAT_KEYS:
+        if k in g:
+            check_float(f"{p}{k}", g[k])
+    if "betas" in g:
+        try:
+            betas = tuple(float(b) for b in g["betas"])
+        except (TypeError, ValueError):
+            betas = ()
+        if len(betas) != 2 or isinstance(g["betas"], (str, bytes)):
+            raise ValueError(f"{p}betas: expected two floats, got {g['betas']!r}")
+        g["betas"] = betas
+    if g.get("seed") is not None:
+        g["seed"] = _lib.check_int(f"{p}seed", g["seed"], 0, 2**64)
+    for k, (lo, hi) in INT_KEYS.items():
+        if k in g:
+            g[k] = _lib.check_int(f"{p}{k}", g[k], lo, hi)
+    if g.get("global_offset") is not None:
+        g["global_offset"] = _lib.u64(f"{p}global_offset", g["global_offset"])
+
+
+def check_float(name: str, v: Any) -> None:
+    """A real number or a 0-d floating tensor (not a string, a bool or None)."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() == 1 and v.is_floating_point():
+            return
+    elif isinstance(v, numbers.Real) and not isinstance(v, bool):
+        return
+    raise TypeError(f"{name}: expected a float, got {v!r}")
 
 
 def optional_nonneg(name: str, v: Any) -> Optional[float]:

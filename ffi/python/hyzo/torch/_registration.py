@@ -10,7 +10,7 @@ import torch
 
 from .. import _lib
 from ._lowrank import FactorLayout
-from ._options import MODEL_WIDE_KEYS, normalize_enums
+from ._options import normalize_enums
 
 DTYPES = {
     torch.float32: _lib.DTYPE_CODES["float32"],
@@ -74,17 +74,18 @@ class GroupShard:
         self.lowrank: Optional[FactorLayout] = None
 
 
-def check_model_wide(groups: Sequence[Dict[str, Any]]) -> None:
-    """Checks the options every group must share, and each group's ``global_offset``."""
+def check_model_wide(groups: Sequence[Dict[str, Any]], keys: Sequence[str]) -> None:
+    """Checks that every group has the same ``keys`` (their values were checked with each
+    group): the protocol reads them from group 0."""
     for g in groups:
-        normalize_enums(g)
+        normalize_enums(g)  # a group's options may have been rewritten since its check
     first = groups[0]
     for i, g in enumerate(groups):
-        for k in MODEL_WIDE_KEYS:
+        for k in keys:
             if g[k] != first[k]:
                 raise ValueError(
                     f"param group {i}: {k}={g[k]!r} differs from group 0 ({first[k]!r}); "
-                    f"{', '.join(MODEL_WIDE_KEYS)} must be the same in every group"
+                    f"{', '.join(keys)} must be the same in every group"
                 )
         off = g.get("global_offset")
         if off is not None:

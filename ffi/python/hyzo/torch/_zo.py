@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
 from ._optimizer import HyzoOptimizer
-from ._options import as_float, check_options
+from ._options import as_float
 
 
 class ZO(HyzoOptimizer):
@@ -68,21 +68,18 @@ class ZO(HyzoOptimizer):
         num_threads: Optional[int] = None,
         rank: int = 1,
     ) -> None:
-        defaults = check_options(lr=lr, eps=eps, rule=rule, betas=betas, weight_decay=weight_decay,
-                             directions=directions, num_directions=num_directions,
-                             estimator=estimator, precision=precision, seed=seed,
-                             adam_eps=adam_eps, fo_steps=0, zo_steps=0, hybrid_alpha=0.0,
-                             rank=rank)
+        defaults = dict(lr=lr, eps=eps, rule=rule, betas=betas, weight_decay=weight_decay,
+                        directions=directions, num_directions=num_directions,
+                        estimator=estimator, precision=precision, seed=seed,
+                        adam_eps=adam_eps, fo_steps=0, zo_steps=0, hybrid_alpha=0.0,
+                        rank=rank)
         super().__init__(params, defaults, process_group=process_group,
                          num_threads=num_threads)
 
-    def _check_groups(self) -> None:
-        super()._check_groups()
-        for i, g in enumerate(self.param_groups):
-            if as_float(g["hybrid_alpha"]) != 0:
-                raise ValueError(f"param group {i}: hybrid_alpha={g['hybrid_alpha']!r} mixes a "
-                                 "gradient into zeroth-order steps; ZO computes none (use "
-                                 "Hybrid)")
+    def _check_own_options(self, g: Dict[str, Any], prefix: str) -> None:
+        if as_float(g["hybrid_alpha"]) != 0:
+            raise ValueError(f"{prefix}hybrid_alpha={g['hybrid_alpha']!r} mixes a gradient "
+                             "into zeroth-order steps; ZO computes none (use Hybrid)")
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> torch.Tensor:  # type: ignore[override]
