@@ -18,6 +18,7 @@ optimizers may be used from different threads concurrently.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import math
 import os
 import threading
@@ -375,6 +376,13 @@ def make_config(
     cfg.fo_weight_decay = _optional_float("fo_weight_decay", fo_weight_decay, "weight_decay")
     cfg.rank = u32("rank", rank)
     return cfg
+
+
+# Every option of make_config with its default: the one place Python's defaults live (the
+# numpy Optimizer takes exactly these options; hyzo.torch's FO fixes the zeroth-order ones
+# to them).
+CONFIG_DEFAULTS: Dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(make_config).parameters.items()}
 
 
 # ----------------------------------------------------------------------------------------
