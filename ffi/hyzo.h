@@ -5,6 +5,9 @@
  * Errors: every fallible function returns a hyzo_status; on failure nothing was changed
  * (unless the function's documentation says otherwise) and hyzo_last_error() returns a
  * message naming the function and the argument at fault.
+ * A pass of a zeroth-order step that fails is the exception: it leaves the parameters in
+ * an unknown state and poisons the optimizer, which then accepts only a load of a saved
+ * state (see hyzo_optimizer_poisoned).
  *
  * Threads:
  *  - one optimizer serves one call at a time: a call on a hyzo_optimizer (const pointer
@@ -37,7 +40,8 @@ typedef enum {
   HYZO_OK = 0,
   // An argument is out of its domain (NULL, NaN, out-of-range enum, overlap, misaligned).
   HYZO_ERR_INVALID_ARGUMENT = 1,
-  // The call is not allowed now (protocol misuse: wrong phase, no step in progress, ...).
+  // The call is not allowed now (protocol misuse: wrong phase, no step in progress, ...;
+  // or the optimizer is poisoned, see `hyzo_optimizer_poisoned`).
   HYZO_ERR_BAD_STATE = 2,
   // No CUDA driver, no such device, or a build without CUDA.
   HYZO_ERR_NO_DEVICE = 3,
@@ -387,6 +391,11 @@ hyzo_status hyzo_optimizer_save_state_file(const hyzo_optimizer *opt, const char
 // format version is rejected and nothing changes. States of hyzo 0.1 (format 1) load into
 // optimizers without `fo_rule`. Not during a zeroth-order step.
 //
+// The one call (with `hyzo_optimizer_load_state_file`, and destroy) that an optimizer
+// poisoned by a failed pass accepts (`hyzo_optimizer_poisoned`): once a load succeeds it
+// is usable again, and the caller writes the parameters of the same checkpoint back into
+// the registered memory. A load that fails leaves it poisoned.
+//
 // # Safety
 // `opt` must be NULL or a live optimizer; `buf` valid for reads of `len` bytes.
 hyzo_status hyzo_optimizer_load_state(hyzo_optimizer *opt, const void *buf, uint64_t len);
@@ -406,6 +415,8 @@ hyzo_status hyzo_optimizer_load_state_file(hyzo_optimizer *opt, const char *path
 // Fails with `HYZO_ERR_BAD_STATE` when a step is in progress, when the hybrid schedule
 // calls for a first-order step, when no tensor is registered, or when `hybrid_alpha > 0`
 // and a tensor has no gradient.
+// A perturbation pass that fails leaves the parameters in an unknown state and poisons the
+// optimizer (`hyzo_optimizer_poisoned`).
 //
 // # Safety
 // `opt` must be NULL or a live optimizer.
@@ -432,6 +443,8 @@ hyzo_status hyzo_optimizer_local_sq_norms(hyzo_optimizer *opt, double *out, uint
 // gradient of the step is not finite (spec §4), the step completes with the parameters
 // restored (exactly in compensated mode; otherwise each element within one rounding of
 // its stored dtype per pass) and no rule state or `t` changed; it counts as skipped.
+// A pass that fails (the next perturbation, or the update) leaves the parameters in an
+// unknown state and poisons the optimizer (`hyzo_optimizer_poisoned`).
 //
 // # Safety
 // `opt` must be NULL or a live optimizer; `needs_more` NULL or writable.
@@ -450,9 +463,27 @@ hyzo_status hyzo_zo_feed_device(hyzo_optimizer *opt, const float *loss_on_device
 // are restored (exactly in compensated mode; otherwise within the rounding of the stored
 // dtype), nothing is updated, the step is not counted. No step in progress: no-op.
 //
+// When the restoring pass fails, the step is kept and its error returned: every call but
+// `hyzo_zo_abort` and the loads is then refused (`HYZO_ERR_BAD_STATE`), and calling
+// `hyzo_zo_abort` again retries the pass; a second failure poisons the optimizer
+// (`hyzo_optimizer_poisoned`).
+//
 // # Safety
 // `opt` must be NULL or a live optimizer.
 hyzo_status hyzo_zo_abort(hyzo_optimizer *opt);
+
+// Writes 1 to `*poisoned` when the optimizer is poisoned, 0 otherwise. A pass of a
+// zeroth-order step that failed (in `hyzo_zo_begin`, `hyzo_zo_feed(_device)` or a second failed
+// `hyzo_zo_abort`) leaves the parameters in an unknown state, and poisons the optimizer:
+// every call is then refused with `HYZO_ERR_BAD_STATE` and the reason in
+// `hyzo_last_error()`, except this one, `hyzo_optimizer_load_state`,
+// `hyzo_optimizer_load_state_file` (a successful load makes it usable again; write the
+// parameters of the same checkpoint back) and `hyzo_optimizer_destroy`. An internal error
+// (`HYZO_ERR_INTERNAL`) poisons it too, for good: only destroy is accepted then.
+//
+// # Safety
+// `opt` must be NULL or a live optimizer; `poisoned` NULL or writable.
+hyzo_status hyzo_optimizer_poisoned(const hyzo_optimizer *opt, int *poisoned);
 
 // The last finished zeroth-order step: `*loss` is its loss at the unperturbed point (the
 // mean of the `2q` losses for the two-sided estimator, `L_0` for the one-sided; NaN when the

@@ -163,7 +163,17 @@ public:
         check(hyzo_zo_feed(opt_, loss, &more));
         return more != 0;
     }
+    /// Restores the parameters of the step in progress. If restoring fails, the step is kept
+    /// (the exception says so) and a second abort() retries; a second failure poisons.
     void abort() { check(hyzo_zo_abort(opt_)); }
+    /// Whether a failed pass poisoned the optimizer: every call but load_state() and
+    /// load_state_file() then throws, and a successful load (with the parameters of the same
+    /// checkpoint written back) makes it usable again.
+    bool poisoned() const {
+        int p = 0;
+        check(hyzo_optimizer_poisoned(opt_, &p));
+        return p != 0;
+    }
 
     /// A whole zeroth-order step; `loss_fn()` evaluates the loss at the current parameters.
     /// Returns the step's loss. If loss_fn throws, the step is aborted and the exception

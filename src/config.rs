@@ -12,7 +12,8 @@ use crate::dtype::Precision;
 use crate::error::{invalid, Result};
 use crate::rules::Rule;
 
-/// Which finite-difference estimator a zeroth-order step uses (spec §4).
+/// Which finite-difference estimator a zeroth-order step uses (spec §4). The values are those
+/// of the C ABI's `hyzo_estimator`, tied at compile time in `src/ffi/enums.rs`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Estimator {
@@ -237,10 +238,7 @@ impl Config {
 
     /// Loss evaluations of one zeroth-order step.
     pub fn evaluations_per_step(&self) -> u32 {
-        match self.estimator {
-            Estimator::TwoSided => 2 * self.num_directions,
-            Estimator::OneSided => self.num_directions + 1,
-        }
+        crate::protocol::evaluations(self.estimator, self.num_directions)
     }
 
     /// The scheduled kind of step number `step` (0-based), `None` without a schedule.

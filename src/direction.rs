@@ -13,7 +13,8 @@
 
 use crate::philox::philox4x32_10;
 
-/// How a direction's entries are distributed.
+/// How a direction's entries are distributed. The values are those of the C ABI's
+/// `hyzo_direction`, tied at compile time in `src/ffi/enums.rs`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DirectionKind {

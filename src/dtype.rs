@@ -2,7 +2,8 @@
 
 use half::{bf16, f16};
 
-/// A stored element type.
+/// A stored element type. The values are those of the C ABI's `hyzo_dtype`, tied at compile
+/// time in `src/ffi/enums.rs`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -32,7 +33,8 @@ impl DType {
     }
 }
 
-/// How parameters are rounded when a pass writes them back.
+/// How parameters are rounded when a pass writes them back. The values are those of the C
+/// ABI's `hyzo_precision`, tied at compile time in `src/ffi/enums.rs`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Precision {

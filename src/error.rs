@@ -34,6 +34,20 @@ impl Error {
             | Error::Internal(m) => m,
         }
     }
+
+    /// The same kind of error with the message `f` makes of this one's.
+    pub(crate) fn map_message(self, f: impl FnOnce(&str) -> String) -> Self {
+        let m = f(self.message());
+        match self {
+            Error::InvalidArgument(_) => Error::InvalidArgument(m),
+            Error::BadState(_) => Error::BadState(m),
+            Error::NoDevice(_) => Error::NoDevice(m),
+            Error::Cuda(_) => Error::Cuda(m),
+            Error::OutOfMemory(_) => Error::OutOfMemory(m),
+            Error::Io(_) => Error::Io(m),
+            Error::Internal(_) => Error::Internal(m),
+        }
+    }
 }
 
 impl fmt::Display for Error {

@@ -10,6 +10,7 @@ pub mod ffi;
 pub mod fill;
 pub mod optimizer;
 pub mod philox;
+pub mod protocol;
 pub mod rules;
 pub mod shard;
 mod state;

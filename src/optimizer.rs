@@ -1,5 +1,6 @@
-//! The step protocol of the spec (§4): which pass runs after which loss, and the state an
-//! optimizer carries between steps. Backends execute the passes; this file decides them.
+//! The optimizer: the steps of the spec over one shard, and the state it carries between
+//! them. Which pass a zeroth-order step runs when is `protocol.rs`'s; this file runs them
+//! (backends execute them) and keeps the protocol's `State`.
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{
@@ -8,7 +9,8 @@ use crate::backend::{
 use crate::config::{Config, Estimator, Phase, PhaseRule, StateSet};
 use crate::direction::DirectionKind;
 use crate::dtype::Precision;
-use crate::error::{bad_state, invalid, Result};
+use crate::error::{bad_state, invalid, Error, Result};
+use crate::protocol::{self, Offset, Pass, State, ZoStep};
 use crate::rules::RuleParams;
 use crate::shard::{GradMut, ParamShard, TensorSpec};
 use crate::state::{self, Counters};
@@ -37,25 +39,18 @@ pub struct StepReport {
     pub projected_grads: Vec<f32>,
 }
 
-/// A zeroth-order step in progress.
-#[derive(Debug)]
-struct ZoStep {
-    gen: Generator,
-    /// `s_d` of each direction (1 except for the sphere).
-    scales: Vec<f32>,
-    losses: Vec<f32>,
-    fed: u32,
-    on_device: Option<bool>,
-    /// The perturbation the parameters carry now, to undo on abort.
-    carried: Vec<Term>,
-}
-
 /// A zeroth-order / first-order / hybrid optimizer over one [`ParamShard`].
 ///
 /// Steps are numbered from 0; step `n` uses directions `(seed, n, 0..q)`. Each rule state
 /// (spec v2 §5: the main rule's, and the first-order rule's when there is one) has its own
 /// bias-correction count `t`: the number of updates it received, the current one included
 /// (a skipped step advances the step number, not `t`).
+///
+/// A backend pass of a zeroth-order step that fails leaves the parameters in an unknown
+/// state: the optimizer is then poisoned ([`Optimizer::poisoned`]) and refuses every call
+/// that returns a `Result` but [`Optimizer::load_state`] and [`Optimizer::load_state_file`],
+/// whose success makes it usable again (write the parameters of the same checkpoint back
+/// too). An [`Optimizer::abort`] whose restoring pass fails keeps the step for one retry.
 pub struct Optimizer<'a> {
     config: Config,
     shard: ParamShard<'a>,
@@ -65,7 +60,8 @@ pub struct Optimizer<'a> {
     /// (on the device, and by [`Optimizer::updates`]).
     counters: Counters,
     prepared: bool,
-    zo: Option<ZoStep>,
+    /// Where the zeroth-order step protocol stands.
+    protocol: State,
 }
 
 impl std::fmt::Debug for Optimizer<'_> {
@@ -105,7 +101,7 @@ impl<'a> Optimizer<'a> {
             backend,
             counters: Counters::default(),
             prepared: false,
-            zo: None,
+            protocol: State::Idle,
         })
     }
 
@@ -122,26 +118,27 @@ impl<'a> Optimizer<'a> {
     /// Changes the learning rate (for schedulers); allowed between steps. First-order steps
     /// follow it too unless `fo_lr` is set.
     pub fn set_lr(&mut self, lr: f32) -> Result<()> {
-        self.set_config(|c| c.lr = lr)
+        self.set_config("set_lr", |c| c.lr = lr)
     }
 
     /// Changes the weight decay; allowed between steps.
     pub fn set_weight_decay(&mut self, weight_decay: f32) -> Result<()> {
-        self.set_config(|c| c.weight_decay = weight_decay)
+        self.set_config("set_weight_decay", |c| c.weight_decay = weight_decay)
     }
 
     /// Changes the learning rate of first-order steps (`None`: follow `lr`).
     pub fn set_fo_lr(&mut self, lr: Option<f32>) -> Result<()> {
-        self.set_config(|c| c.fo_lr = lr)
+        self.set_config("set_fo_lr", |c| c.fo_lr = lr)
     }
 
     /// Changes the weight decay of first-order steps (`None`: follow `weight_decay`).
     pub fn set_fo_weight_decay(&mut self, weight_decay: Option<f32>) -> Result<()> {
-        self.set_config(|c| c.fo_weight_decay = weight_decay)
+        self.set_config("set_fo_weight_decay", |c| c.fo_weight_decay = weight_decay)
     }
 
     /// Applies `change` to a copy of the configuration and keeps it if it validates.
-    fn set_config(&mut self, change: impl FnOnce(&mut Config)) -> Result<()> {
+    fn set_config(&mut self, what: &str, change: impl FnOnce(&mut Config)) -> Result<()> {
+        self.check_usable(what)?;
         let mut c = self.config.clone();
         change(&mut c);
         c.validate()?;
@@ -156,6 +153,7 @@ impl<'a> Optimizer<'a> {
 
     /// The gradient of tensor `i`, to fill before [`Optimizer::fo_step`].
     pub fn grad_mut(&mut self, i: usize) -> Result<GradMut<'_>> {
+        self.check_usable("grad_mut")?;
         self.shard.grad_mut(i)
     }
 
@@ -165,6 +163,7 @@ impl<'a> Optimizer<'a> {
     /// As [`ParamShard::add_raw`]: the memory stays valid and unaliased while the optimizer
     /// lives, in the shard's location.
     pub unsafe fn add_tensor_raw(&mut self, spec: TensorSpec) -> Result<usize> {
+        self.check_usable("add_tensor")?;
         if self.prepared {
             return bad_state("add_tensor: tensors can only be added before the first step");
         }
@@ -176,6 +175,7 @@ impl<'a> Optimizer<'a> {
     /// forward pass applies ([`Optimizer::forward_perturbation`], [`Optimizer::lowrank_factors`])
     /// and which no perturbation pass writes; other configurations ignore shapes.
     pub fn set_shape(&mut self, i: usize, rows: u64, cols: u64) -> Result<()> {
+        self.check_usable("set_shape")?;
         if self.prepared {
             return bad_state("set_shape: shapes can only be given before the first step");
         }
@@ -196,7 +196,7 @@ impl<'a> Optimizer<'a> {
     /// The directions the factors and the forward perturbation refer to: the step in
     /// progress, or the next one.
     fn current_generator(&self) -> Generator {
-        self.zo.as_ref().map_or_else(|| self.generator(), |s| s.gen)
+        self.step().map_or_else(|| self.generator(), |s| s.gen)
     }
 
     fn check_lowrank_direction(&self, direction: u32) -> Result<()> {
@@ -222,6 +222,7 @@ impl<'a> Optimizer<'a> {
     /// # Safety
     /// `out` must be valid for writes of `len` f32 in the backend's memory.
     pub unsafe fn lowrank_factors_raw(&mut self, direction: u32, out: u64, len: u64) -> Result<()> {
+        self.check_usable("lowrank_factors")?;
         self.check_lowrank_direction(direction)?;
         let want = self.lowrank_factors_len();
         if len != want {
@@ -243,6 +244,7 @@ impl<'a> Optimizer<'a> {
 
     /// [`Optimizer::lowrank_factors_raw`] into a new host vector (host shards only).
     pub fn lowrank_factors(&mut self, direction: u32) -> Result<Vec<f32>> {
+        self.check_usable("lowrank_factors")?;
         if self.shard.location() != crate::shard::Location::Host {
             return invalid("lowrank_factors: a device shard's factors go to device memory (lowrank_factors_raw)");
         }
@@ -263,8 +265,10 @@ impl<'a> Optimizer<'a> {
     /// forward must add for the tensors with a low-rank direction (spec §7), which no pass
     /// writes. `None` when it carries none (no step in progress; one-sided `L_0`).
     pub fn forward_perturbation(&self) -> Option<Term> {
-        match self.zo.as_ref()?.carried.as_slice() {
-            [t] => Some(*t),
+        match &self.protocol {
+            State::AwaitingLoss { step, eval } => {
+                protocol::point(self.config.estimator, *eval).map(|offset| self.term(step, offset))
+            }
             _ => None,
         }
     }
@@ -276,6 +280,7 @@ impl<'a> Optimizer<'a> {
 
     /// Updates applied to the main rule's state (its `t`); reads the device's skip counter.
     pub fn updates(&mut self) -> Result<u64> {
+        self.check_usable("updates")?;
         Ok(self.counters.updates[StateSet::Main as usize] - self.backend.device_skipped()?)
     }
 
@@ -287,12 +292,64 @@ impl<'a> Optimizer<'a> {
     /// Zeroth-order steps skipped because a loss or a projected gradient was not finite
     /// (reads the device counter).
     pub fn skipped(&mut self) -> Result<u64> {
+        self.check_usable("skipped")?;
         Ok(self.counters.skipped + self.backend.device_skipped()?)
     }
 
-    /// Whether a zeroth-order step is in progress.
+    /// Whether a zeroth-order step is in progress (also after an abort that failed to
+    /// restore, until it is retried; not once the optimizer is poisoned).
     pub fn in_step(&self) -> bool {
-        self.zo.is_some()
+        self.step().is_some()
+    }
+
+    /// The step in progress, if any.
+    fn step(&self) -> Option<&ZoStep> {
+        match &self.protocol {
+            State::AwaitingLoss { step, .. } | State::UndoFailed { step, .. } => Some(step),
+            State::Idle | State::Poisoned { .. } => None,
+        }
+    }
+
+    /// Why the optimizer is poisoned, if it is: a pass of a zeroth-order step failed and
+    /// left the parameters in an unknown state. Every call that returns a `Result` is then
+    /// refused, except [`Optimizer::load_state`] and [`Optimizer::load_state_file`]: a
+    /// successful load makes it usable again, and the caller writes the parameters of the
+    /// same checkpoint back (with the safe API, whose shard borrows them: drop the
+    /// optimizer, restore them, and load the state into a new one).
+    pub fn poisoned(&self) -> Option<&str> {
+        match &self.protocol {
+            State::Poisoned { reason } => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// Refuses the call `what` when the optimizer is poisoned, or when an abort failed to
+    /// restore (only a retried abort or a load are accepted then).
+    pub(crate) fn check_usable(&self, what: &str) -> Result<()> {
+        match &self.protocol {
+            State::Idle | State::AwaitingLoss { .. } => Ok(()),
+            State::Poisoned { reason } => bad_state(format!(
+                "{what}: refused, the optimizer is poisoned ({reason}); load a saved state \
+                 (load_state) and write the parameters back"
+            )),
+            State::UndoFailed { error, .. } => bad_state(format!(
+                "{what}: refused, abort failed to restore the parameters ({error}); call \
+                 abort again to retry, or load a saved state and write the parameters back"
+            )),
+        }
+    }
+
+    /// Poisons the optimizer with the error `e` of a pass run by `what`, and returns `e`
+    /// saying so.
+    fn poison(&mut self, what: &str, e: Error) -> Error {
+        let reason = format!("{what}: {}", e.message());
+        self.protocol = State::Poisoned { reason };
+        e.map_message(|m| {
+            format!(
+                "{m}; the parameters are in an unknown state and the optimizer is poisoned: \
+                 load a saved state and write the parameters back"
+            )
+        })
     }
 
     /// The kind of the next step under the hybrid schedule, `None` without a schedule (the
@@ -302,7 +359,7 @@ impl<'a> Optimizer<'a> {
     }
 
     fn check_phase(&self, want: Phase, what: &str) -> Result<()> {
-        if self.zo.is_some() {
+        if self.in_step() {
             return bad_state(format!(
                 "{what}: a zeroth-order step is in progress; feed its losses (or abort) first"
             ));
@@ -384,6 +441,7 @@ impl<'a> Optimizer<'a> {
     /// split across processes: sum them over processes and pass the totals to
     /// [`Optimizer::begin_with_sq_norms`].
     pub fn local_sq_norms(&mut self) -> Result<Vec<f64>> {
+        self.check_usable("local_sq_norms")?;
         self.prepare()?;
         let gen = self.generator();
         (0..self.config.num_directions)
@@ -395,12 +453,14 @@ impl<'a> Optimizer<'a> {
     /// parameters as they are for `L_0` (one-sided). Then alternate forward and
     /// [`Optimizer::feed`].
     pub fn begin(&mut self) -> Result<()> {
+        self.check_usable("begin")?;
         self.begin_inner(None)
     }
 
     /// [`Optimizer::begin`] with the global squared norms of the sphere directions (one per
     /// direction), for a model split across processes.
     pub fn begin_with_sq_norms(&mut self, sq_norms: &[f64]) -> Result<()> {
+        self.check_usable("begin")?;
         if self.config.direction != DirectionKind::Sphere {
             return invalid("sq_norms: only sphere directions take norms");
         }
@@ -441,57 +501,72 @@ impl<'a> Optimizer<'a> {
         } else {
             vec![1.0; q]
         };
-        let mut step = ZoStep {
+        let step = ZoStep {
             gen: self.generator(),
             scales,
             losses: Vec::with_capacity(self.config.evaluations_per_step() as usize),
-            fed: 0,
             on_device: None,
-            carried: Vec::new(),
         };
-        if self.config.estimator == Estimator::TwoSided {
-            let terms = [self.term(&step, 0, 1.0)];
-            self.perturb(&mut step, &terms)?;
-        }
-        self.zo = Some(step);
-        Ok(())
+        self.advance(step, 0, "begin").map(|_| ())
     }
 
-    /// `±μ s_d z_d` as a term.
-    fn term(&self, step: &ZoStep, d: u32, sign: f32) -> Term {
+    /// `multiple · μ s_d z_d` as a term.
+    fn term(&self, step: &ZoStep, offset: Offset) -> Term {
+        let d = offset.direction;
         Term {
             direction: d,
-            coeff: sign * self.config.eps * step.scales[d as usize],
+            coeff: offset.multiple as f32 * self.config.eps * step.scales[d as usize],
         }
     }
 
-    fn perturb(&mut self, step: &mut ZoStep, terms: &[Term]) -> Result<()> {
+    /// Runs the pass that follows the `fed`-th loss of `step` (`protocol::pass_after`) and
+    /// moves the protocol on: to the next evaluation, or back to idle once the update ran.
+    /// A pass that fails poisons the optimizer: it may have written part of the parameters.
+    fn advance(&mut self, step: ZoStep, fed: u32, what: &str) -> Result<Feed> {
+        let c = &self.config;
+        match protocol::pass_after(c.estimator, c.num_directions, fed) {
+            Pass::Nothing => {}
+            Pass::Perturb(offsets) => {
+                let terms: Vec<Term> = offsets
+                    .as_slice()
+                    .iter()
+                    .map(|&o| self.term(&step, o))
+                    .collect();
+                if let Err(e) = self.perturb(step.gen, &terms) {
+                    return Err(self.poison(what, e));
+                }
+            }
+            Pass::Update { restore } => {
+                let restore = self.term(&step, restore);
+                return match self.finish(&step, restore) {
+                    Ok(report) => Ok(Feed::Done(report)),
+                    Err(e) => Err(self.poison(what, e)),
+                };
+            }
+        }
+        self.protocol = State::AwaitingLoss { step, eval: fed };
+        Ok(Feed::NeedsForward)
+    }
+
+    fn perturb(&mut self, gen: Generator, terms: &[Term]) -> Result<()> {
         let pass = PerturbPass {
-            gen: step.gen,
+            gen,
             terms,
             precision: self.config.precision,
         };
-        self.backend.perturb(&self.shard, &pass)?;
-        // The parameters now carry the sum of the terms applied since the last restore;
-        // a term that cancels a carried direction removes it.
-        for t in terms {
-            match step.carried.iter_mut().find(|c| c.direction == t.direction) {
-                Some(c) => c.coeff += t.coeff,
-                None => step.carried.push(*t),
-            }
-        }
-        step.carried.retain(|c| c.coeff != 0.0);
-        Ok(())
+        self.backend.perturb(&self.shard, &pass)
     }
 
     /// Feeds the loss of the forward pass just run; tells whether another is needed.
     pub fn feed(&mut self, loss: f32) -> Result<Feed> {
+        self.check_usable("feed")?;
         self.feed_inner(Some(loss), 0)
     }
 
     /// Feeds the loss from device memory (one f32 at `loss_on_device`) without synchronizing:
     /// the projected gradients and the finiteness check happen on the device. CUDA only.
     pub fn feed_device(&mut self, loss_on_device: u64) -> Result<Feed> {
+        self.check_usable("feed")?;
         if loss_on_device == 0 {
             return invalid("loss_on_device: null pointer");
         }
@@ -499,74 +574,27 @@ impl<'a> Optimizer<'a> {
     }
 
     fn feed_inner(&mut self, host: Option<f32>, device: u64) -> Result<Feed> {
-        let Some(mut step) = self.zo.take() else {
+        let State::AwaitingLoss { step, eval } = &mut self.protocol else {
             return bad_state("feed: no zeroth-order step in progress; call begin first");
         };
-        let on_device = host.is_none();
+        let (eval, on_device) = (*eval, host.is_none());
         if step.on_device.is_some_and(|d| d != on_device) {
-            self.zo = Some(step);
             return bad_state(
                 "feed: one step's losses must all come from the host or all from the device",
             );
         }
-        if on_device {
-            if let Err(e) = self.backend.record_device_loss(step.fed, device) {
-                self.zo = Some(step);
-                return Err(e);
-            }
-        } else {
-            step.losses.push(host.unwrap());
+        // Recording the loss changes nothing yet: if it fails, the step waits for it still.
+        match host {
+            Some(loss) => step.losses.push(loss),
+            None => self.backend.record_device_loss(eval, device)?,
         }
-        step.on_device = Some(on_device);
-        let e = step.fed;
-        step.fed += 1;
-        let q = self.config.num_directions;
-        let result = match self.config.estimator {
-            Estimator::TwoSided => {
-                let d = e / 2;
-                if e % 2 == 0 {
-                    let t = [self.term(&step, d, -2.0)];
-                    self.perturb(&mut step, &t).map(|_| None)
-                } else if d + 1 < q {
-                    let t = [self.term(&step, d, 1.0), self.term(&step, d + 1, 1.0)];
-                    self.perturb(&mut step, &t).map(|_| None)
-                } else {
-                    let restore = self.term(&step, d, 1.0);
-                    self.finish(&step, restore).map(Some)
-                }
-            }
-            Estimator::OneSided => {
-                if e == 0 {
-                    let t = [self.term(&step, 0, 1.0)];
-                    self.perturb(&mut step, &t).map(|_| None)
-                } else if e < q {
-                    let t = [self.term(&step, e - 1, -1.0), self.term(&step, e, 1.0)];
-                    self.perturb(&mut step, &t).map(|_| None)
-                } else {
-                    let restore = self.term(&step, q - 1, -1.0);
-                    self.finish(&step, restore).map(Some)
-                }
-            }
+        let State::AwaitingLoss { mut step, .. } =
+            std::mem::replace(&mut self.protocol, State::Idle)
+        else {
+            unreachable!("the step was matched above")
         };
-        match result {
-            Ok(None) => {
-                self.zo = Some(step);
-                Ok(Feed::NeedsForward)
-            }
-            Ok(Some(report)) => {
-                self.counters.step += 1;
-                if report.skipped {
-                    // No update pass ran to advance a device's counts.
-                    self.backend
-                        .set_counters(self.counters.step, self.counters.updates)?;
-                }
-                Ok(Feed::Done(report))
-            }
-            Err(e) => {
-                // A failed pass leaves the parameters in an unknown state: the step is over.
-                Err(e)
-            }
-        }
+        step.on_device = Some(on_device);
+        self.advance(step, eval + 1, "feed")
     }
 
     fn max_coefficient_sum(&self) -> f32 {
@@ -585,6 +613,8 @@ impl<'a> Optimizer<'a> {
         }
     }
 
+    /// The last pass of a step (the update with `restore` fused in, or the restore alone
+    /// when the step is skipped), and the counts that follow it.
     fn finish(&mut self, step: &ZoStep, restore: Term) -> Result<StepReport> {
         let on_device = step.on_device == Some(true);
         let q = self.config.num_directions;
@@ -625,13 +655,12 @@ impl<'a> Optimizer<'a> {
                 && zo.iter().all(|t| t.coeff.is_finite())
                 && coefficient_sum <= limit;
             if !finite {
-                let pass = PerturbPass {
-                    gen: step.gen,
-                    terms: &[restore],
-                    precision: self.config.precision,
-                };
-                self.backend.perturb(&self.shard, &pass)?;
+                self.perturb(step.gen, &[restore])?;
                 self.counters.skipped += 1;
+                self.counters.step += 1;
+                // No update pass ran to advance a device's counts.
+                self.backend
+                    .set_counters(self.counters.step, self.counters.updates)?;
                 return Ok(StepReport {
                     skipped: true,
                     loss: Some(loss),
@@ -655,6 +684,7 @@ impl<'a> Optimizer<'a> {
         self.backend.update(&self.shard, &pass)?;
         // With device losses this counts an attempt; the device subtracts its skips.
         self.counters.updates[pass.state as usize] += 1;
+        self.counters.step += 1;
         Ok(StepReport {
             skipped: false,
             loss,
@@ -663,23 +693,46 @@ impl<'a> Optimizer<'a> {
     }
 
     /// Abandons a zeroth-order step in progress (e.g. the forward pass failed): restores the
-    /// parameters, updates nothing, and does not count the step.
+    /// parameters, updates nothing, and does not count the step. No step in progress: a
+    /// no-op.
+    ///
+    /// If the restoring pass fails, the step is kept and the error returned: every call but
+    /// `abort` and a load is then refused, and `abort` runs the same pass again (right when
+    /// the failed pass wrote nothing, as the CPU backend's failures never do). A second
+    /// failure poisons the optimizer ([`Optimizer::poisoned`]).
     pub fn abort(&mut self) -> Result<()> {
-        let Some(mut step) = self.zo.take() else {
+        let (step, eval, first_error) = match std::mem::replace(&mut self.protocol, State::Idle) {
+            State::Idle => return Ok(()),
+            poisoned @ State::Poisoned { .. } => {
+                self.protocol = poisoned;
+                return self.check_usable("abort");
+            }
+            State::AwaitingLoss { step, eval } => (step, eval, None),
+            State::UndoFailed { step, eval, error } => (step, eval, Some(error)),
+        };
+        let Some(offset) = protocol::point(self.config.estimator, eval) else {
+            return Ok(()); // the one-sided L_0 is taken at θ: nothing to undo
+        };
+        let undo = self.term(&step, offset.negated());
+        let Err(e) = self.perturb(step.gen, &[undo]) else {
             return Ok(());
         };
-        let undo: Vec<Term> = step
-            .carried
-            .iter()
-            .map(|t| Term {
-                direction: t.direction,
-                coeff: -t.coeff,
-            })
-            .collect();
-        if !undo.is_empty() {
-            self.perturb(&mut step, &undo)?;
+        match first_error {
+            None => {
+                let error = e.message().to_string();
+                self.protocol = State::UndoFailed { step, eval, error };
+                Err(e.map_message(|m| {
+                    format!(
+                        "{m}; abort could not restore the parameters and keeps the step: call \
+                         abort again to retry, or load a saved state and write the parameters back"
+                    )
+                }))
+            }
+            Some(first) => Err(self.poison(
+                &format!("abort (restoring failed twice; first: {first})"),
+                e,
+            )),
         }
-        Ok(())
     }
 
     /// A whole zeroth-order step: calls `loss` `2q` times (two-sided) or `q + 1` times
@@ -706,6 +759,7 @@ impl<'a> Optimizer<'a> {
     /// A first-order step on the registered gradients: the first-order rule with its own
     /// state when the configuration has one (spec v2 §5), the main rule otherwise.
     pub fn fo_step(&mut self) -> Result<()> {
+        self.check_usable("fo_step")?;
         self.fo_step_inner(None)
     }
 
@@ -715,6 +769,7 @@ impl<'a> Optimizer<'a> {
     /// of the schedule; the rule's `t` advances when at least one tensor is updated. Only
     /// the updated tensors need gradients.
     pub fn fo_step_masked(&mut self, update: &[bool]) -> Result<()> {
+        self.check_usable("fo_step")?;
         if update.len() != self.shard.len() {
             return invalid(format!(
                 "update: {} flags for {} tensors",
@@ -761,6 +816,7 @@ impl<'a> Optimizer<'a> {
     /// control, say). One perturbation pass, rounded like the others; the optimizer's state,
     /// counters and schedule do not change. Not during a zeroth-order step.
     pub fn displace(&mut self, seed: u64, step: u32, direction: u32, scale: f32) -> Result<()> {
+        self.check_usable("displace")?;
         self.check_not_in_step("displace")?;
         if !scale.is_finite() {
             return invalid(format!("scale: must be finite, got {scale}"));
@@ -783,11 +839,13 @@ impl<'a> Optimizer<'a> {
 
     /// Runs later passes on the caller's CUDA stream (raw `CUstream`; 0: the default stream).
     pub fn set_stream(&mut self, stream: u64) -> Result<()> {
+        self.check_usable("set_stream")?;
         self.backend.set_stream(stream)
     }
 
     /// Waits for every pass issued so far (a no-op on the CPU).
     pub fn synchronize(&mut self) -> Result<()> {
+        self.check_usable("synchronize")?;
         self.backend.synchronize()
     }
 
@@ -797,6 +855,7 @@ impl<'a> Optimizer<'a> {
 
     /// Size in bytes of a saved state ([`Optimizer::save_state`]).
     pub fn state_size(&mut self) -> Result<u64> {
+        self.check_usable("state_size")?;
         self.prepare()?;
         Ok(state::saved_size(
             self.state_layout().bytes(self.shard.tensors()),
@@ -804,7 +863,7 @@ impl<'a> Optimizer<'a> {
     }
 
     fn check_not_in_step(&self, what: &str) -> Result<()> {
-        if self.zo.is_some() {
+        if matches!(self.protocol, State::AwaitingLoss { .. }) {
             return bad_state(format!("{what}: a zeroth-order step is in progress"));
         }
         Ok(())
@@ -823,6 +882,7 @@ impl<'a> Optimizer<'a> {
     /// caller's) to `out`, in [`Optimizer::state_size`] bytes. Memory used on the way is
     /// bounded whatever the state's size.
     pub fn save_state_to(&mut self, out: &mut dyn std::io::Write) -> Result<()> {
+        self.check_usable("save_state")?;
         self.check_not_in_step("save_state")?;
         self.prepare()?;
         let counters = self.saved_counters()?;
@@ -836,6 +896,7 @@ impl<'a> Optimizer<'a> {
 
     /// The optimizer state as bytes ([`Optimizer::save_state_to`] into memory).
     pub fn save_state(&mut self) -> Result<Vec<u8>> {
+        self.check_usable("save_state")?;
         let size = self.state_size()?;
         let mut out = state::buffer(size)?;
         self.save_state_to(&mut out)?;
@@ -845,6 +906,7 @@ impl<'a> Optimizer<'a> {
     /// Saves the state to the file `path`, atomically: it is written beside it and renamed
     /// over it once complete, so a crash never leaves a truncated state under `path`.
     pub fn save_state_file(&mut self, path: &std::path::Path) -> Result<()> {
+        self.check_usable("save_state")?;
         self.check_not_in_step("save_state")?;
         state::write_file_atomically(path, |out| self.save_state_to(out))
     }
@@ -853,7 +915,8 @@ impl<'a> Optimizer<'a> {
     /// run then continues as the saved one would have. A state that is truncated,
     /// corrupted (checksum), of another configuration, or of an unknown format is refused
     /// and nothing changes. States of format 1 (hyzo 0.1, no checksum) load into
-    /// optimizers without a first-order rule.
+    /// optimizers without a first-order rule. The one call a poisoned optimizer accepts: a
+    /// successful load makes it usable again ([`Optimizer::poisoned`]).
     pub fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
         self.check_not_in_step("load_state")?;
         self.prepare()?;
@@ -899,6 +962,9 @@ impl<'a> Optimizer<'a> {
         self.counters = counters;
         self.backend
             .set_counters(self.counters.step, self.counters.updates)?;
+        // A poisoned optimizer (or one whose abort failed) is usable again: the caller
+        // writes the parameters of the same checkpoint back.
+        self.protocol = State::Idle;
         Ok(())
     }
 
@@ -908,6 +974,7 @@ impl<'a> Optimizer<'a> {
     /// count. Synchronizes; a no-op for other backends. Call it after replays, before
     /// anything that reads the counts (`steps`, `updates`, the hybrid schedule, saving).
     pub fn sync_counters(&mut self) -> Result<()> {
+        self.check_usable("sync_counters")?;
         self.check_not_in_step("sync_counters")?;
         if let Some((step, updates)) = self.backend.device_counters()? {
             self.counters.step = step;

@@ -2,7 +2,8 @@
 //! backend. The CUDA kernels mirror [`apply`] operation for operation (IEEE f32, no fused
 //! multiply-add), so CPU and GPU agree to the bit given the same inputs.
 
-/// An update rule.
+/// An update rule. The values are those of the C ABI's `hyzo_rule` and of the kernels'
+/// `HYZO_SGD`..., tied in `src/ffi/enums.rs` (at compile time) and `src/backend/cuda/abi.rs`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Rule {

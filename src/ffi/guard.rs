@@ -56,6 +56,8 @@ pub(crate) fn invalid_arg(msg: impl Into<String>) -> Error {
 }
 
 /// Checks an optimizer handle and runs `f` on it; a panic inside `f` poisons the optimizer.
+/// An optimizer that a failed pass poisoned (or whose abort failed to restore) is refused:
+/// see [`with_recovering_opt`] for the calls it accepts.
 ///
 /// # Safety
 /// `opt` is NULL or a pointer returned by `hyzo_optimizer_create` not yet destroyed, used
@@ -63,6 +65,30 @@ pub(crate) fn invalid_arg(msg: impl Into<String>) -> Error {
 pub(crate) unsafe fn with_opt(
     func: &str,
     opt: *mut hyzo_optimizer,
+    f: impl FnOnce(&mut hyzo_optimizer) -> Result<()>,
+) -> hyzo_status {
+    with_opt_checked(func, opt, true, f)
+}
+
+/// [`with_opt`] for the calls that recover an optimizer a failed pass poisoned (the loads)
+/// or whose abort failed (`hyzo_zo_abort` again): the core decides what they accept.
+///
+/// # Safety
+/// As [`with_opt`].
+pub(crate) unsafe fn with_recovering_opt(
+    func: &str,
+    opt: *mut hyzo_optimizer,
+    f: impl FnOnce(&mut hyzo_optimizer) -> Result<()>,
+) -> hyzo_status {
+    with_opt_checked(func, opt, false, f)
+}
+
+/// # Safety
+/// As [`with_opt`].
+unsafe fn with_opt_checked(
+    func: &str,
+    opt: *mut hyzo_optimizer,
+    refuse_poisoned: bool,
     f: impl FnOnce(&mut hyzo_optimizer) -> Result<()>,
 ) -> hyzo_status {
     guard(func, || {
@@ -73,6 +99,9 @@ pub(crate) unsafe fn with_opt(
                 "opt: an earlier internal error left this optimizer inconsistent; destroy it"
                     .into(),
             ));
+        }
+        if refuse_poisoned {
+            o.inner.check_usable("opt")?;
         }
         match catch_unwind(AssertUnwindSafe(|| f(&mut *o))) {
             Ok(r) => r,
@@ -168,52 +197,9 @@ pub(crate) fn byte_len(len: u64, name: &str) -> Result<usize> {
         .ok_or_else(|| invalid_arg(format!("{name}: {len} exceeds the address space")))
 }
 
-/// A C enum value as the core enum, or an error naming the argument and the valid range.
-pub(crate) fn enum_from<T>(v: u32, all: &[T], c_type: &str, name: &str) -> Result<T>
-where
-    T: Copy,
-{
-    all.get(v as usize).copied().ok_or_else(|| {
-        invalid_arg(format!(
-            "{name}: {v} is not a {c_type} (0..={})",
-            all.len() - 1
-        ))
-    })
-}
-
-pub(crate) fn dtype_from(v: RawDType, name: &str) -> Result<DType> {
-    enum_from(v, &DType::ALL, "hyzo_dtype", name)
-}
-
-pub(crate) fn direction_from(v: RawDirection, name: &str) -> Result<DirectionKind> {
-    enum_from(v, &DirectionKind::ALL, "hyzo_direction", name)
-}
-
-pub(crate) fn estimator_from(v: RawEstimator, name: &str) -> Result<Estimator> {
-    enum_from(v, &Estimator::ALL, "hyzo_estimator", name)
-}
-
-pub(crate) fn rule_from(v: RawRule, name: &str) -> Result<Rule> {
-    enum_from(v, &Rule::ALL, "hyzo_rule", name)
-}
-
-/// `fo_rule`: a rule, or `HYZO_RULE_NONE`.
-pub(crate) fn fo_rule_from(v: RawRule, name: &str) -> Result<Option<Rule>> {
-    if v == hyzo_rule::HYZO_RULE_NONE as u32 {
-        return Ok(None);
-    }
-    rule_from(v, name)
-        .map(Some)
-        .map_err(|e| invalid_arg(format!("{} or HYZO_RULE_NONE", e.message())))
-}
-
 /// An optional f32 of the C API: NaN means "not set".
 pub(crate) fn unset_if_nan(v: f32) -> Option<f32> {
     (!v.is_nan()).then_some(v)
-}
-
-pub(crate) fn precision_from(v: RawPrecision, name: &str) -> Result<Precision> {
-    enum_from(v, &Precision::ALL, "hyzo_precision", name)
 }
 
 /// A path argument: a non-NULL, NUL-terminated string.

@@ -6,8 +6,8 @@
 //!   `HYZO_ERR_INTERNAL`, never an unwind across the C frame (and an optimizer that panicked
 //!   is marked poisoned, since its state may be half-updated);
 //! - arguments are checked before anything changes, so a failed call leaves the optimizer and
-//!   the parameters as they were (exceptions are documented: a failed pass of a backend ends
-//!   the step);
+//!   the parameters as they were (exceptions are documented: a failed pass of a zeroth-order
+//!   step poisons the optimizer, `hyzo_optimizer_poisoned`);
 //! - enum arguments arrive as plain `u32` (C may pass any integer, and a Rust enum holding an
 //!   undeclared value is undefined behaviour); cbindgen prints them under their C enum names
 //!   (`[export.rename]` in `cbindgen.toml`), which have the size of `int` on every supported
@@ -15,10 +15,11 @@
 //! - a failure stores a message in a thread-local buffer read by `hyzo_last_error`.
 
 //!
-//! One file per concern: `guard.rs` (errors, the panic guard, argument checks),
-//! `library.rs` (library-level functions), `config.rs` (the configuration),
-//! `optimizer.rs` (creating and configuring an optimizer), `steps.rs` (zeroth- and
-//! first-order steps), `state.rs` (saving and loading). The types of the ABI are here.
+//! One file per concern: `guard.rs` (errors, the panic guard, argument checks), `enums.rs`
+//! (the C enums tied to the core's, and their conversions), `library.rs` (library-level
+//! functions), `config.rs` (the configuration), `optimizer.rs` (creating and configuring an
+//! optimizer), `steps.rs` (zeroth- and first-order steps), `state.rs` (saving and loading).
+//! The types of the ABI are here.
 
 #![allow(non_camel_case_types)]
 
@@ -35,6 +36,7 @@ use crate::rules::Rule;
 use crate::shard::{Location, ParamShard, TensorSpec};
 
 mod config;
+mod enums;
 mod guard;
 mod library;
 mod lowrank;
@@ -43,6 +45,7 @@ mod state;
 mod steps;
 
 pub use config::*;
+use enums::*;
 use guard::*;
 pub use library::*;
 pub use lowrank::*;
@@ -53,6 +56,7 @@ pub use steps::*;
 // ---------------------------------------------------------------------------------------
 // Enums. The Rust enums exist for the header (and for Rust callers' readability); the entry
 // points take and store the `Raw*` integer aliases, which the header names like the enums.
+// Each value is tied to the core enum's in `enums.rs`, at compile time.
 
 /// Outcome of a call. Every failure also sets the thread's message (`hyzo_last_error`).
 #[repr(C)]
@@ -62,7 +66,8 @@ pub enum hyzo_status {
     HYZO_OK = 0,
     /// An argument is out of its domain (NULL, NaN, out-of-range enum, overlap, misaligned).
     HYZO_ERR_INVALID_ARGUMENT = 1,
-    /// The call is not allowed now (protocol misuse: wrong phase, no step in progress, ...).
+    /// The call is not allowed now (protocol misuse: wrong phase, no step in progress, ...;
+    /// or the optimizer is poisoned, see `hyzo_optimizer_poisoned`).
     HYZO_ERR_BAD_STATE = 2,
     /// No CUDA driver, no such device, or a build without CUDA.
     HYZO_ERR_NO_DEVICE = 3,

@@ -78,6 +78,11 @@ pub unsafe extern "C" fn hyzo_optimizer_save_state_file(
 /// format version is rejected and nothing changes. States of hyzo 0.1 (format 1) load into
 /// optimizers without `fo_rule`. Not during a zeroth-order step.
 ///
+/// The one call (with `hyzo_optimizer_load_state_file`, and destroy) that an optimizer
+/// poisoned by a failed pass accepts (`hyzo_optimizer_poisoned`): once a load succeeds it
+/// is usable again, and the caller writes the parameters of the same checkpoint back into
+/// the registered memory. A load that fails leaves it poisoned.
+///
 /// # Safety
 /// `opt` must be NULL or a live optimizer; `buf` valid for reads of `len` bytes.
 #[no_mangle]
@@ -86,7 +91,7 @@ pub unsafe extern "C" fn hyzo_optimizer_load_state(
     buf: *const c_void,
     len: u64,
 ) -> hyzo_status {
-    with_opt("hyzo_optimizer_load_state", opt, |o| {
+    with_recovering_opt("hyzo_optimizer_load_state", opt, |o| {
         if buf.is_null() {
             return Err(invalid_arg("buf: null pointer"));
         }
@@ -109,7 +114,7 @@ pub unsafe extern "C" fn hyzo_optimizer_load_state_file(
     opt: *mut hyzo_optimizer,
     path: *const c_char,
 ) -> hyzo_status {
-    with_opt("hyzo_optimizer_load_state_file", opt, |o| {
+    with_recovering_opt("hyzo_optimizer_load_state_file", opt, |o| {
         let path = path_arg(path)?;
         o.inner.load_state_file(path)?;
         o.last = None;

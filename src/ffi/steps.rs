@@ -9,6 +9,8 @@ use super::*;
 /// Fails with `HYZO_ERR_BAD_STATE` when a step is in progress, when the hybrid schedule
 /// calls for a first-order step, when no tensor is registered, or when `hybrid_alpha > 0`
 /// and a tensor has no gradient.
+/// A perturbation pass that fails leaves the parameters in an unknown state and poisons the
+/// optimizer (`hyzo_optimizer_poisoned`).
 ///
 /// # Safety
 /// `opt` must be NULL or a live optimizer.
@@ -72,6 +74,8 @@ pub unsafe extern "C" fn hyzo_optimizer_local_sq_norms(
 /// gradient of the step is not finite (spec §4), the step completes with the parameters
 /// restored (exactly in compensated mode; otherwise each element within one rounding of
 /// its stored dtype per pass) and no rule state or `t` changed; it counts as skipped.
+/// A pass that fails (the next perturbation, or the update) leaves the parameters in an
+/// unknown state and poisons the optimizer (`hyzo_optimizer_poisoned`).
 ///
 /// # Safety
 /// `opt` must be NULL or a live optimizer; `needs_more` NULL or writable.
@@ -137,11 +141,41 @@ pub unsafe extern "C" fn hyzo_zo_feed_device(
 /// are restored (exactly in compensated mode; otherwise within the rounding of the stored
 /// dtype), nothing is updated, the step is not counted. No step in progress: no-op.
 ///
+/// When the restoring pass fails, the step is kept and its error returned: every call but
+/// `hyzo_zo_abort` and the loads is then refused (`HYZO_ERR_BAD_STATE`), and calling
+/// `hyzo_zo_abort` again retries the pass; a second failure poisons the optimizer
+/// (`hyzo_optimizer_poisoned`).
+///
 /// # Safety
 /// `opt` must be NULL or a live optimizer.
 #[no_mangle]
 pub unsafe extern "C" fn hyzo_zo_abort(opt: *mut hyzo_optimizer) -> hyzo_status {
-    with_opt("hyzo_zo_abort", opt, |o| o.inner.abort())
+    with_recovering_opt("hyzo_zo_abort", opt, |o| o.inner.abort())
+}
+
+/// Writes 1 to `*poisoned` when the optimizer is poisoned, 0 otherwise. A pass of a
+/// zeroth-order step that failed (in `hyzo_zo_begin`, `hyzo_zo_feed(_device)` or a second failed
+/// `hyzo_zo_abort`) leaves the parameters in an unknown state, and poisons the optimizer:
+/// every call is then refused with `HYZO_ERR_BAD_STATE` and the reason in
+/// `hyzo_last_error()`, except this one, `hyzo_optimizer_load_state`,
+/// `hyzo_optimizer_load_state_file` (a successful load makes it usable again; write the
+/// parameters of the same checkpoint back) and `hyzo_optimizer_destroy`. An internal error
+/// (`HYZO_ERR_INTERNAL`) poisons it too, for good: only destroy is accepted then.
+///
+/// # Safety
+/// `opt` must be NULL or a live optimizer; `poisoned` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn hyzo_optimizer_poisoned(
+    opt: *const hyzo_optimizer,
+    poisoned: *mut c_int,
+) -> hyzo_status {
+    guard("hyzo_optimizer_poisoned", || {
+        let out = out_arg(poisoned, "poisoned")?;
+        let mut claim = claim(opt as *mut hyzo_optimizer)?;
+        let o = claim.get();
+        *out = c_int::from(o.poisoned || o.inner.poisoned().is_some());
+        Ok(())
+    })
 }
 
 /// The last finished zeroth-order step: `*loss` is its loss at the unperturbed point (the
@@ -259,11 +293,7 @@ pub unsafe extern "C" fn hyzo_next_phase(
 ) -> hyzo_status {
     with_opt("hyzo_next_phase", opt as *mut _, |o| {
         let out = out_arg(out, "out")?;
-        *out = match o.inner.next_phase() {
-            Some(Phase::FirstOrder) => hyzo_phase::HYZO_PHASE_FO,
-            Some(Phase::ZerothOrder) => hyzo_phase::HYZO_PHASE_ZO,
-            None => hyzo_phase::HYZO_PHASE_ANY,
-        } as u32;
+        *out = c_phase(o.inner.next_phase()) as u32;
         Ok(())
     })
 }

@@ -965,3 +965,449 @@ fn one_optimizer_serves_one_call_at_a_time() {
     }
     unsafe { hyzo_optimizer_destroy(o) };
 }
+
+/// The values of the C enum `name` as `ffi/hyzo.h` declares them: `(constant, value)`.
+fn header_enum(name: &str) -> Vec<(String, u32)> {
+    let header = include_str!("../../ffi/hyzo.h");
+    let end = header
+        .find(&format!("}} {name};"))
+        .unwrap_or_else(|| panic!("ffi/hyzo.h declares no enum {name}"));
+    let start = header[..end]
+        .rfind("typedef enum {")
+        .expect("an enum's start");
+    header[start..end]
+        .lines()
+        .filter_map(|l| {
+            let (constant, value) = l.trim().strip_suffix(',')?.split_once(" = ")?;
+            Some((
+                constant.to_string(),
+                value.parse().expect("a decimal value"),
+            ))
+        })
+        .collect()
+}
+
+/// The C enums of the header have exactly the values of the core enums, each under the
+/// name `enums.rs` gives it: no C value without a core variant (it would be refused), no
+/// core variant left out of `ALL` (it could not be chosen from C). The values themselves
+/// are tied at compile time (`enums.rs`).
+#[test]
+fn header_enums_are_the_core_enums() {
+    fn names<T: Copy, C: std::fmt::Debug>(
+        all: &[T],
+        c: impl Fn(T) -> C,
+        v: impl Fn(T) -> u32,
+    ) -> Vec<(String, u32)> {
+        all.iter().map(|&x| (format!("{:?}", c(x)), v(x))).collect()
+    }
+    let mut rules = names(&Rule::ALL, c_rule, |r| r as u32);
+    rules.push(("HYZO_RULE_NONE".into(), hyzo_rule::HYZO_RULE_NONE as u32));
+    let cases = [
+        ("hyzo_dtype", names(&DType::ALL, c_dtype, |t| t as u32)),
+        ("hyzo_rule", rules),
+        (
+            "hyzo_direction",
+            names(&DirectionKind::ALL, c_direction, |k| k as u32),
+        ),
+        (
+            "hyzo_estimator",
+            names(&Estimator::ALL, c_estimator, |e| e as u32),
+        ),
+        (
+            "hyzo_precision",
+            names(&Precision::ALL, c_precision, |p| p as u32),
+        ),
+    ];
+    for (name, core) in cases {
+        assert_eq!(
+            header_enum(name),
+            core,
+            "{name}: ffi/hyzo.h against the core"
+        );
+    }
+    // Every value of the header is accepted through the configuration, and read back.
+    for (field, values) in [
+        ("direction", header_enum("hyzo_direction")),
+        ("estimator", header_enum("hyzo_estimator")),
+        ("rule", header_enum("hyzo_rule")),
+        ("precision", header_enum("hyzo_precision")),
+    ] {
+        for (constant, v) in values {
+            let mut c = hyzo_config_default();
+            match field {
+                "direction" => c.direction = v,
+                "estimator" => c.estimator = v,
+                "precision" => c.precision = v,
+                _ if constant == "HYZO_RULE_NONE" => c.fo_rule = v,
+                _ => c.rule = v,
+            }
+            let core = config_from_c(&c).unwrap_or_else(|e| panic!("{constant}: {e:?}"));
+            // Debug, not ==: the unset fo_lr and fo_weight_decay are NaN.
+            assert_eq!(
+                format!("{:?}", config_to_c(&core)),
+                format!("{c:?}"),
+                "{constant}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The step protocol's failures through the C ABI, with the backend of protocol/tests.rs
+// that fails on chosen passes.
+
+use crate::protocol::tests::{
+    failure_configs, initial_params, loss_of, FailingBackend, Plan, N as FAILING_N,
+};
+use std::sync::{Arc, Mutex};
+
+/// A handle over `data` whose backend fails the passes its plan names.
+fn failing_handle(cfg: &Config, data: &mut [f32]) -> (*mut hyzo_optimizer, Arc<Mutex<Plan>>) {
+    let (backend, plan) = FailingBackend::new();
+    let inner = Optimizer::with_backend(cfg.clone(), ParamShard::new(), Box::new(backend));
+    let o = new_handle(inner.unwrap());
+    // SAFETY: `data` outlives the handle in every test.
+    ok(unsafe {
+        hyzo_optimizer_add_tensor(
+            o,
+            data.as_mut_ptr().cast(),
+            0,
+            data.len() as u64,
+            0,
+            null_mut(),
+            0,
+        )
+    });
+    (o, plan)
+}
+
+/// A whole zeroth-order step through C; the first status that is not `HYZO_OK`.
+fn c_step(o: *mut hyzo_optimizer, data: &[f32]) -> hyzo_status {
+    // SAFETY: live optimizer.
+    unsafe {
+        let s = hyzo_zo_begin(o);
+        if s != HYZO_OK {
+            return s;
+        }
+        let mut more = 1;
+        while more != 0 {
+            let s = hyzo_zo_feed(o, loss_of(data), &mut more);
+            if s != HYZO_OK {
+                return s;
+            }
+        }
+    }
+    HYZO_OK
+}
+
+fn c_save(o: *mut hyzo_optimizer) -> Vec<u8> {
+    let mut size = 0u64;
+    // SAFETY: live optimizer, buffers of the sizes given.
+    unsafe {
+        ok(hyzo_optimizer_state_size(o, &mut size));
+        let mut buf = vec![0u8; size as usize];
+        ok(hyzo_optimizer_save_state(o, buf.as_mut_ptr().cast(), size));
+        buf
+    }
+}
+
+fn c_poisoned(o: *mut hyzo_optimizer) -> bool {
+    let mut p = 7;
+    // SAFETY: live optimizer, writable int.
+    ok(unsafe { hyzo_optimizer_poisoned(o, &mut p) });
+    assert!(p == 0 || p == 1);
+    p == 1
+}
+
+/// The entry points a poisoned optimizer still accepts: they are the protocol's way out.
+const RECOVERING: [&str; 5] = [
+    "hyzo_optimizer_destroy",
+    "hyzo_optimizer_poisoned",
+    "hyzo_optimizer_load_state",
+    "hyzo_optimizer_load_state_file",
+    "hyzo_zo_abort",
+];
+
+/// Calls every entry point of the header that takes an optimizer, but [`RECOVERING`], with
+/// valid arguments: each must be refused with `HYZO_ERR_BAD_STATE`, its name and `needle` in
+/// the message. The list is checked against `ffi/hyzo.h`, so a new entry point is not missed.
+fn assert_c_refuses_everything(o: *mut hyzo_optimizer, needle: &str) {
+    let (mut u64a, mut u64b, mut u32a, mut f, mut i) = (0u64, 0u64, 0u32, 0f32, 0 as c_int);
+    let mut cfg = hyzo_config_default();
+    let mut floats = [0f32; 64];
+    let mut doubles = [1f64; 4];
+    let mut bytes = [0u8; 4096];
+    let mut extra = [0f32; 4];
+    let path = c"/nonexistent/hyzo.state";
+    let mut called: Vec<&str> = Vec::new();
+    let mut refused = |name: &'static str, status: hyzo_status| {
+        assert_eq!(status, HYZO_ERR_BAD_STATE, "{name}: {}", last_error());
+        let m = last_error();
+        assert!(
+            m.starts_with(&format!("{name}: ")) && m.contains("refused") && m.contains(needle),
+            "{name}: {m:?} lacks {needle:?}"
+        );
+        called.push(name);
+    };
+    // SAFETY: live optimizer, valid pointers of the sizes given.
+    unsafe {
+        refused(
+            "hyzo_optimizer_set_shape",
+            hyzo_optimizer_set_shape(o, 0, 1, FAILING_N as u64),
+        );
+        refused(
+            "hyzo_optimizer_lowrank_factors_len",
+            hyzo_optimizer_lowrank_factors_len(o, &mut u64a),
+        );
+        refused(
+            "hyzo_optimizer_lowrank_factors",
+            hyzo_optimizer_lowrank_factors(o, 0, floats.as_mut_ptr(), 0),
+        );
+        refused(
+            "hyzo_zo_forward_perturbation",
+            hyzo_zo_forward_perturbation(o, &mut u32a, &mut f),
+        );
+        refused(
+            "hyzo_optimizer_add_tensor",
+            hyzo_optimizer_add_tensor(o, extra.as_mut_ptr().cast(), 0, 4, 1 << 40, null_mut(), 0),
+        );
+        refused(
+            "hyzo_optimizer_set_stream",
+            hyzo_optimizer_set_stream(o, null_mut()),
+        );
+        refused("hyzo_optimizer_set_lr", hyzo_optimizer_set_lr(o, 0.5));
+        refused(
+            "hyzo_optimizer_set_weight_decay",
+            hyzo_optimizer_set_weight_decay(o, 0.5),
+        );
+        refused("hyzo_optimizer_set_fo_lr", hyzo_optimizer_set_fo_lr(o, 0.5));
+        refused(
+            "hyzo_optimizer_set_fo_weight_decay",
+            hyzo_optimizer_set_fo_weight_decay(o, 0.5),
+        );
+        refused(
+            "hyzo_optimizer_get_config",
+            hyzo_optimizer_get_config(o, &mut cfg),
+        );
+        refused(
+            "hyzo_optimizer_num_tensors",
+            hyzo_optimizer_num_tensors(o, &mut u64a),
+        );
+        refused(
+            "hyzo_optimizer_state_size",
+            hyzo_optimizer_state_size(o, &mut u64a),
+        );
+        refused(
+            "hyzo_optimizer_save_state",
+            hyzo_optimizer_save_state(o, bytes.as_mut_ptr().cast(), 4096),
+        );
+        refused(
+            "hyzo_optimizer_save_state_file",
+            hyzo_optimizer_save_state_file(o, path.as_ptr()),
+        );
+        refused("hyzo_zo_begin", hyzo_zo_begin(o));
+        refused(
+            "hyzo_zo_begin_with_sq_norms",
+            hyzo_zo_begin_with_sq_norms(o, doubles.as_ptr(), 1),
+        );
+        refused(
+            "hyzo_optimizer_local_sq_norms",
+            hyzo_optimizer_local_sq_norms(o, doubles.as_mut_ptr(), 1),
+        );
+        refused("hyzo_zo_feed", hyzo_zo_feed(o, 1.0, &mut i));
+        refused("hyzo_zo_feed_device", hyzo_zo_feed_device(o, &f, &mut i));
+        refused("hyzo_zo_last_loss", hyzo_zo_last_loss(o, &mut f, &mut i));
+        refused(
+            "hyzo_zo_last_projected_grads",
+            hyzo_zo_last_projected_grads(o, floats.as_mut_ptr(), 1),
+        );
+        refused("hyzo_fo_step", hyzo_fo_step(o));
+        refused(
+            "hyzo_fo_step_masked",
+            hyzo_fo_step_masked(o, [1u8].as_ptr(), 1),
+        );
+        refused("hyzo_next_phase", hyzo_next_phase(o, &mut u32a));
+        refused(
+            "hyzo_optimizer_stats",
+            hyzo_optimizer_stats(o, &mut u64a, &mut u64b),
+        );
+        refused(
+            "hyzo_optimizer_updates",
+            hyzo_optimizer_updates(o, &mut u64a, &mut u64b),
+        );
+        refused("hyzo_optimizer_synchronize", hyzo_optimizer_synchronize(o));
+        refused(
+            "hyzo_optimizer_displace",
+            hyzo_optimizer_displace(o, 1, 2, 0, 0.5),
+        );
+    }
+    let header = include_str!("../../ffi/hyzo.h");
+    let mut taking_opt: Vec<&str> = header
+        .lines()
+        .filter(|l| l.contains("hyzo_optimizer *opt"))
+        .filter_map(|l| l.split('(').next()?.split_whitespace().last())
+        .filter(|name| !RECOVERING.contains(name))
+        .collect();
+    taking_opt.sort_unstable();
+    called.sort_unstable();
+    assert_eq!(
+        called, taking_opt,
+        "the entry points of ffi/hyzo.h that take an optimizer"
+    );
+}
+
+/// For every configuration and every pass `k` of a step, through C: the call that runs it
+/// returns the backend's status with a message saying the optimizer is poisoned;
+/// `hyzo_optimizer_poisoned` says so; every other call is refused with the reason; a load
+/// (and the parameters written back) makes it continue as an optimizer that never failed.
+#[test]
+fn a_failed_pass_poisons_through_c() {
+    for cfg in failure_configs() {
+        let per_step = (0..=cfg.evaluations_per_step())
+            .filter(|&fed| {
+                crate::protocol::pass_after(cfg.estimator, cfg.num_directions, fed)
+                    != crate::protocol::Pass::Nothing
+            })
+            .count() as u64;
+        let mut ref_data = initial_params();
+        let (reference, _) = failing_handle(&cfg, &mut ref_data);
+        ok(c_step(reference, &ref_data));
+        ok(c_step(reference, &ref_data));
+        for k in 0..per_step {
+            let what = format!("{:?} q = {}, pass {k}", cfg.estimator, cfg.num_directions);
+            let mut data = initial_params();
+            let (o, plan) = failing_handle(&cfg, &mut data);
+            plan.lock().unwrap().fail = vec![per_step + k];
+            ok(c_step(o, &data));
+            let checkpoint = (data.clone(), c_save(o));
+            assert!(!c_poisoned(o), "{what}");
+            let s = c_step(o, &data);
+            assert_eq!(s, HYZO_ERR_CUDA, "{what}: {}", last_error());
+            let m = last_error();
+            let call = if cfg.estimator == Estimator::TwoSided && k == 0 {
+                "hyzo_zo_begin: "
+            } else {
+                "hyzo_zo_feed: "
+            };
+            assert!(
+                m.starts_with(call) && m.contains("injected failure") && m.contains("poisoned"),
+                "{what}: {m}"
+            );
+            assert!(c_poisoned(o), "{what}");
+            let passes = plan.lock().unwrap().passes;
+            assert_c_refuses_everything(o, "poisoned");
+            // SAFETY: live optimizer; buffers of the lengths given.
+            unsafe {
+                expect(hyzo_zo_abort(o), HYZO_ERR_BAD_STATE, "poisoned");
+                let bad = &checkpoint.1[..checkpoint.1.len() - 1];
+                let s = hyzo_optimizer_load_state(o, bad.as_ptr().cast(), bad.len() as u64);
+                assert_ne!(s, HYZO_OK, "{what}: a truncated state loaded");
+                assert!(c_poisoned(o), "{what}: a failed load un-poisoned");
+                assert_eq!(
+                    plan.lock().unwrap().passes,
+                    passes,
+                    "{what}: a refused call ran a pass"
+                );
+                data.copy_from_slice(&checkpoint.0);
+                ok(hyzo_optimizer_load_state(
+                    o,
+                    checkpoint.1.as_ptr().cast(),
+                    checkpoint.1.len() as u64,
+                ));
+            }
+            assert!(!c_poisoned(o), "{what}");
+            ok(c_step(o, &data));
+            assert_eq!(data, ref_data, "{what}: parameters after recovery");
+            assert_eq!(c_save(o), c_save(reference), "{what}: state after recovery");
+            // SAFETY: live optimizer.
+            unsafe { hyzo_optimizer_destroy(o) };
+        }
+        // SAFETY: live optimizer.
+        unsafe { hyzo_optimizer_destroy(reference) };
+    }
+}
+
+/// `hyzo_zo_abort` whose restoring pass fails, through C: the step is kept, every call but
+/// abort and the loads is refused, the second abort restores exactly as one that never
+/// failed; a second failure poisons.
+#[test]
+fn a_failed_abort_through_c() {
+    for cfg in failure_configs() {
+        for eval in 0..cfg.evaluations_per_step() {
+            if crate::protocol::point(cfg.estimator, eval).is_none() {
+                continue; // no pass to fail (protocol/tests.rs checks that abort runs none)
+            }
+            let what = format!(
+                "{:?} q = {}, eval {eval}",
+                cfg.estimator, cfg.num_directions
+            );
+            let feed_until = |o: *mut hyzo_optimizer, data: &[f32]| unsafe {
+                ok(hyzo_zo_begin(o));
+                for _ in 0..eval {
+                    let mut more = 0;
+                    ok(hyzo_zo_feed(o, loss_of(data), &mut more));
+                    assert_eq!(more, 1);
+                }
+            };
+            let mut ref_data = initial_params();
+            let (reference, _) = failing_handle(&cfg, &mut ref_data);
+            feed_until(reference, &ref_data);
+            // SAFETY: live optimizers.
+            unsafe {
+                ok(hyzo_zo_abort(reference));
+
+                let mut data = initial_params();
+                let (o, plan) = failing_handle(&cfg, &mut data);
+                feed_until(o, &data);
+                let undo = plan.lock().unwrap().passes;
+                plan.lock().unwrap().fail = vec![undo];
+                expect(hyzo_zo_abort(o), HYZO_ERR_CUDA, "abort again");
+                assert!(!c_poisoned(o), "{what}");
+                assert_c_refuses_everything(o, "abort failed");
+                ok(hyzo_zo_abort(o));
+                assert_eq!(data, ref_data, "{what}: restored");
+                assert_eq!(c_save(o), c_save(reference), "{what}: state");
+                ok(c_step(o, &data));
+
+                // Failing twice: poisoned.
+                feed_until(o, &data);
+                let undo = plan.lock().unwrap().passes;
+                plan.lock().unwrap().fail = vec![undo, undo + 1];
+                expect(hyzo_zo_abort(o), HYZO_ERR_CUDA, "abort again");
+                expect(hyzo_zo_abort(o), HYZO_ERR_CUDA, "poisoned");
+                assert!(c_poisoned(o), "{what}");
+                assert_c_refuses_everything(o, "failed twice");
+                hyzo_optimizer_destroy(o);
+                hyzo_optimizer_destroy(reference);
+            }
+        }
+    }
+}
+
+/// An internal error (a caught panic) poisons for good, and `hyzo_optimizer_poisoned` says
+/// so: even a load is refused.
+#[test]
+fn a_panic_poisons_for_good() {
+    let mut data = initial_params();
+    let (o, _) = failing_handle(&failure_configs()[0], &mut data);
+    let state = c_save(o);
+    unsafe {
+        expect(
+            with_opt("test", o, |_| panic!("boom")),
+            HYZO_ERR_INTERNAL,
+            "boom",
+        );
+        assert!(c_poisoned(o));
+        expect(
+            hyzo_optimizer_load_state(o, state.as_ptr().cast(), state.len() as u64),
+            HYZO_ERR_INTERNAL,
+            "destroy it",
+        );
+        expect(
+            hyzo_optimizer_poisoned(o, null_mut()),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "poisoned",
+        );
+        hyzo_optimizer_destroy(o);
+    }
+}

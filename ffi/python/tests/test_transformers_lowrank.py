@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from conftest import bits  # noqa: E402
 from test_transformers import (  # noqa: E402
     assert_changed,
+    lm_loss,
     token_dataset,
     tiny_llama,
     training_args,
@@ -37,7 +38,7 @@ def test_zo_trainer_attaches_and_never_writes_the_hooked_weights(tmp_path):
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.seen.append((bits(watched), bits(norm)))
-            return model(**inputs, num_items_in_batch=num_items_in_batch).loss
+            return lm_loss(model, inputs, num_items_in_batch)
 
     trainer = Watching(model=model, args=training_args(tmp_path, max_steps=3),
                        train_dataset=token_dataset(),
