@@ -6,7 +6,8 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::{bf16, f16};
 use hyzo::backend::{Backend, Generator, PerturbPass, StateLayout, Term, UpdatePass};
-use hyzo::direction::{fill, DirectionId, DirectionKind};
+use hyzo::direction::{DirectionId, DirectionKind};
+use hyzo::fill::fill;
 use hyzo::rules::{Rule, RuleParams};
 use hyzo::{CpuBackend, DType, ParamShard, Precision, StateSet};
 use rayon::prelude::*;

@@ -26,6 +26,16 @@ pub enum Estimator {
 impl Estimator {
     /// Both estimators, in ABI order.
     pub const ALL: [Estimator; 2] = [Estimator::TwoSided, Estimator::OneSided];
+
+    /// Loss evaluations of one step with `q` directions: `2q` two-sided, `q + 1` one-sided.
+    /// (Here, with the estimator, so that the configuration does not depend on the step
+    /// protocol, which depends on it.)
+    pub const fn evaluations(self, q: u32) -> u32 {
+        match self {
+            Estimator::TwoSided => 2 * q,
+            Estimator::OneSided => q + 1,
+        }
+    }
 }
 
 /// The kind of a step.
@@ -246,7 +256,7 @@ impl Config {
 
     /// Loss evaluations of one zeroth-order step.
     pub fn evaluations_per_step(&self) -> u32 {
-        crate::protocol::evaluations(self.estimator, self.num_directions)
+        self.estimator.evaluations(self.num_directions)
     }
 
     /// The scheduled kind of step number `step` (0-based), `None` without a schedule.

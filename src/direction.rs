@@ -4,8 +4,12 @@
 //! Three layers, each checkable against the one above it:
 //! - `*_exact`: the spec's formulas in f64, the "exact value" the tolerances refer to;
 //! - [`gaussian_pair`] / [`rademacher_at`]: the f32 algorithm every backend runs (the CUDA
-//!   kernels mirror it operation for operation, see `kernels/hyzo_device.cuh`);
-//! - [`fill`]: the same algorithm over a range, vectorised (see `fast.rs`).
+//!   kernels mirror it operation for operation, see `kernels/hyzo_device.cuh`), entry by
+//!   entry ([`direction_at`], [`fill_scalar`]);
+//! - the same algorithm over a range, vectorised: `crate::fill`, which builds on this
+//!   module's primitives ([`gaussian_block`], [`minus_two_ln_u`], [`sin_cos_turn`]) and is
+//!   tested bit for bit against [`direction_at`]. This module, the reference, depends on
+//!   nothing of it.
 
 use crate::philox::philox4x32_10;
 
@@ -108,6 +112,12 @@ impl DirectionId {
     #[inline(always)]
     pub fn key(&self) -> [u32; 2] {
         [self.seed as u32, (self.seed >> 32) as u32]
+    }
+
+    /// The stream of one factor of this low-rank direction (spec §7): direction `base + d`
+    /// ([`LOWRANK_A_STREAM`] for `A`, [`LOWRANK_B_STREAM`] for `B`) of the same seed and step.
+    pub fn lowrank_stream(&self, base: u32) -> DirectionId {
+        DirectionId::new(self.seed, self.step, base.wrapping_add(self.direction))
     }
 
     /// Philox output of block `b`: counter `(lo32(b), hi32(b), step, direction)`.
@@ -257,25 +267,6 @@ pub fn direction_at(kind: DirectionKind, id: DirectionId, j: u64) -> f32 {
     }
 }
 
-/// Writes entries `start .. start + out.len()` of a direction into `out`; exactly the values
-/// of [`direction_at`], whatever the range's alignment. Sphere directions are written
-/// unscaled (their Gaussian).
-pub fn fill(kind: DirectionKind, id: DirectionId, start: u64, out: &mut [f32]) {
-    match kind.generated() {
-        DirectionKind::Rademacher => crate::fast::fill_rademacher(id, start, out),
-        _ => crate::fast::fill_gaussian(id, start, out),
-    }
-}
-
-/// [`fill`] on every core (rayon's pool), for large ranges; the same values.
-pub fn fill_parallel(kind: DirectionKind, id: DirectionId, start: u64, out: &mut [f32]) {
-    use rayon::prelude::*;
-    const PIECE: usize = 1 << 16;
-    out.par_chunks_mut(PIECE)
-        .enumerate()
-        .for_each(|(i, c)| fill(kind, id, start + (i * PIECE) as u64, c));
-}
-
 /// Fills with the scalar reference path: one Philox call per entry. Slow; for tests.
 pub fn fill_scalar(kind: DirectionKind, id: DirectionId, start: u64, out: &mut [f32]) {
     for (i, o) in out.iter_mut().enumerate() {
@@ -346,28 +337,16 @@ impl LowRankShape {
     }
 }
 
-/// Writes the factors of direction `id` (its `direction` is the user-visible `d`) for a
-/// tensor at global offset `offset` into `out` ([`LowRankShape::factors_len`] floats): `A`
-/// (rows × rank) then `B` (cols × rank), row-major, as every backend computes them.
-pub fn lowrank_factors(id: DirectionId, offset: u64, shape: LowRankShape, out: &mut [f32]) {
-    assert_eq!(
-        out.len() as u64,
-        shape.factors_len(),
-        "low-rank factors' length"
-    );
-    let stream = |base: u32| DirectionId::new(id.seed, id.step, base.wrapping_add(id.direction));
-    let (a, b) = out.split_at_mut(shape.a_len() as usize);
-    fill(DirectionKind::Gaussian, stream(LOWRANK_A_STREAM), offset, a);
-    fill(DirectionKind::Gaussian, stream(LOWRANK_B_STREAM), offset, b);
-}
-
 /// Entry `(i, k)` of a low-rank direction in f64 from the exact factors, for tests.
 pub fn lowrank_exact(id: DirectionId, offset: u64, shape: LowRankShape, i: u64, k: u64) -> f64 {
-    let stream = |base: u32| DirectionId::new(id.seed, id.step, base.wrapping_add(id.direction));
+    let (a, b) = (
+        id.lowrank_stream(LOWRANK_A_STREAM),
+        id.lowrank_stream(LOWRANK_B_STREAM),
+    );
     let sum: f64 = (0..shape.rank)
         .map(|p| {
-            gaussian_exact(stream(LOWRANK_A_STREAM), offset + i * shape.rank + p)
-                * gaussian_exact(stream(LOWRANK_B_STREAM), offset + k * shape.rank + p)
+            gaussian_exact(a, offset + i * shape.rank + p)
+                * gaussian_exact(b, offset + k * shape.rank + p)
         })
         .sum();
     sum / (shape.rank as f64).sqrt()

@@ -92,12 +92,10 @@ pub enum Pass {
     },
 }
 
-/// Loss evaluations of one step: `2q` two-sided, `q + 1` one-sided.
+/// Loss evaluations of one step: `2q` two-sided, `q + 1` one-sided
+/// ([`Estimator::evaluations`]).
 pub const fn evaluations(estimator: Estimator, q: u32) -> u32 {
-    match estimator {
-        Estimator::TwoSided => 2 * q,
-        Estimator::OneSided => q + 1,
-    }
+    estimator.evaluations(q)
 }
 
 /// The point evaluation `eval` of a step is run at, as its offset from θ: two-sided,

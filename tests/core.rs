@@ -2,7 +2,8 @@
 //! checked against naive scalar formulas.
 
 use half::{bf16, f16};
-use hyzo::direction::{direction_at, fill, fill_scalar, DirectionId, DirectionKind};
+use hyzo::direction::{direction_at, fill_scalar, DirectionId, DirectionKind};
+use hyzo::fill::fill;
 use hyzo::rules::{self, Rule, RuleParams};
 use hyzo::{
     Config, DType, Element, Error, Estimator, Feed, Optimizer, ParamShard, Phase, Precision,

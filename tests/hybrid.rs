@@ -472,7 +472,7 @@ fn displace_adds_a_regenerable_direction_once() {
     );
     let got = params(&whole);
     let mut z = vec![0f32; N];
-    hyzo::direction::fill(
+    hyzo::fill::fill(
         DirectionKind::Gaussian,
         hyzo::DirectionId::new(77, 3, 1),
         0,

@@ -12,11 +12,10 @@ use crate::backend::{
     UpdatePass,
 };
 use crate::config::StateSet;
-use crate::direction::{
-    fill, lowrank_factors, DirectionId, LowRankShape, STOCHASTIC_ROUNDING_DIRECTION,
-};
+use crate::direction::{DirectionId, LowRankShape, STOCHASTIC_ROUNDING_DIRECTION};
 use crate::dtype::{DType, Element, Precision};
 use crate::error::{invalid, Error, Result};
+use crate::fill::{fill, fill_bits, lowrank_factors};
 use crate::rules;
 use crate::shard::{ParamShard, TensorSpec};
 
@@ -441,7 +440,7 @@ unsafe fn update_chunk_rule<T: Element, const RULE: u32>(
         }
         let sr = if pass.precision == Precision::Stochastic {
             let id = DirectionId::new(gen.seed, gen.step, STOCHASTIC_ROUNDING_DIRECTION);
-            crate::fast::fill_bits(id, global, &mut bits[..n]);
+            fill_bits(id, global, &mut bits[..n]);
             Some(&bits[..n])
         } else {
             None

@@ -89,7 +89,7 @@ pub unsafe extern "C" fn hyzo_directions_fill(
         // A slice of `count` floats must fit the address space.
         byte_len(count.saturating_mul(4), "count")?;
         let out = std::slice::from_raw_parts_mut(out as *mut f32, count as usize);
-        crate::direction::fill_parallel(kind, DirectionId::new(seed, step, direction), start, out);
+        crate::fill::fill_parallel(kind, DirectionId::new(seed, step, direction), start, out);
         Ok(())
     })
 }

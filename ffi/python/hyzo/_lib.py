@@ -18,6 +18,7 @@ optimizers may be used from different threads concurrently.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import math
 import os
 import threading
@@ -385,6 +386,13 @@ def make_config(
                          f"{skip_nonfinite_grads!r}")
     cfg.skip_nonfinite_grads = 1 if skip_nonfinite_grads else 0
     return cfg
+
+
+# Every option of make_config with its default: the one place Python's defaults live (the
+# numpy Optimizer takes exactly these options; hyzo.torch's FO fixes the zeroth-order ones
+# to them).
+CONFIG_DEFAULTS: Dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(make_config).parameters.items()}
 
 
 # ----------------------------------------------------------------------------------------

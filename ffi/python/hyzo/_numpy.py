@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -129,35 +130,17 @@ class Optimizer:
         params: Iterable[ParamSpec],
         *,
         grads: Optional[Sequence[np.ndarray]] = None,
-        lr: float = 1e-3,
-        eps: float = 1e-3,
-        rule: str = "sgd",
-        betas: Sequence[float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        directions: str = "gaussian",
-        num_directions: int = 1,
-        estimator: str = "two_sided",
-        precision: str = "nearest",
-        seed: int = 0,
-        fo_steps: int = 0,
-        zo_steps: int = 0,
-        hybrid_alpha: float = 0.0,
-        fo_rule: Optional[str] = None,
-        fo_lr: Optional[float] = None,
-        fo_weight_decay: Optional[float] = None,
         num_threads: Optional[int] = None,
-        rank: int = 1,
         shapes: Optional[Dict[int, Tuple[int, int]]] = None,
-        skip_nonfinite_grads: bool = True,
+        **config: Any,
     ) -> None:
-        cfg = _lib.make_config(lr=lr, eps=eps, rule=rule, betas=betas, adam_eps=adam_eps,
-                               weight_decay=weight_decay, directions=directions,
-                               num_directions=num_directions, estimator=estimator,
-                               precision=precision, seed=seed, fo_steps=fo_steps,
-                               zo_steps=zo_steps, hybrid_alpha=hybrid_alpha, fo_rule=fo_rule,
-                               fo_lr=fo_lr, fo_weight_decay=fo_weight_decay, rank=rank,
-                               skip_nonfinite_grads=skip_nonfinite_grads)
+        # The configuration's options and their defaults are make_config's (_lib's one
+        # place); the signature below shows them.
+        unknown = sorted(set(config) - set(_lib.CONFIG_DEFAULTS))
+        if unknown:
+            raise TypeError(f"Optimizer: unexpected keyword argument(s) {unknown}; the "
+                            f"options are {sorted(_lib.CONFIG_DEFAULTS)}")
+        cfg = _lib.make_config(**config)
         specs: List[Tuple[np.ndarray, Optional[int]]] = []
         for i, p in enumerate(params):
             if isinstance(p, tuple):
@@ -182,8 +165,9 @@ class Optimizer:
         self._params: Tuple[np.ndarray, ...] = tuple(a for a, _ in specs)
         self._grads: Optional[Tuple[np.ndarray, ...]] = None if grads is None else tuple(grads)
         offsets: List[int] = []
-        self.estimator = estimator
-        self.num_directions = num_directions
+        self.estimator = config.get("estimator", _lib.CONFIG_DEFAULTS["estimator"])
+        self.num_directions = config.get("num_directions",
+                                         _lib.CONFIG_DEFAULTS["num_directions"])
         auto = 0
         for i, (a, off) in enumerate(specs):
             if off is None:
@@ -385,3 +369,17 @@ class Optimizer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _show_config_options(init: Callable[..., None]) -> None:
+    """Gives ``init`` (which takes the configuration as ``**config``) a signature that
+    lists every option of :func:`_lib.make_config` with its default, for help() and
+    editors, without writing the defaults a second time."""
+    sig = inspect.signature(init)
+    own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    options = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in inspect.signature(_lib.make_config).parameters.values()]
+    init.__signature__ = sig.replace(parameters=own + options)  # type: ignore[attr-defined]
+
+
+_show_config_options(Optimizer.__init__)

@@ -1,10 +1,15 @@
 """The ctypes declarations of hyzo._lib against the C header ffi/hyzo.h (parsed with
 pycparser): every function's return and argument types, every field of hyzo_config and
-every enum value, so that the hand-written binding and the header cannot drift apart."""
+every enum value, so that the hand-written binding and the header cannot drift apart.
+
+Without pycparser or gcc the file is skipped, unless ``HYZO_REQUIRE_PYCPARSER`` or ``CI`` is
+set (``scripts/test-python`` sets it, so ``make test`` does): then it fails, so that it
+cannot pass without having run (as ``HYZO_REQUIRE_LIBCLANG`` in tests/abi.rs)."""
 
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import subprocess
 from typing import Dict, List, Tuple, Union
@@ -13,8 +18,27 @@ import pytest
 
 from conftest import REPO
 
-pycparser = pytest.importorskip("pycparser")
-from pycparser import c_ast  # noqa: E402
+
+
+def _required() -> bool:
+    """Whether a missing tool must fail these tests rather than skip them."""
+    return any(os.environ.get(v, "") not in ("", "0", "false")
+               for v in ("CI", "HYZO_REQUIRE_PYCPARSER"))
+
+
+def _missing(what: str) -> None:
+    """Skips, or fails where the tests are required to run."""
+    if _required():
+        pytest.fail(f"{what}; HYZO_REQUIRE_PYCPARSER or CI is set, so this is an error",
+                    pytrace=False)
+    pytest.skip(what, allow_module_level=True)
+
+
+try:
+    import pycparser
+    from pycparser import c_ast
+except ImportError:
+    _missing("pycparser is not installed (pip install pycparser; `make setup` pins it)")
 
 from hyzo import _lib  # noqa: E402
 
@@ -55,7 +79,7 @@ class Header:
 
     def __init__(self) -> None:
         if shutil.which("gcc") is None:
-            pytest.skip("gcc (the C preprocessor) is not installed")
+            _missing("gcc (the C preprocessor) is not installed")
         src = HEADER.read_text().replace("#include <stdint.h>", STDINT)
         # -E -P: drop comments and the C++ guards; -nostdinc: nothing else is included.
         text = subprocess.run(["gcc", "-E", "-P", "-nostdinc", "-x", "c", "-"], input=src,

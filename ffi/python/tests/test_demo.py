@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
 
-from hyzo import demo  # noqa: E402
+from hyzo.demo import attacks, controls, model, objectives  # noqa: E402
 
 
 def _run(out: str) -> None:
@@ -34,17 +34,17 @@ def test_two_runs_write_identical_json(tmp_path):
         jb = f.read()
     assert ja == jb
     r = json.loads(ja)
-    for obj in demo.OBJECTIVES:
+    for obj in objectives.OBJECTIVES:
         rows = r["mean_std"][obj]["0.25"]
-        assert list(rows) == demo.ROWS
-        for name in demo.ROWS:
+        assert list(rows) == controls.ROWS
+        for name in controls.ROWS:
             for k in ("forget", "retain", "forget 4-bit g32", "forget 4-bit per-channel",
                       "forget 8-bit per-channel", "forget relearned", "grid values changed",
                       "mean |delta| / step"):
                 assert 0.0 <= rows[name][k]["mean"], (name, k)
         # The displacement controls use the hybrid's measured RMS, and it is not zero.
-        hyb = r["per_seed"][0]["runs"][obj]["0.25"][demo.HYBRID]
-        ctl = r["per_seed"][0]["runs"][obj]["0.25"][demo.NOISE_ADAMW]
+        hyb = r["per_seed"][0]["runs"][obj]["0.25"][controls.HYBRID]
+        ctl = r["per_seed"][0]["runs"][obj]["0.25"][controls.NOISE_ADAMW]
         assert ctl["displacement_rms"] == hyb["zo_changes_rms"] > 0
     assert os.path.getsize(os.path.join(a, "robustness.png")) > 10_000
 
@@ -53,20 +53,20 @@ def test_base_sits_on_the_attack_grid():
     """Re-quantizing the int4 base with its own scheme changes no value (the built-in
     assumption), and the grid measurements read zero on it."""
     torch.manual_seed(0)
-    model = demo.TinyLM(40)
-    base = demo.quantized(model, *demo.BASE_SCHEME)
-    again = demo.quantized(base, *demo.BASE_SCHEME)
+    lm = model.TinyLM(40)
+    base = attacks.quantized(lm, *attacks.BASE_SCHEME)
+    again = attacks.quantized(base, *attacks.BASE_SCHEME)
     for p, q in zip(base.parameters(), again.parameters()):
         assert torch.allclose(p, q, rtol=1e-6, atol=0)
-    assert demo.grid_change(base, base) == (0.0, 0.0)
+    assert attacks.grid_change(base, base) == (0.0, 0.0)
     # Moving one weight off a zero code by 0.6 of its step changes exactly that value.
-    moved = demo.quantized(model, *demo.BASE_SCHEME)
+    moved = attacks.quantized(lm, *attacks.BASE_SCHEME)
     w = moved.head.weight
-    step = demo._fake_quant(base.head.weight, *demo.BASE_SCHEME)[1]
+    step = attacks.fake_quant(base.head.weight, *attacks.BASE_SCHEME)[1]
     i, j = [int(v) for v in torch.nonzero(base.head.weight == 0)[0]]
     with torch.no_grad():
         w[i, j] += 0.6 * step[i, j]
-    frac, mean_steps = demo.grid_change(moved, base)
+    frac, mean_steps = attacks.grid_change(moved, base)
     n = sum(p.numel() for p in base.parameters() if p.dim() == 2)
     assert frac == pytest.approx(1 / n)
     assert mean_steps == pytest.approx(0.6 / n, rel=1e-4)
@@ -82,4 +82,4 @@ def test_accuracy_is_an_exact_ratio():
             return logits
 
     facts = torch.ones(60, 5, dtype=torch.long)
-    assert demo.accuracy(Fixed(), facts) <= 0.1
+    assert model.accuracy(Fixed(), facts) <= 0.1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 
 import ml_dtypes
@@ -10,6 +11,7 @@ import pytest
 
 import hyzo
 from conftest import bits, cli_path
+from hyzo import _lib
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -538,3 +540,22 @@ def _crc32c(data: bytes) -> int:
         for _ in range(8):
             crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
     return crc ^ 0xFFFFFFFF
+
+
+def test_options_and_defaults_are_the_configurations():
+    """hyzo.Optimizer takes exactly make_config's options, with its defaults (written once,
+    in _lib); an unknown one is refused by name, and leaving every option out configures
+    the optimizer as spelling every default does."""
+    sig = inspect.signature(hyzo.Optimizer).parameters
+    for name, default in _lib.CONFIG_DEFAULTS.items():
+        assert sig[name].default == default and sig[name].kind is inspect.Parameter.KEYWORD_ONLY
+    assert set(sig) == {"params", "grads", "num_threads", "shapes"} | set(_lib.CONFIG_DEFAULTS)
+    x = np.zeros(8, dtype=np.float32)
+    with pytest.raises(TypeError, match="'lrr'"):
+        hyzo.Optimizer([x], lrr=0.1)
+    a, b = np.full(8, 0.5, np.float32), np.full(8, 0.5, np.float32)
+    plain, spelled = hyzo.Optimizer([a]), hyzo.Optimizer([b], **_lib.CONFIG_DEFAULTS)
+    for o, v in ((plain, a), (spelled, b)):
+        o.step(lambda v=v: float((v ** 2).sum()))
+    assert bytes(plain.state_dict()) == bytes(spelled.state_dict())
+    np.testing.assert_array_equal(a, b)

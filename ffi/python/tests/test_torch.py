@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import pickle
 import tempfile
 from typing import List
 
@@ -20,6 +21,7 @@ from torch import nn  # noqa: E402
 import hyzo  # noqa: E402
 import hyzo.torch as ht  # noqa: E402
 from conftest import bits  # noqa: E402
+from fixtures.make_state_dicts import train as train_kind  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -298,13 +300,7 @@ def test_state_dict_round_trip(kind):
         return ht.FO(params, lr=0.01, rule="adamw")
 
     def train(opt, params, steps):
-        for _ in range(steps):
-            if kind == "fo":
-                opt.zero_grad()
-                quad_loss(params).backward()
-                opt.step()
-            else:
-                opt.step(lambda: quad_loss(params))
+        train_kind(kind, opt, params, steps, quad_loss)
 
     pa = make_params()
     oa = make(pa, seed=1)
@@ -663,3 +659,14 @@ def test_perturb_refuses_bad_arguments():
     with pytest.raises(ValueError, match="finite"):  # finite in Python, inf as a float32
         opt.perturb_(1e39, seed=0)
     assert torch.equal(p[0].detach(), before)
+
+
+def test_the_public_names_are_hyzo_torchs():
+    """The package exports exactly its public names, each as hyzo.torch's own (help(),
+    pickles of the classes, messages), wherever its module is."""
+    assert ht.__all__ == ["ZO", "Hybrid", "FO", "set_global_offset", "Shard"]
+    for name in ht.__all__:
+        assert getattr(ht, name).__module__ == "hyzo.torch", name
+    for cls in (ht.ZO, ht.Hybrid, ht.FO):
+        assert pickle.loads(pickle.dumps(cls)) is cls
+        assert issubclass(cls, torch.optim.Optimizer)

@@ -8,7 +8,8 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use hyzo::direction::{fill, DirectionId, DirectionKind};
+use hyzo::direction::{DirectionId, DirectionKind};
+use hyzo::fill::fill;
 
 mod bench;
 

@@ -1,10 +1,18 @@
-//! Vectorised generation: the f32 algorithm of `direction.rs` on batches of Philox blocks,
-//! written over fixed-size arrays so the compiler turns every loop into SIMD code. No
-//! fused multiply-add and no approximation beyond the scalar path: every entry equals
-//! `direction::direction_at` bit for bit, wherever a range starts or ends. The wider
-//! instruction sets are picked at run time; they change the speed, not the bits.
+//! Directions over ranges of elements, as the CPU backend, `hyzo_directions` and the tools
+//! generate them: the f32 algorithm of [`crate::direction`] on batches of Philox blocks, written over
+//! fixed-size arrays so the compiler turns every loop into SIMD code. No fused multiply-add
+//! and no approximation beyond the scalar path: every entry equals
+//! [`crate::direction::direction_at`] bit for bit, wherever a range starts or ends. The
+//! wider instruction sets are picked at run time; they change the speed, not the bits.
+//!
+//! Layering: this module builds on the reference's primitives (the Box-Muller pieces, the
+//! turn's sine and cosine, the Philox block of a direction); the reference knows nothing
+//! of this one, so that it stays the plain statement every fast path is checked against.
 
-use crate::direction::{gaussian_block, minus_two_ln_u, sin_cos_turn, DirectionId};
+use crate::direction::{
+    gaussian_block, minus_two_ln_u, sin_cos_turn, DirectionId, DirectionKind, LowRankShape,
+    LOWRANK_A_STREAM, LOWRANK_B_STREAM,
+};
 use crate::philox::{PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1};
 
 /// Philox blocks per batch.
@@ -109,7 +117,7 @@ unsafe fn fill_gaussian_avx2(id: DirectionId, start: u64, out: &mut [f32]) {
 }
 
 /// Gaussian entries `start .. start + out.len()`.
-pub fn fill_gaussian(id: DirectionId, start: u64, out: &mut [f32]) {
+fn fill_gaussian(id: DirectionId, start: u64, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f")
@@ -128,7 +136,7 @@ pub fn fill_gaussian(id: DirectionId, start: u64, out: &mut [f32]) {
 }
 
 /// Rademacher entries `start .. start + out.len()`: one Philox call per 128 entries.
-pub fn fill_rademacher(id: DirectionId, start: u64, out: &mut [f32]) {
+fn fill_rademacher(id: DirectionId, start: u64, out: &mut [f32]) {
     let mut i = 0usize;
     while i < out.len() {
         let j = start + i as u64;
@@ -151,6 +159,49 @@ pub fn fill_rademacher(id: DirectionId, start: u64, out: &mut [f32]) {
         }
         i += take;
     }
+}
+
+/// Writes entries `start .. start + out.len()` of a direction into `out`; exactly the values
+/// of [`crate::direction::direction_at`], whatever the range's alignment. Sphere directions are written
+/// unscaled (their Gaussian).
+pub fn fill(kind: DirectionKind, id: DirectionId, start: u64, out: &mut [f32]) {
+    match kind.generated() {
+        DirectionKind::Rademacher => fill_rademacher(id, start, out),
+        _ => fill_gaussian(id, start, out),
+    }
+}
+
+/// [`fill`] on every core (rayon's pool), for large ranges; the same values.
+pub fn fill_parallel(kind: DirectionKind, id: DirectionId, start: u64, out: &mut [f32]) {
+    use rayon::prelude::*;
+    const PIECE: usize = 1 << 16;
+    out.par_chunks_mut(PIECE)
+        .enumerate()
+        .for_each(|(i, c)| fill(kind, id, start + (i * PIECE) as u64, c));
+}
+
+/// Writes the factors of direction `id` (its `direction` is the user-visible `d`) for a
+/// tensor at global offset `offset` into `out` ([`LowRankShape::factors_len`] floats): `A`
+/// (rows × rank) then `B` (cols × rank), row-major, as every backend computes them.
+pub fn lowrank_factors(id: DirectionId, offset: u64, shape: LowRankShape, out: &mut [f32]) {
+    assert_eq!(
+        out.len() as u64,
+        shape.factors_len(),
+        "low-rank factors' length"
+    );
+    let (a, b) = out.split_at_mut(shape.a_len() as usize);
+    fill(
+        DirectionKind::Gaussian,
+        id.lowrank_stream(LOWRANK_A_STREAM),
+        offset,
+        a,
+    );
+    fill(
+        DirectionKind::Gaussian,
+        id.lowrank_stream(LOWRANK_B_STREAM),
+        offset,
+        b,
+    );
 }
 
 #[inline(always)]
@@ -185,7 +236,7 @@ unsafe fn fill_bits_avx2(id: DirectionId, start: u64, out: &mut [u32]) {
 
 /// Raw Philox words of a stream, one per element: element `j` gets word `j % 4` of block
 /// `j / 4` (the layout of the Gaussian kind). Drives stochastic rounding.
-pub fn fill_bits(id: DirectionId, start: u64, out: &mut [u32]) {
+pub(crate) fn fill_bits(id: DirectionId, start: u64, out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {
@@ -199,7 +250,7 @@ pub fn fill_bits(id: DirectionId, start: u64, out: &mut [u32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::direction::{fill_scalar, DirectionKind};
+    use crate::direction::fill_scalar;
 
     #[test]
     fn bits_follow_the_gaussian_layout() {
@@ -229,7 +280,7 @@ mod tests {
             for kind in [DirectionKind::Gaussian, DirectionKind::Rademacher] {
                 let mut a = vec![0f32; n];
                 let mut b = vec![0f32; n];
-                crate::direction::fill(kind, id, start, &mut a);
+                fill(kind, id, start, &mut a);
                 fill_scalar(kind, id, start, &mut b);
                 assert!(
                     a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
