@@ -5,7 +5,8 @@
  * Errors: every fallible function returns a hyzo_status; on failure nothing was changed
  * (unless the function's documentation says otherwise) and hyzo_last_error() returns a
  * message naming the function and the argument at fault.
- * A pass of a zeroth-order step that fails is the exception: it leaves the parameters in
+ * A pass that fails after it may have written parameters (of a zeroth-order step, a
+ * first-order update, a displacement) is the exception: it leaves the parameters in
  * an unknown state and poisons the optimizer, which then accepts only a load of a saved
  * state (see hyzo_optimizer_poisoned).
  *
@@ -495,7 +496,7 @@ hyzo_status hyzo_zo_abort(hyzo_optimizer *opt);
 
 // Writes 1 to `*poisoned` when the optimizer is poisoned, 0 otherwise. A pass of a
 // zeroth-order step that failed (in `hyzo_zo_begin`, `hyzo_zo_feed(_device)` or a second failed
-// `hyzo_zo_abort`) leaves the parameters in an unknown state, and poisons the optimizer:
+// `hyzo_zo_abort`), or the pass of `hyzo_fo_step(_masked)` or `hyzo_optimizer_displace`, leaves the parameters in an unknown state, and poisons the optimizer:
 // every call is then refused with `HYZO_ERR_BAD_STATE` and the reason in
 // `hyzo_last_error()`, except this one, `hyzo_optimizer_load_state`,
 // `hyzo_optimizer_load_state_file` (a successful load makes it usable again; write the

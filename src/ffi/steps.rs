@@ -159,7 +159,7 @@ pub unsafe extern "C" fn hyzo_zo_abort(opt: *mut hyzo_optimizer) -> hyzo_status 
 
 /// Writes 1 to `*poisoned` when the optimizer is poisoned, 0 otherwise. A pass of a
 /// zeroth-order step that failed (in `hyzo_zo_begin`, `hyzo_zo_feed(_device)` or a second failed
-/// `hyzo_zo_abort`) leaves the parameters in an unknown state, and poisons the optimizer:
+/// `hyzo_zo_abort`), or the pass of `hyzo_fo_step(_masked)` or `hyzo_optimizer_displace`, leaves the parameters in an unknown state, and poisons the optimizer:
 /// every call is then refused with `HYZO_ERR_BAD_STATE` and the reason in
 /// `hyzo_last_error()`, except this one, `hyzo_optimizer_load_state`,
 /// `hyzo_optimizer_load_state_file` (a successful load makes it usable again; write the

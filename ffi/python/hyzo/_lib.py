@@ -624,6 +624,13 @@ class COptimizer:
         self._call("hyzo_optimizer_stats", ctypes.byref(steps), ctypes.byref(skipped))
         return steps.value, skipped.value
 
+    def poisoned(self) -> bool:
+        """Whether a failed pass left the parameters in an unknown state: every call but a
+        load is refused until a saved state is loaded (and its parameters written back)."""
+        flag = _int()
+        self._call("hyzo_optimizer_poisoned", ctypes.byref(flag))
+        return bool(flag.value)
+
     def updates(self) -> Tuple[int, int]:
         """``(updates, fo_updates)``: the ``t`` of the main rule's state and of the
         first-order rule's (0 without ``fo_rule``)."""

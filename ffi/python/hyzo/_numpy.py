@@ -247,6 +247,13 @@ class Optimizer:
         return self._c.stats()[0]
 
     @property
+    def poisoned(self) -> bool:
+        """Whether a failed pass (a backend error mid-step) left the arrays in an unknown
+        state: every call but :meth:`load_state` / :meth:`load_state_dict` is then refused;
+        load a saved state and write its arrays back."""
+        return self._c.poisoned()
+
+    @property
     def skipped(self) -> int:
         """Steps skipped: zeroth-order ones whose losses or projected gradients were not
         finite (spec v2 §4: the arrays were restored), and steps whose gradient held a NaN or

@@ -530,6 +530,8 @@ def test_state_files_with_impossible_moments_or_not_regular_are_refused(rng, tmp
     with pytest.raises(hyzo.HyzoIOError, match="not a regular file"):
         opt.load_state(tmp_path / "fifo")
     assert opt.state_dict() == good
+    # Refused loads poison nothing (only a failed pass does).
+    assert opt.poisoned is False
 
 
 def _crc32c(data: bytes) -> int:

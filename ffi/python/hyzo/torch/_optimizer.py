@@ -397,6 +397,13 @@ class HyzoOptimizer(torch.optim.Optimizer):
         return self._steps_taken()
 
     @property
+    def poisoned(self) -> bool:
+        """Whether a failed pass (a backend error mid-step) left some group's parameters in
+        an unknown state: steps are then refused until :meth:`load_state_dict` loads a saved
+        state (write the model's saved weights back too)."""
+        return any(s.c.poisoned() for s in self._shards)
+
+    @property
     def skipped(self) -> int:
         """Steps skipped: zeroth-order ones because a loss or a projected gradient was not
         finite (spec v2 §4: parameters restored, no state updated), and, with
