@@ -257,12 +257,14 @@ def plot(agg: dict, n_seeds: int, path: str) -> Optional[str]:
     for ax in axes[:, 0]:
         ax.set_ylabel("forget-set accuracy")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(series), fontsize=8,
-               frameon=False)
+    # One legend row per four series a panel column holds.
+    ncol = min(len(series), 4 * cols)
+    legend_rows = -(-len(series) // ncol)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     seeds = f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed"
     fig.suptitle(f"hyzo demo: forget accuracy before and after each attack ({seeds})",
                  fontsize=11)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.03 + 0.03 * legend_rows, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
