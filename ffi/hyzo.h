@@ -535,6 +535,16 @@ hyzo_status hyzo_zo_last_projected_grads(const hyzo_optimizer *opt, float *out, 
 // `opt` must be NULL or a live optimizer.
 hyzo_status hyzo_fo_step(hyzo_optimizer *opt);
 
+// Skips the step the schedule calls for, first- or zeroth-order, as a step with a
+// non-finite gradient or loss is skipped: for a caller that found one on another shard or
+// process of the model, whose optimizers must skip together to stay in lockstep. Nothing
+// changes but the step count, and `hyzo_optimizer_stats` counts it as skipped.
+// `HYZO_ERR_BAD_STATE` during a zeroth-order step (abort it instead).
+//
+// # Safety
+// `opt` must be NULL or a live optimizer.
+hyzo_status hyzo_optimizer_skip_step(hyzo_optimizer *opt);
+
 // A first-order step on the tensors with `update[i] != 0` only (`len` must be the number
 // of tensors), as `torch.optim` steps over the parameters that have a gradient: the others,
 // their rule state and their residual stay exactly as they are. Only the updated tensors

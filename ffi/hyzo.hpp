@@ -217,6 +217,10 @@ public:
         check(hyzo_fo_step_masked(opt_, update.data(), update.size()));
     }
 
+    /// Skips the step the schedule calls for, counted in skipped(): for a non-finite
+    /// gradient or loss found on another shard or process, which must skip together.
+    void skip_step() { check(hyzo_optimizer_skip_step(opt_)); }
+
     hyzo_phase next_phase() const {
         hyzo_phase p;
         check(hyzo_next_phase(opt_, &p));

@@ -826,10 +826,29 @@ impl<'a> Optimizer<'a> {
             tensors: update.filter(|u| u.contains(&false)),
             ..self.update_pass(Phase::FirstOrder, self.generator())
         };
-        self.backend.update(&self.shard, &pass)?;
+        if let Err(e) = self.backend.update(&self.shard, &pass) {
+            // The update may have written part of the parameters and moments.
+            return Err(self.poison("fo_step", e));
+        }
         self.counters.updates[pass.state as usize] += 1;
         self.counters.step += 1;
         Ok(report(false))
+    }
+
+    /// Skips the step the schedule calls for (first- or zeroth-order), as a step whose
+    /// gradient or loss is not finite is skipped, for a caller that found it so elsewhere: on
+    /// another shard or process of the model, whose optimizers must skip together to stay in
+    /// lockstep (`torch.amp.GradScaler` skips the whole step the same way). Nothing changes but
+    /// the counts: the step counts and is counted in [`Optimizer::skipped`]. Not during a
+    /// zeroth-order step (abort it instead).
+    pub fn skip_step(&mut self) -> Result<()> {
+        self.check_usable("skip_step")?;
+        self.check_not_in_step("skip_step")?;
+        self.prepare()?;
+        self.counters.step += 1;
+        self.counters.skipped += 1;
+        self.backend
+            .set_counters(self.counters.step, self.counters.updates)
     }
 
     /// Whether the gradient a zeroth-order update mixes in (`hybrid_alpha > 0`) is finite;
@@ -879,7 +898,11 @@ impl<'a> Optimizer<'a> {
                  nothing was changed"
             ));
         }
-        self.backend.perturb(&self.shard, &pass)
+        match self.backend.perturb(&self.shard, &pass) {
+            Ok(()) => Ok(()),
+            // The pass may have displaced part of the parameters.
+            Err(e) => Err(self.poison("displace", e)),
+        }
     }
 
     /// Runs later passes on the caller's CUDA stream (raw `CUstream`; 0: the default stream).

@@ -259,6 +259,19 @@ pub unsafe extern "C" fn hyzo_fo_step(opt: *mut hyzo_optimizer) -> hyzo_status {
     with_opt("hyzo_fo_step", opt, |o| o.inner.fo_step().map(drop))
 }
 
+/// Skips the step the schedule calls for, first- or zeroth-order, as a step with a
+/// non-finite gradient or loss is skipped: for a caller that found one on another shard or
+/// process of the model, whose optimizers must skip together to stay in lockstep. Nothing
+/// changes but the step count, and `hyzo_optimizer_stats` counts it as skipped.
+/// `HYZO_ERR_BAD_STATE` during a zeroth-order step (abort it instead).
+///
+/// # Safety
+/// `opt` must be NULL or a live optimizer.
+#[no_mangle]
+pub unsafe extern "C" fn hyzo_optimizer_skip_step(opt: *mut hyzo_optimizer) -> hyzo_status {
+    with_opt("hyzo_optimizer_skip_step", opt, |o| o.inner.skip_step())
+}
+
 /// A first-order step on the tensors with `update[i] != 0` only (`len` must be the number
 /// of tensors), as `torch.optim` steps over the parameters that have a gradient: the others,
 /// their rule state and their residual stay exactly as they are. Only the updated tensors

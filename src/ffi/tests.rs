@@ -492,6 +492,24 @@ fn zo_protocol_misuse() {
             HYZO_ERR_INVALID_ARGUMENT,
             "skipped",
         );
+        // A step skipped for a non-finite value found elsewhere: counted, nothing written.
+        let before = a.clone();
+        ok(hyzo_optimizer_skip_step(o));
+        ok(hyzo_optimizer_stats(o, &mut steps, &mut sk));
+        assert_eq!((steps, sk), (3, 2));
+        assert_eq!(a, before);
+        ok(hyzo_zo_begin(o));
+        expect(
+            hyzo_optimizer_skip_step(o),
+            HYZO_ERR_BAD_STATE,
+            "in progress",
+        );
+        ok(hyzo_zo_abort(o));
+        expect(
+            hyzo_optimizer_skip_step(null_mut()),
+            HYZO_ERR_INVALID_ARGUMENT,
+            "hyzo_optimizer_skip_step",
+        );
         hyzo_optimizer_destroy(o);
         hyzo_optimizer_destroy(empty);
     }
@@ -1340,6 +1358,7 @@ fn assert_c_refuses_everything(o: *mut hyzo_optimizer, needle: &str) {
             "hyzo_optimizer_displace",
             hyzo_optimizer_displace(o, 1, 2, 0, 0.5),
         );
+        refused("hyzo_optimizer_skip_step", hyzo_optimizer_skip_step(o));
     }
     let header = include_str!("../../ffi/hyzo.h");
     let mut taking_opt: Vec<&str> = header

@@ -249,12 +249,16 @@ struct Rig {
     /// The parameters' memory; read and written only through `ptr` while `opt` lives.
     _memory: Box<[f32]>,
     ptr: *mut f32,
+    /// A gradient of 0.5 everywhere, for first-order steps (zeroth-order steps ignore it:
+    /// `hybrid_alpha` is 0).
+    _grad: Box<[f32]>,
 }
 
 impl Rig {
     fn new(config: &Config) -> Self {
         let mut memory = initial_params().into_boxed_slice();
         let ptr = memory.as_mut_ptr();
+        let grad = vec![0.5f32; N].into_boxed_slice();
         let (backend, plan) = FailingBackend::new();
         let mut opt =
             Optimizer::with_backend(config.clone(), ParamShard::new(), Box::new(backend)).unwrap();
@@ -266,7 +270,7 @@ impl Rig {
                 dtype: DType::F32,
                 numel: N as u64,
                 offset: 0,
-                grad: 0,
+                grad: grad.as_ptr() as u64,
                 grad_dtype: DType::F32,
             })
             .unwrap();
@@ -276,6 +280,7 @@ impl Rig {
             plan,
             _memory: memory,
             ptr,
+            _grad: grad,
         }
     }
 
@@ -325,6 +330,7 @@ fn assert_refuses_everything(opt: &mut Optimizer, needle: &str) {
         ("fo_step", opt.fo_step().map(|_| ())),
         ("fo_step_masked", opt.fo_step_masked(&[true]).map(|_| ())),
         ("displace", opt.displace(1, 2, 0, 0.5)),
+        ("skip_step", opt.skip_step()),
         ("set_lr", opt.set_lr(0.5)),
         ("set_weight_decay", opt.set_weight_decay(0.5)),
         ("set_fo_lr", opt.set_fo_lr(Some(0.5))),
@@ -430,6 +436,65 @@ fn a_failed_pass_poisons_until_a_load() {
             assert_eq!(rig.params(), after.0, "{what}: parameters after recovery");
             assert_eq!(rig.opt.save_state().unwrap(), after.1, "{what}: state");
         }
+    }
+}
+
+/// The passes outside the zeroth-order protocol that write parameters (a first-order
+/// update, a displacement) poison the optimizer when they fail, as the protocol's do: they
+/// may have written part of the parameters.
+#[test]
+fn a_failed_first_order_step_or_displacement_poisons() {
+    let config = &failure_configs()[0];
+    for (what, pass) in [("fo_step", 0), ("displace", 0)] {
+        let mut rig = Rig::new(config);
+        let start = (rig.params(), rig.opt.save_state().unwrap());
+        rig.fail(&[pass]);
+        let err = match what {
+            "fo_step" => rig.opt.fo_step().map(drop).unwrap_err(),
+            _ => rig.opt.displace(3, 0, 0, 0.25).unwrap_err(),
+        };
+        assert!(err.message().contains("poisoned"), "{what}: {err:?}");
+        let reason = rig.opt.poisoned().expect("poisoned").to_string();
+        assert!(reason.starts_with(what), "{what}: {reason}");
+        assert_refuses_everything(&mut rig.opt, "poisoned");
+        rig.write_params(&start.0);
+        rig.opt.load_state(&start.1).unwrap();
+        rig.opt.fo_step().unwrap();
+        assert!(
+            rig.params() != start.0,
+            "{what}: a first-order step after recovery"
+        );
+    }
+}
+
+/// A step skipped for a non-finite value found elsewhere changes nothing but the counts, and
+/// keeps the optimizer in lockstep with one that skipped a step of its own (a NaN loss).
+#[test]
+fn a_skipped_step_counts_as_a_nan_loss_does() {
+    for config in failure_configs() {
+        let mut skipped = Rig::new(&config);
+        let mut nan = Rig::new(&config);
+        for rig in [&mut skipped, &mut nan] {
+            rig.step().unwrap();
+        }
+        let before = skipped.params();
+        skipped.opt.skip_step().unwrap();
+        nan.opt.begin().unwrap();
+        while let Feed::NeedsForward = nan.opt.feed(f32::NAN).unwrap() {}
+        assert_eq!(skipped.params(), before, "skip_step changed the parameters");
+        assert_eq!(skipped.opt.skipped().unwrap(), 1);
+        // The same counts and state: the NaN step's restore rounded its parameters (which
+        // the state does not hold); the skipped step ran no pass.
+        assert_eq!(
+            skipped.opt.save_state().unwrap(),
+            nan.opt.save_state().unwrap(),
+            "states after the skips"
+        );
+        skipped.step().unwrap();
+        assert!(skipped.params() != before, "the step after a skip updates");
+        skipped.opt.begin().unwrap();
+        let err = skipped.opt.skip_step().unwrap_err();
+        assert!(err.message().contains("in progress"), "{err:?}");
     }
 }
 

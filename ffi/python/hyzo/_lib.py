@@ -227,6 +227,7 @@ _sig("hyzo_zo_last_loss", _u32, _c_opt, _P(_f32), _P(_int))
 _sig("hyzo_zo_last_projected_grads", _u32, _c_opt, _P(_f32), _u32)
 _sig("hyzo_fo_step", _u32, _c_opt)
 _sig("hyzo_fo_step_masked", _u32, _c_opt, _P(ctypes.c_uint8), _u64)
+_sig("hyzo_optimizer_skip_step", _u32, _c_opt)
 _sig("hyzo_next_phase", _u32, _c_opt, _P(_u32))
 _sig("hyzo_optimizer_stats", _u32, _c_opt, _P(_u64), _P(_u64))
 _sig("hyzo_optimizer_updates", _u32, _c_opt, _P(_u64), _P(_u64))
@@ -601,6 +602,11 @@ class COptimizer:
 
     def fo_step(self) -> None:
         self._call("hyzo_fo_step")
+
+    def skip_step(self) -> None:
+        """Skips the step the schedule calls for, counted as skipped (a non-finite gradient
+        or loss found on another shard or process)."""
+        self._call("hyzo_optimizer_skip_step")
 
     def fo_step_masked(self, update: Sequence[bool]) -> None:
         """A first-order step on the tensors with ``update[i]`` true only; the others and

@@ -36,6 +36,14 @@ class FO(HyzoOptimizer):
         rule: ``"adamw"`` (default), ``"adazo"``, ``"sgd"``, ``"momentum"``, ``"sign"``,
             ``"signum"``.
         seed: seeds stochastic rounding (``precision="stochastic"``).
+        skip_nonfinite_grads: ``True`` (default): a step whose gradients hold a NaN or an
+            infinity anywhere in the model is skipped, as ``torch.amp.GradScaler`` skips it:
+            no parameter or state changes, :attr:`skipped` counts it. One decision for every
+            param group and every rank of ``process_group``, so that the shards stay in
+            lockstep; it costs one pass over the gradients and one host synchronization per
+            step. ``False``: the rule applies the gradients as they are, as ``torch.optim``.
+        process_group: with sharded parameters (FSDP), the ranks that decide together
+            whether a step is skipped (``None``: this process alone).
 
     Param group keys: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``rule``,
     ``precision``, ``global_offset``, ``seed`` (one for every group). The group key
@@ -81,10 +89,13 @@ class FO(HyzoOptimizer):
         seed: Optional[int] = None,
         *,
         num_threads: Optional[int] = None,
+        skip_nonfinite_grads: bool = True,
+        process_group: Any = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rule=rule,
                         precision=precision, seed=seed)
-        super().__init__(params, defaults, num_threads=num_threads)
+        super().__init__(params, defaults, process_group=process_group,
+                         num_threads=num_threads, skip_nonfinite_grads=skip_nonfinite_grads)
 
     def _normalize_group(self, group: Dict[str, Any], loaded: bool = False) -> None:
         """``adam_eps`` becomes ``eps``: with a DeprecationWarning in a group given now; in
@@ -133,10 +144,16 @@ class FO(HyzoOptimizer):
             with torch.enable_grad():
                 loss = closure()
         self._prepare()
+        stepped, missing_of = [], []
         for s in self._shards:
             missing = set(_gradients.collect(s, none_is_skip=True))
             if len(missing) == len(s.params):
                 continue  # nothing to update in this group: it is not stepped at all
+            stepped.append(s)
+            missing_of.append(missing)
+        if self._skips_nonfinite(stepped, missing_of):
+            return loss
+        for s, missing in zip(stepped, missing_of):
             if missing:
                 # As torch.optim: no update, no moment decay, no weight decay for them.
                 s.c.fo_step_masked([i not in missing for i in range(len(s.params))])

@@ -4,10 +4,12 @@ arrive another way (``.grad`` replaced or set to None) are copied in at the step
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, Collection, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
+from ._protocol import collective_device
 from ._registration import GroupShard
 
 
@@ -60,3 +62,26 @@ def compute(shards: Sequence[GroupShard], closure: Callable[[], Any]) -> torch.T
     for s in shards:
         collect(s, none_is_skip=False)
     return loss.detach()
+
+
+def all_finite(shards: Sequence[GroupShard], pg: Any,
+               missing: Optional[Sequence[Collection[int]]] = None) -> bool:
+    """Whether every gradient the step would apply (all registered ones but the indices in
+    ``missing[k]`` of shard ``k``) is finite, over every shard and, with a process group,
+    every rank: one decision for the whole model, as ``torch.amp.GradScaler`` makes one per
+    step, so that the shards skip together and stay in lockstep. (Each C optimizer's own
+    check sees its shard only.) One synchronization with the host."""
+    flags: List[torch.Tensor] = []
+    for k, s in enumerate(shards):
+        skip = missing[k] if missing is not None else ()
+        grads = [g for i, g in enumerate(s.grads) if g is not None and i not in skip]
+        if grads:
+            # The max-norm is NaN or Inf exactly when some element is; no n-sized temporary.
+            norms = torch.stack([n.float() for n in torch._foreach_norm(grads, float("inf"))])
+            flags.append(torch.isfinite(norms).all().cpu())
+    bad = torch.tensor([0 if all(bool(f) for f in flags) else 1], dtype=torch.int32)
+    if pg is not None:
+        r = bad.to(collective_device(pg))
+        dist.all_reduce(r, op=dist.ReduceOp.MAX, group=pg)
+        bad = r.cpu()
+    return int(bad.item()) == 0

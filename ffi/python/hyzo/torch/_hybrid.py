@@ -58,6 +58,9 @@ class Hybrid(HyzoOptimizer):
         eps, directions, num_directions, estimator, precision, seed, process_group,
             num_threads, rank: as :class:`ZO` (``directions="lowrank"``: call
             :meth:`attach` before the first step; first-order steps see the true weights).
+        skip_nonfinite_grads: as :class:`FO`, for first-order steps and the gradient a
+            zeroth-order step mixes in (``hybrid_alpha > 0``; checked before its forwards,
+            so that a skipped step perturbs nothing).
 
     ``step(closure)``: in a first-order step, zeroes the gradients, runs ``closure()`` with
     grad enabled, calls ``loss.backward()`` itself (DDP averages the gradients as usual) and
@@ -101,6 +104,7 @@ class Hybrid(HyzoOptimizer):
         adam_eps: float = 1e-8,
         num_threads: Optional[int] = None,
         rank: int = 1,
+        skip_nonfinite_grads: bool = True,
     ) -> None:
         if rule is not None:
             if fo_rule is not _PAPER_FO_RULE or zo_rule is not _PAPER_ZO_RULE:
@@ -115,7 +119,7 @@ class Hybrid(HyzoOptimizer):
                         zo_lr_ratio=zo_lr_ratio(zo_lr, lr, "zo_lr"),
                         zo_weight_decay=zo_weight_decay, rank=rank)
         super().__init__(params, defaults, process_group=process_group,
-                         num_threads=num_threads)
+                         num_threads=num_threads, skip_nonfinite_grads=skip_nonfinite_grads)
 
     def _normalize_group(self, group: Dict[str, Any], loaded: bool = False) -> None:
         """A group's ``rule`` becomes ``zo_rule`` with ``fo_rule=None``, its ``zo_lr`` the
@@ -178,10 +182,14 @@ class Hybrid(HyzoOptimizer):
             raise ValueError(f"phase: the hybrid schedule calls for a {scheduled!r} step")
         if phase == "fo":
             loss = self._compute_grads(closure)  # type: ignore[arg-type]
-            for s in self._shards:
-                s.c.fo_step()
+            if not self._skips_nonfinite(self._shards):
+                for s in self._shards:
+                    s.c.fo_step()
             return loss
         if any(as_float(g["hybrid_alpha"]) > 0 for g in self.param_groups):
-            self._compute_grads(closure)  # type: ignore[arg-type]
+            loss = self._compute_grads(closure)  # type: ignore[arg-type]
+            # Checked before the forwards: a skipped step perturbs nothing.
+            if self._skips_nonfinite(self._shards):
+                return loss
         with torch.no_grad():
             return self._zo_step(closure)  # type: ignore[arg-type]

@@ -4,7 +4,7 @@ whose param groups are each one C optimizer (see the package documentation)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Collection, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,12 @@ class HyzoOptimizer(torch.optim.Optimizer):
     _lockstep = True
 
     def __init__(self, params: Any, defaults: Dict[str, Any], *,
-                 process_group: Any = None, num_threads: Optional[int] = None) -> None:
+                 process_group: Any = None, num_threads: Optional[int] = None,
+                 skip_nonfinite_grads: bool = True) -> None:
+        if skip_nonfinite_grads not in (True, False):
+            raise ValueError(f"skip_nonfinite_grads: expected True or False, got "
+                             f"{skip_nonfinite_grads!r}")
+        self._skip_nonfinite_grads = bool(skip_nonfinite_grads)
         if process_group is True:
             process_group = dist.group.WORLD
         if process_group is not None and not (dist.is_available() and dist.is_initialized()):
@@ -201,6 +206,17 @@ class HyzoOptimizer(torch.optim.Optimizer):
 
     def _compute_grads(self, closure: Any) -> torch.Tensor:
         return _gradients.compute(self._shards, closure)
+
+    def _skips_nonfinite(self, shards: Sequence[GroupShard],
+                         missing: Optional[Sequence[Collection[int]]] = None) -> bool:
+        """With ``skip_nonfinite_grads``: whether a gradient of the step is NaN or infinite
+        anywhere in the model (every shard, every rank of the process group); if so, every
+        shard skips the step (counted in :attr:`skipped`, nothing else changes)."""
+        if not self._skip_nonfinite_grads or _gradients.all_finite(shards, self._pg, missing):
+            return False
+        for s in shards:
+            s.c.skip_step()
+        return True
 
     # ------------------------------------------------------------------------------------
     # Low-rank directions (spec §7): forward hooks on nn.Linear / nn.Embedding.
@@ -382,8 +398,10 @@ class HyzoOptimizer(torch.optim.Optimizer):
 
     @property
     def skipped(self) -> int:
-        """Zeroth-order steps skipped because a loss or a projected gradient was not finite
-        (spec v2 §4: parameters restored, no state updated)."""
+        """Steps skipped: zeroth-order ones because a loss or a projected gradient was not
+        finite (spec v2 §4: parameters restored, no state updated), and, with
+        ``skip_nonfinite_grads``, steps whose gradient was NaN or infinite somewhere in the
+        model (nothing changed)."""
         return max((s.c.stats()[1] for s in self._shards), default=0)
 
     @property

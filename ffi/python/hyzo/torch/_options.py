@@ -138,4 +138,7 @@ def config_of(g: Dict[str, Any], r: RuleSettings) -> _lib.hyzo_config:
         num_directions=g["num_directions"], estimator=g["estimator"],
         precision=g["precision"], seed=0 if seed is None else seed, fo_steps=g["fo_steps"],
         zo_steps=g["zo_steps"], hybrid_alpha=g["hybrid_alpha"], fo_rule=r.fo_rule,
-        fo_lr=r.fo_lr, fo_weight_decay=r.fo_weight_decay, rank=g.get("rank", 1))
+        fo_lr=r.fo_lr, fo_weight_decay=r.fo_weight_decay, rank=g.get("rank", 1),
+        # The front end decides for the whole model (every shard and rank skip together,
+        # _gradients.all_finite); a C optimizer's own check would see its shard only.
+        skip_nonfinite_grads=False)
