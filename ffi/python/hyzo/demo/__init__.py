@@ -23,7 +23,9 @@ runs a TOFU-style experiment at laptop scale, every optimizer through ``hyzo.tor
    its second moment, so the draw's scale does not matter), (c) the displacement of (a) on
    the base model, without unlearning;
 4. attacks each unlearned model: re-quantization with the base's scheme (4-bit, groups of
-   32), per-channel 4-bit and per-channel 8-bit round-to-nearest, and relearning (K AdamW
+   32), per-channel 4-bit and per-channel 8-bit round-to-nearest, loading in 4 and 8 bits
+   as bitsandbytes does (NF4 and FP4 with blocks of 64, LLM.int8; the Linear weights
+   transformers would quantize, through ``hyzo._quantization``), and relearning (K AdamW
    steps on half the forget set, scored on the held-out half);
 5. prints a table per objective and target, writes a PNG and ``results.json``.
 
@@ -37,5 +39,5 @@ from __future__ import annotations
 # The rooms: experiment (the sizes, the progress log, one seed's run), world (the invented
 # facts), model (the transformer and its pre-training), objectives (GradDiff, NPO),
 # controls (the optimizers and controls compared, and the unlearning run), attacks
-# (quantization, relearning, the measurements), report (aggregation, tables, verdict,
-# plot), __main__ (the command line).
+# (quantization, bitsandbytes' loading, relearning, the measurements), report
+# (aggregation, tables, verdict, plot), __main__ (the command line).

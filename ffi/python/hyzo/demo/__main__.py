@@ -14,6 +14,7 @@ import torch
 import hyzo
 import hyzo.demo
 
+from .attacks import BNB_ATTACKS
 from .controls import DESCRIPTION, ROWS
 from .experiment import Log, Setup, run_seed
 from .report import aggregate, plot, summary_markdown, table_lines, verdict
@@ -63,7 +64,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"\nUnlearning at lr {setup.lr:g} from an int4 base (4-bit, groups of 32), "
           f"stopped at matched forget accuracy; {seeds_note}.")
     print("Columns: forget/retain accuracy after unlearning; forget accuracy after "
-          "re-quantization (4-bit g32 = the base's grid), per-channel 4-/8-bit, and after "
+          "re-quantization (4-bit g32 = the base's grid), per-channel 4-/8-bit, loaded as "
+          "bitsandbytes does (nf4, fp4: 4-bit, blocks of 64; int8: LLM.int8), and after "
           f"{setup.relearn_k} AdamW relearning steps on half the forget set (held-out half); "
           "fraction of quantized values unlearning changed; mean |delta| in quantization "
           "steps; optimizer steps; forward/backward passes.")
@@ -81,6 +83,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("\nWhat this run shows:")
     for line in verdict(agg, n):
         print("  " + line)
+    bnb_verdicts = {attack: verdict(agg, n, attack, f"loading as {attack}")
+                    for attack in BNB_ATTACKS}
+    for attack, lines in bnb_verdicts.items():
+        print(f"\nUnder bitsandbytes' loading, {attack}:")
+        for line in lines[1 if n == 1 else 0:]:  # the one-seed note, printed above
+            print("  " + line)
     results = {
         "machine": {"cpu": _cpu_name(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "hyzo": hyzo.__version__
@@ -92,6 +100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "mean_std": agg,
         "per_seed": per_seed,
         "verdict": verdict(agg, n),
+        "verdict bitsandbytes": bnb_verdicts,
     }
     os.makedirs(args.out, exist_ok=True)
     jpath = os.path.join(args.out, "results.json")

@@ -1,6 +1,6 @@
 """The released checkpoint and the attacks on an unlearned model: re-quantization (the
-base's own int4 scheme, per-channel 4- and 8-bit), relearning, and what each run is
-measured on."""
+base's own int4 scheme, per-channel 4- and 8-bit), loading in 4 and 8 bits as bitsandbytes
+does (NF4, FP4, LLM.int8), relearning, and what each run is measured on."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn as nn
 
+from .._quantization import SCHEMES
 from .model import accuracy, answer_loss
 from .world import World
 
@@ -46,6 +47,43 @@ def quantized(model: nn.Module, bits: int, group: Optional[int]) -> nn.Module:
         for p in q.parameters():
             if p.dim() == 2:
                 p.copy_(fake_quant(p, bits, group)[0])
+    return q
+
+
+# name -> quantize-dequantize of one weight: what a user gets from transformers'
+# ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True,
+# bnb_4bit_quant_type="nf4" | "fp4"))`` (blocks of 64) or ``load_in_8bit=True``.
+BNB_ATTACKS = {name: SCHEMES[name] for name in ("bnb nf4", "bnb fp4", "bnb int8")}
+
+
+def bnb_weights(model: nn.Module) -> dict:
+    """The weights that loading in 4 or 8 bits quantizes (name -> parameter), as
+    transformers' bitsandbytes integration chooses them with its default
+    ``llm_int8_skip_modules=None``: the Linear layers, except the output head (the module of
+    the last parameter, and the output embeddings: ``get_keys_to_not_convert``); embeddings,
+    norms and biases stay in float. The attention's q/k/v projections, separate
+    ``nn.Linear`` layers in a Hugging Face model, are ``nn.MultiheadAttention``'s stacked
+    ``in_proj_weight`` here (docs/interpretation.md, "bitsandbytes' loading as an attack")."""
+    last = list(model.named_parameters())[-1][0].rpartition(".")[0]
+    out = {}
+    for name, module in model.named_modules():
+        if name == last or name.startswith(last + "."):
+            continue
+        if isinstance(module, nn.Linear):
+            out[f"{name}.weight"] = module.weight
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            out[f"{name}.in_proj_weight"] = module.in_proj_weight
+    return out
+
+
+def bnb_quantized(model: nn.Module, attack: str) -> nn.Module:
+    """A copy loaded as bitsandbytes would (``attack``: a key of ``BNB_ATTACKS``): the
+    weights of ``bnb_weights`` quantized and dequantized, everything else unchanged."""
+    scheme = BNB_ATTACKS[attack]
+    q = copy.deepcopy(model)
+    with torch.no_grad():
+        for w in bnb_weights(q).values():
+            w.copy_(scheme(w))
     return q
 
 
@@ -90,6 +128,10 @@ def measure(model: nn.Module, base: nn.Module, world: World, setup: Setup,
     out = {"forget": accuracy(model, forget), "retain": accuracy(model, retain)}
     for attack, (bits, group) in ATTACKS.items():
         qm = quantized(model, bits, group)
+        out[f"forget {attack}"] = accuracy(qm, forget)
+        out[f"retain {attack}"] = accuracy(qm, retain)
+    for attack in BNB_ATTACKS:
+        qm = bnb_quantized(model, attack)
         out[f"forget {attack}"] = accuracy(qm, forget)
         out[f"retain {attack}"] = accuracy(qm, retain)
     out["forget relearned"] = relearn(model, world, setup, seed)

@@ -7,11 +7,15 @@ import math
 import sys
 from typing import List, Optional
 
+from .attacks import BNB_ATTACKS
 from .controls import ADAMW, HYBRID, NOISE_ADAMW, NOISE_BASE, NULL_ZO, ROWS
 
 METRICS = ["forget", "retain", "forget 4-bit g32", "forget 4-bit per-channel",
            "forget 8-bit per-channel", "forget relearned", "grid values changed",
            "mean |delta| / step", "steps", "forwards", "backwards"]
+# bitsandbytes' loading: forget and retain accuracy after each.
+BNB_METRICS = [f"{what} {attack}" for attack in BNB_ATTACKS for what in ("forget", "retain")]
+BNB_HEADS = {attack: attack.removeprefix("bnb ") for attack in BNB_ATTACKS}
 
 
 def aggregate(per_seed: List[dict]) -> dict:
@@ -24,7 +28,7 @@ def aggregate(per_seed: List[dict]) -> dict:
             out[obj][t] = {}
             for name in rows:
                 cell = {}
-                for k in METRICS + ["displacement_rms", "zo_changes_rms"]:
+                for k in METRICS + ["displacement_rms", "zo_changes_rms"] + BNB_METRICS:
                     vals = [s["runs"][obj][t][name].get(k) for s in per_seed]
                     if any(v is None for v in vals):
                         continue
@@ -47,10 +51,10 @@ def _fmt(cell: dict, k: str, n: int, digits: int = 2) -> str:
 
 def table_lines(agg: dict, n_seeds: int, markdown: bool = False) -> List[str]:
     cols = ["forget", "retain", "forget 4-bit g32", "forget 4-bit per-channel",
-            "forget 8-bit per-channel", "forget relearned", "grid values changed",
-            "mean |delta| / step"]
-    heads = ["forget", "retain", "4-bit g32", "4-bit ch", "8-bit ch", "relearned",
-             "grid chg", "|Δ|/step"]
+            "forget 8-bit per-channel"] + [f"forget {a}" for a in BNB_ATTACKS] + [
+            "forget relearned", "grid values changed", "mean |delta| / step"]
+    heads = ["forget", "retain", "4-bit g32", "4-bit ch", "8-bit ch"] + [
+        f"bnb {h}" for h in BNB_HEADS.values()] + ["relearned", "grid chg", "|Δ|/step"]
     lines: List[str] = []
     for obj, targets in agg.items():
         for t, rows in targets.items():
@@ -83,9 +87,9 @@ def table_lines(agg: dict, n_seeds: int, markdown: bool = False) -> List[str]:
 
 
 def summary_markdown(agg: dict, base: dict, n_seeds: int) -> List[str]:
-    """Two Markdown tables (the README's): the re-quantization attack on the base's grid
-    for every objective and target, then the other columns at each objective's first
-    target."""
+    """The README's Markdown tables: the re-quantization attack on the base's grid for every
+    objective and target, bitsandbytes' loading (forget, then retain accuracy) for every
+    objective and target, then the other columns at each objective's first target."""
     panels = [(obj, t) for obj, targets in agg.items() for t in targets]
     lines = ["| forget accuracy: unlearned → re-quantized (4-bit g32) | "
              + " | ".join(f"{obj} ≤ {t}" for obj, t in panels) + " |",
@@ -100,6 +104,7 @@ def summary_markdown(agg: dict, base: dict, n_seeds: int) -> List[str]:
                          + mark)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
+    lines.extend(_bnb_markdown(agg, panels, n_seeds))
     cols = [("retain", "retain"), ("forget 4-bit per-channel", "4-bit per-channel"),
             ("forget 8-bit per-channel", "8-bit per-channel"),
             ("forget relearned", "relearned"), ("grid values changed", "grid values changed"),
@@ -127,6 +132,23 @@ def summary_markdown(agg: dict, base: dict, n_seeds: int) -> List[str]:
     return lines
 
 
+def _bnb_markdown(agg: dict, panels: list, n_seeds: int) -> List[str]:
+    """The bitsandbytes attacks for every objective and target: the forget accuracy after
+    each, then the retain accuracy after each."""
+    heads = " / ".join(BNB_HEADS.values())
+    lines: List[str] = []
+    for what in ("forget", "retain"):
+        lines.append(f"| {what} accuracy after bitsandbytes' loading: {heads} | "
+                     + " | ".join(f"{obj} ≤ {t}" for obj, t in panels) + " |")
+        lines.append("|---|" + "---:|" * len(panels))
+        for name in ROWS:
+            cells = [" / ".join(_fmt(agg[obj][t][name], f"{what} {a}", n_seeds)
+                                for a in BNB_ATTACKS) for obj, t in panels]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def _diff(cell_a: dict, cell_b: dict, k: str, n: int) -> tuple:
     """(mean_a - mean_b, whether it exceeds the noise: 2 standard errors with several seeds,
     0.1 with one)."""
@@ -138,9 +160,11 @@ def _diff(cell_a: dict, cell_b: dict, k: str, n: int) -> tuple:
     return d, abs(d) > 0.1
 
 
-def verdict(agg: dict, n_seeds: int) -> List[str]:
-    """What the run shows, read off the table with the controls (no claim beyond them)."""
-    key = "forget 4-bit g32"
+def verdict(agg: dict, n_seeds: int, attack: str = "4-bit g32",
+            attack_text: str = "re-quantization on the base's grid") -> List[str]:
+    """What the run shows under ``attack`` (a column of the table, ``attack_text`` in the
+    text), read off the table with the controls (no claim beyond them)."""
+    key = f"forget {attack}"
     lines = []
     if n_seeds == 1:
         lines.append("(one seed: a difference counts only above 0.1; use --seeds N for "
@@ -154,7 +178,7 @@ def verdict(agg: dict, n_seeds: int) -> List[str]:
                          + (f" (capped before the target: {', '.join(capped)})"
                             if capped else "") + ":")
             restored = a[key]["mean"] - a["forget"]["mean"]
-            lines.append(f"  re-quantization on the base's grid takes AdamW from "
+            lines.append(f"  {attack_text} takes AdamW from "
                          f"{a['forget']['mean']:.2f} to {a[key]['mean']:.2f}"
                          + (": the attack works" if restored > 0.3 else
                             ": the attack restores little here"))
@@ -208,7 +232,8 @@ def plot(agg: dict, n_seeds: int, path: str) -> Optional[str]:
                              sharey=True, squeeze=False)
     series = [("forget", "unlearned"), ("forget 4-bit g32", "re-quantized 4-bit g32 (base grid)"),
               ("forget 4-bit per-channel", "4-bit per-channel"),
-              ("forget 8-bit per-channel", "8-bit per-channel"),
+              ("forget 8-bit per-channel", "8-bit per-channel")] + [
+              (f"forget {a}", a) for a in BNB_ATTACKS] + [
               ("forget relearned", "relearned (held-out half)")]
     width = 0.8 / len(series)
     for ax, (obj, t) in zip(axes.flat, panels):
@@ -232,12 +257,14 @@ def plot(agg: dict, n_seeds: int, path: str) -> Optional[str]:
     for ax in axes[:, 0]:
         ax.set_ylabel("forget-set accuracy")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(series), fontsize=8,
-               frameon=False)
+    # One legend row per four series a panel column holds.
+    ncol = min(len(series), 4 * cols)
+    legend_rows = -(-len(series) // ncol)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     seeds = f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed"
     fig.suptitle(f"hyzo demo: forget accuracy before and after each attack ({seeds})",
                  fontsize=11)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.03 + 0.03 * legend_rows, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
