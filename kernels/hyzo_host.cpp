@@ -1,6 +1,7 @@
 /* The host build of the kernels (see hyzo_host.h): kernels/hyzo.cu itself, compiled as
  * C++ after the shim, and the fiber scheduler that runs a launch block by block. Built by
  * build.rs with the cc crate into the hyzo crate; called by src/backend/cuda/emulator.rs. */
+#define HYZO_HOST_BUILD
 #include "hyzo_host.h"
 
 #include "hyzo.cu"
