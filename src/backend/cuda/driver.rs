@@ -74,7 +74,13 @@ impl Device {
     /// # Safety
     /// `src` is valid for `bytes` bytes (until the copy has run, for a stream copy) and the
     /// device range is allocated.
-    pub unsafe fn htod(&self, dst: u64, src: *const c_void, bytes: usize, stream: Option<u64>) -> Result<()> {
+    pub unsafe fn htod(
+        &self,
+        dst: u64,
+        src: *const c_void,
+        bytes: usize,
+        stream: Option<u64>,
+    ) -> Result<()> {
         match &self.driver {
             Driver::Cuda { .. } => {
                 self.bind()?;
@@ -94,7 +100,13 @@ impl Device {
     ///
     /// # Safety
     /// As [`Device::htod`], the other way round.
-    pub unsafe fn dtoh(&self, dst: *mut c_void, src: u64, bytes: usize, stream: Option<u64>) -> Result<()> {
+    pub unsafe fn dtoh(
+        &self,
+        dst: *mut c_void,
+        src: u64,
+        bytes: usize,
+        stream: Option<u64>,
+    ) -> Result<()> {
         match &self.driver {
             Driver::Cuda { .. } => {
                 self.bind()?;

@@ -64,17 +64,35 @@ fn executed() -> &'static Mutex<BTreeSet<String>> {
 
 /// The kernels the emulated device has executed in this process (the coverage record).
 pub fn emulator_executed_kernels() -> Vec<String> {
-    executed().lock().map(|s| s.iter().cloned().collect()).unwrap_or_default()
+    executed()
+        .lock()
+        .map(|s| s.iter().cloned().collect())
+        .unwrap_or_default()
 }
 
 /// One piece of work recorded by a capture.
 enum Op {
-    Launch { name: &'static str, grid: u32, params: Vec<u8> },
-    Copy { dst: u64, src: u64, bytes: usize },
+    Launch {
+        name: &'static str,
+        grid: u32,
+        params: Vec<u8>,
+    },
+    Copy {
+        dst: u64,
+        src: u64,
+        bytes: usize,
+    },
     /// A host-to-device copy from pageable memory: the driver stages the source when the
     /// copy is issued, so a captured one replays the bytes of that moment.
-    Upload { dst: u64, data: Vec<u8> },
-    Memset { dst: u64, byte: u8, bytes: usize },
+    Upload {
+        dst: u64,
+        data: Vec<u8>,
+    },
+    Memset {
+        dst: u64,
+        byte: u8,
+        bytes: usize,
+    },
 }
 
 #[derive(Default)]
@@ -151,7 +169,13 @@ impl Emulator {
     ///
     /// # Safety
     /// `src` is valid for `bytes` bytes.
-    pub unsafe fn upload(&self, dst: u64, src: u64, bytes: usize, stream: Option<u64>) -> Result<()> {
+    pub unsafe fn upload(
+        &self,
+        dst: u64,
+        src: u64,
+        bytes: usize,
+        stream: Option<u64>,
+    ) -> Result<()> {
         if stream.is_none() {
             self.refuse_if_capturing()?;
         }
@@ -220,7 +244,9 @@ impl Emulator {
     pub fn begin_capture(&self, stream: u64) -> Result<()> {
         let mut s = self.state()?;
         if s.capturing.contains_key(&stream) {
-            return Err(Error::Cuda("emulated device: the stream is already capturing".into()));
+            return Err(Error::Cuda(
+                "emulated device: the stream is already capturing".into(),
+            ));
         }
         s.capturing.insert(stream, Vec::new());
         Ok(())

@@ -37,7 +37,6 @@ mod emulator;
 use std::ffi::c_void;
 use std::sync::Arc;
 
-
 use crate::backend::{
     Backend, Generator, PerturbPass, StateLayout, StateSink, StateSource, UpdatePass,
 };
@@ -196,8 +195,12 @@ impl CudaBuffer {
         }
         // SAFETY: bounds checked; the host slice is valid for n bytes.
         unsafe {
-            self.dev
-                .htod(self.ptr + at as u64, data.as_ptr() as *const c_void, n, None)
+            self.dev.htod(
+                self.ptr + at as u64,
+                data.as_ptr() as *const c_void,
+                n,
+                None,
+            )
         }
     }
 
@@ -217,8 +220,12 @@ impl CudaBuffer {
         }
         // SAFETY: bounds checked; the host slice is valid for n bytes.
         unsafe {
-            self.dev
-                .dtoh(out.as_mut_ptr() as *mut c_void, self.ptr + at as u64, n, None)
+            self.dev.dtoh(
+                out.as_mut_ptr() as *mut c_void,
+                self.ptr + at as u64,
+                n,
+                None,
+            )
         }
     }
 }
@@ -578,8 +585,7 @@ impl CudaBackend {
             self.stream_sync()?;
             // SAFETY: both buffers are live; the old one is the smaller.
             unsafe {
-                self.dev
-                    .dtod(losses.ptr(), old.ptr(), old.bytes(), None)?;
+                self.dev.dtod(losses.ptr(), old.ptr(), old.bytes(), None)?;
             }
         }
         self.losses = Some(losses);
