@@ -1184,6 +1184,43 @@ fn graph_replays_across_steps() {
     );
 }
 
+/// `Optimizer::set_stream` reaches the CUDA backend (it once got the `Backend` trait's
+/// default, "this backend has no streams", so every CUDA optimizer refused a stream), and
+/// steps on the borrowed stream equal the CPU's.
+#[test]
+fn optimizer_set_stream_reaches_the_backend() {
+    if !gpu() {
+        return;
+    }
+    let mut twin = Twin::new(small_layout(), 8);
+    let host = twin.host_shard();
+    let dev = twin.dev_shard();
+    let twin_ptr: *const Twin = &twin;
+    let owner = CudaBackend::new(0).unwrap();
+    let config = Config::default();
+    let mut cpu =
+        Optimizer::with_backend(config.clone(), host, Box::new(CpuBackend::new(1).unwrap()))
+            .unwrap();
+    let mut gpu = Optimizer::with_backend(config, dev, Box::new(exact_backend())).unwrap();
+    gpu.set_stream(owner.stream())
+        .expect("Optimizer::set_stream on a CUDA optimizer");
+    for s in 0..2 {
+        // SAFETY: the twin outlives both optimizers; the loss only reads.
+        let a = cpu
+            .zo_step(|_| loss_of(&host_values(unsafe { &*twin_ptr })))
+            .unwrap();
+        let b = gpu
+            .zo_step(|_| loss_of(&device_values(unsafe { &*twin_ptr })))
+            .unwrap();
+        assert_eq!(a, b, "step {s}: reports");
+        twin.assert_same(&format!("set_stream step {s}"));
+    }
+    // Back to the default stream before `owner`'s stream goes.
+    gpu.set_stream(0).unwrap();
+    drop(gpu);
+    drop(owner);
+}
+
 /// The backend on the caller's stream and memory: nothing borrowed is freed, and passes
 /// run in the caller's stream order.
 #[test]

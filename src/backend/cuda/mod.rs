@@ -1185,6 +1185,15 @@ impl Backend for CudaBackend {
         Ok(Some((c[0].step, c[0].t)))
     }
 
+    /// The trait's entry to [`CudaBackend::set_stream`]: what `Optimizer::set_stream`,
+    /// `hyzo_optimizer_set_stream` and hyzo.torch (on every CUDA step) call. Without it the
+    /// trait's default refused every CUDA optimizer's stream.
+    fn set_stream(&mut self, stream: u64) -> Result<()> {
+        // SAFETY: the callers' contract (Optimizer::set_stream, the C ABI's documentation):
+        // a stream of this device's primary context, or 0, that outlives its use.
+        unsafe { CudaBackend::set_stream(self, stream) }
+    }
+
     fn synchronize(&mut self) -> Result<()> {
         self.stream_sync()
     }
