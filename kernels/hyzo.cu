@@ -904,6 +904,7 @@ HYZO_KERNEL hyzo_advance_counters(const __grid_constant__ HyzoPass p) {
  * beyond MAX_ESTIMATE (backend/mod.rs), sets *skip_flag (the update pass then only
  * restores) and counts in *skip_count. */
 HYZO_KERNEL hyzo_device_losses(const __grid_constant__ HyzoLossPass p) {
+    if (blockIdx.x != 0) return; /* one block: a second would count the skip again */
     const float* losses = (const float*)p.losses;
     const hyzo_u32 n = p.estimator == HYZO_TWO_SIDED ? 2 * p.q : p.q + 1;
     int bad = 0;

@@ -30,6 +30,18 @@ extern "C" {
 
 static REQUESTED: AtomicBool = AtomicBool::new(false);
 
+thread_local! {
+    static EXTRA_BLOCKS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs every one-block launch issued from this thread with `n` more blocks (0: as
+/// planned). A test of the kernels' own grid guards: a one-block kernel must give the same
+/// result however many blocks it is launched with, as the element passes do by design.
+#[doc(hidden)]
+pub fn emulator_set_extra_blocks(n: u32) {
+    EXTRA_BLOCKS.with(|c| c.set(n));
+}
+
 /// Makes CUDA device 0 the emulated device for the rest of the process (tests without a
 /// GPU). Call it before anything opens a CUDA device.
 pub fn use_emulator() {
@@ -318,12 +330,17 @@ fn run(op: &Op) -> Result<()> {
     match op {
         Op::Launch { name, grid, params } => {
             let c = CString::new(*name).map_err(|e| Error::Internal(e.to_string()))?;
+            let grid = if *grid == 1 {
+                1 + EXTRA_BLOCKS.with(|c| c.get())
+            } else {
+                *grid
+            };
             // SAFETY: the parameter bytes have the kernel's struct size (checked at issue);
             // every address in them is one the backend got from this emulator or a caller.
             let rc = unsafe {
                 hyzo_host_launch(
                     c.as_ptr(),
-                    *grid,
+                    grid,
                     super::abi::THREADS,
                     params.as_ptr() as *const c_void,
                 )

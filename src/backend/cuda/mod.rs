@@ -54,7 +54,7 @@ use abi::{
 use device::{factor_kernel_name, kernel_name, Device, Kernel, Pass, Variant};
 
 pub use device::compile_ptx;
-pub use emulator::{emulator_enabled, emulator_executed_kernels, emulator_kernels, use_emulator};
+pub use emulator::{emulator_enabled, emulator_set_extra_blocks, emulator_executed_kernels, emulator_kernels, use_emulator};
 
 /// Whether a CUDA driver and at least one device are present.
 pub fn is_available() -> bool {
