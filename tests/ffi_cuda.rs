@@ -161,7 +161,8 @@ fn cuda_follows_cpu_through_the_abi() {
             }
             for (x, y) in b.iter().zip(&hb) {
                 mismatched += usize::from(x.to_bits() != y.to_bits());
-                worst_bf16 = worst_bf16.max((x.to_f32() - y.to_f32()).abs() / (1.0 + x.to_f32().abs()));
+                worst_bf16 =
+                    worst_bf16.max((x.to_f32() - y.to_f32()).abs() / (1.0 + x.to_f32().abs()));
             }
         }
         let last = loss(&a, &b);

@@ -13,7 +13,10 @@
 #![cfg(feature = "cuda")]
 
 use half::{bf16, f16};
-use hyzo::backend::cuda::{emulator_enabled, emulator_set_extra_blocks, is_available, use_emulator, CudaBackend, CudaBuffer};
+use hyzo::backend::cuda::{
+    emulator_enabled, emulator_set_extra_blocks, is_available, use_emulator, CudaBackend,
+    CudaBuffer,
+};
 use hyzo::backend::{Backend, Generator, PerturbPass, StateLayout, Term, UpdatePass};
 use hyzo::rules::{Rule, RuleParams};
 use hyzo::{
@@ -1629,6 +1632,90 @@ fn lowrank_fast_kernels_within_tolerance() {
                         b[i]
                     );
                     i += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Every fast update kernel (each direction kind and rule, and the first-order update of
+/// each rule) against the CPU: bit for bit where the fast variant computes as the CPU does
+/// (Rademacher directions, first-order updates: no Gaussian), within the Gaussian's
+/// tolerance otherwise. With `kernels_match_cpu_on_random_shards` (the exact kernels) and
+/// the fast perturbation and sq_norm tests, every entry point runs (tests/kernel_coverage.rs
+/// checks it on the emulated device).
+#[test]
+fn every_fast_update_kernel_matches_cpu() {
+    if !gpu() {
+        return;
+    }
+    let layout = vec![Spec {
+        dtype: DType::F32,
+        grad: Some(DType::F32),
+        numel: 4_099,
+        offset: 13,
+        misalign: 0,
+        grad_misalign: None,
+    }];
+    for kind in [DirectionKind::Gaussian, DirectionKind::Rademacher] {
+        for (r, rule) in Rule::ALL.iter().enumerate() {
+            for fo in [false, true] {
+                let mut twin = Twin::new(layout.clone(), 40 + r as u64);
+                let host = twin.host_shard();
+                let dev = twin.dev_shard();
+                let mut cpu = CpuBackend::new(1).unwrap();
+                let mut gpu = CudaBackend::new(0).unwrap();
+                gpu.set_exact(false);
+                let state = StateLayout {
+                    main_buffers: 2,
+                    ..StateLayout::default()
+                };
+                cpu.allocate_state(&host, state).unwrap();
+                gpu.allocate_state(&dev, state).unwrap();
+                let gen = Generator {
+                    seed: 9,
+                    step: 4,
+                    kind,
+                };
+                let zo = [Term {
+                    direction: 0,
+                    coeff: 0.25,
+                }];
+                let pass = UpdatePass {
+                    gen,
+                    restore: if fo {
+                        None
+                    } else {
+                        Some(Term {
+                            direction: 0,
+                            coeff: -1e-3,
+                        })
+                    },
+                    zo: if fo { &[] } else { &zo },
+                    grad_weight: if fo { Some(1.0) } else { None },
+                    rule: RuleParams::new(*rule, 1e-2, 0.9, 0.999, 1e-8, 0.01, 1),
+                    state: StateSet::Main,
+                    t: 1,
+                    precision: Precision::Nearest,
+                    device_losses: None,
+                    tensors: None,
+                };
+                cpu.update(&host, &pass).unwrap();
+                gpu.update(&dev, &pass).unwrap();
+                gpu.synchronize().unwrap();
+                let what = format!("fast update {kind:?} {rule:?} fo {fo}");
+                if fo || kind == DirectionKind::Rademacher {
+                    twin.assert_same(&what);
+                } else {
+                    let (a, b) = (host_values(&twin), device_values(&twin));
+                    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                        // The rules scale an estimate within 1e-4 relative of the CPU's by
+                        // at most lr (1e-2, Adam's normalized step included) per element.
+                        assert!(
+                            (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                            "{what}: element {i}: cpu {x} gpu {y}"
+                        );
+                    }
                 }
             }
         }

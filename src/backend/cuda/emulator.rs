@@ -82,6 +82,23 @@ pub fn emulator_executed_kernels() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Appends a kernel's first execution in this process to the file named by
+/// `HYZO_EMULATOR_COVERAGE` (make test collects it over the test binaries;
+/// tests/kernel_coverage.rs fails if a kernel the backend can launch is missing).
+fn record_coverage(name: &str) {
+    use std::io::Write;
+    if let Some(path) = std::env::var_os("HYZO_EMULATOR_COVERAGE") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            // One short line per write: appends from parallel processes stay whole lines.
+            let _ = f.write_all(format!("{name}\n").as_bytes());
+        }
+    }
+}
+
 /// One piece of work recorded by a capture.
 enum Op {
     Launch {
@@ -351,7 +368,9 @@ fn run(op: &Op) -> Result<()> {
                 )));
             }
             if let Ok(mut e) = executed().lock() {
-                e.insert(name.to_string());
+                if e.insert(name.to_string()) {
+                    record_coverage(name);
+                }
             }
             Ok(())
         }

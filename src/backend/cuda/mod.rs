@@ -54,7 +54,10 @@ use abi::{
 use device::{factor_kernel_name, kernel_name, Device, Kernel, Pass, Variant};
 
 pub use device::compile_ptx;
-pub use emulator::{emulator_enabled, emulator_set_extra_blocks, emulator_executed_kernels, emulator_kernels, use_emulator};
+pub use emulator::{
+    emulator_enabled, emulator_executed_kernels, emulator_kernels, emulator_set_extra_blocks,
+    use_emulator,
+};
 
 /// Whether a CUDA driver and at least one device are present.
 pub fn is_available() -> bool {
@@ -94,6 +97,9 @@ pub fn kernel_source() -> &'static str {
 /// kernels were loaded (opens the device).
 pub fn describe_device(ordinal: i32) -> Result<String> {
     let d = Device::get(ordinal)?;
+    if d.is_emulated() {
+        return Ok(format!("{} [EMULATED: HYZO_CUDA_EMULATOR]", d.name));
+    }
     Ok(format!(
         "{} (sm_{}{}, {} SMs, kernels from {})",
         d.name, d.compute_capability.0, d.compute_capability.1, d.sm_count, d.module_source
