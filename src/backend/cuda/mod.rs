@@ -459,7 +459,7 @@ impl CudaBackend {
 
     /// The raw `CUstream` passes are issued on.
     pub fn stream(&self) -> u64 {
-        self.stream.raw() as u64
+        self.stream.raw()
     }
 
     /// Issues all further passes on the caller's stream (e.g. PyTorch's current stream);
