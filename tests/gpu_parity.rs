@@ -1194,7 +1194,8 @@ fn graph_replays_across_steps() {
 }
 
 /// `Optimizer::set_stream` reaches the CUDA backend (it once got the `Backend` trait's
-/// default, "this backend has no streams", so every CUDA optimizer refused a stream), and
+/// default, "this backend has no streams", so every CUDA optimizer refused a stream: fixed
+/// on main by `DeviceQueue`, issue 27; this test runs it on the device), and
 /// steps on the borrowed stream equal the CPU's.
 #[test]
 fn optimizer_set_stream_reaches_the_backend() {
@@ -1211,8 +1212,8 @@ fn optimizer_set_stream_reaches_the_backend() {
         Optimizer::with_backend(config.clone(), host, Box::new(CpuBackend::new(1).unwrap()))
             .unwrap();
     let mut gpu = Optimizer::with_backend(config, dev, Box::new(exact_backend())).unwrap();
-    gpu.set_stream(owner.stream())
-        .expect("Optimizer::set_stream on a CUDA optimizer");
+    // SAFETY: `owner`'s stream outlives its use (the default stream is set back first).
+    unsafe { gpu.set_stream(owner.stream()) }.expect("Optimizer::set_stream on a CUDA optimizer");
     for s in 0..2 {
         // SAFETY: the twin outlives both optimizers; the loss only reads.
         let a = cpu
@@ -1225,7 +1226,8 @@ fn optimizer_set_stream_reaches_the_backend() {
         twin.assert_same(&format!("set_stream step {s}"));
     }
     // Back to the default stream before `owner`'s stream goes.
-    gpu.set_stream(0).unwrap();
+    // SAFETY: 0, the legacy default stream.
+    unsafe { gpu.set_stream(0) }.unwrap();
     drop(gpu);
     drop(owner);
 }
