@@ -44,6 +44,7 @@ fn main() {
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
+    build_host_kernels();
     let source = flatten(Path::new("kernels/hyzo.cu"));
     fs::write(out.join("hyzo_flat.cu"), &source).expect("write flattened source");
 
@@ -109,6 +110,30 @@ fn flatten(path: &Path) -> String {
     let mut out = String::new();
     go(path, &mut Vec::new(), &mut out);
     out
+}
+
+/// The host build of the kernels (`kernels/hyzo_host.cpp`: `hyzo.cu` as C++ over a shim),
+/// linked into the crate for the CUDA backend's emulated device. Always built, so a
+/// machine without a GPU runs every kernel. `HYZO_HOST_KERNELS_ASAN=1` builds it with
+/// AddressSanitizer (scripts/test-emulator-asan; the test binary must then link the ASan
+/// runtime, which that script arranges).
+fn build_host_kernels() {
+    println!("cargo:rerun-if-env-changed=HYZO_HOST_KERNELS_ASAN");
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .file("kernels/hyzo_host.cpp")
+        .include("kernels")
+        .std("c++17")
+        .opt_level(2)
+        .flag("-fno-strict-aliasing")
+        // The kernels' arithmetic is correctly rounded operation by operation: no FMA.
+        .flag("-ffp-contract=off")
+        .flag_if_supported("-Wno-unknown-pragmas")
+        .warnings(true);
+    if env::var_os("HYZO_HOST_KERNELS_ASAN").is_some_and(|v| v != "0") {
+        b.flag("-fsanitize=address").flag("-fno-omit-frame-pointer");
+    }
+    b.compile("hyzo_host_kernels");
 }
 
 fn find_nvcc() -> Option<PathBuf> {

@@ -279,10 +279,15 @@ __device__ __forceinline__ void round8(hyzo_u32 dtype, const float x[8], hyzo_u1
 #pragma unroll
         for (int e = 0; e < 8; e += 2) {
             hyzo_u32 w;
+#ifdef HYZO_HOST_BUILD /* kernels/hyzo_host.h: cvt.rn's bits, a NaN its canonical 0x7FFF */
+            w = (hyzo_u32)(x[e] != x[e] ? 0x7FFFu : to_bits16(dtype, x[e])) |
+                ((hyzo_u32)(x[e + 1] != x[e + 1] ? 0x7FFFu : to_bits16(dtype, x[e + 1])) << 16);
+#else
             if (dtype == HYZO_BF16)
                 asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(x[e + 1]), "f"(x[e]));
             else
                 asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(x[e + 1]), "f"(x[e]));
+#endif
             h[e] = (hyzo_u16)(w & 0xFFFFu);
             h[e + 1] = (hyzo_u16)(w >> 16);
         }
@@ -899,6 +904,7 @@ HYZO_KERNEL hyzo_advance_counters(const __grid_constant__ HyzoPass p) {
  * beyond MAX_ESTIMATE (backend/mod.rs), sets *skip_flag (the update pass then only
  * restores) and counts in *skip_count. */
 HYZO_KERNEL hyzo_device_losses(const __grid_constant__ HyzoLossPass p) {
+    if (blockIdx.x != 0) return; /* one block: a second would count the skip again */
     const float* losses = (const float*)p.losses;
     const hyzo_u32 n = p.estimator == HYZO_TWO_SIDED ? 2 * p.q : p.q + 1;
     int bad = 0;

@@ -1,4 +1,4 @@
-//! The C ABI on a CUDA device (skipped without one): a CUDA optimizer driven through the
+//! The C ABI on a CUDA device (the emulated one without a GPU): a CUDA optimizer driven through the
 //! `extern "C"` functions follows a CPU one driven the same way (host and device losses,
 //! a hybrid schedule, bf16 and f32 tensors), its saved state loads into the CPU optimizer,
 //! and bad calls are rejected.
@@ -39,9 +39,16 @@ fn loss(a: &[f32], b: &[bf16]) -> f32 {
 #[test]
 fn cuda_follows_cpu_through_the_abi() {
     if hyzo_cuda_available() == 0 {
-        eprintln!("skipped: no CUDA device");
-        return;
+        // Device 0 becomes the emulated device (the host build of the kernels): the same
+        // C ABI path, so a gap like set_stream fails here without a GPU.
+        hyzo::backend::cuda::use_emulator();
+        eprintln!("no CUDA device: running on the emulated device");
     }
+    assert_eq!(hyzo_cuda_available(), 1);
+    // The exact kernels (read by every new CUDA backend): the ABI path then equals the CPU
+    // bit for bit. The fast kernels' Gaussian is only within 1e-4 relative of the CPU's
+    // (spec v2 §3), which compounds over steps through the losses; gpu_parity checks it.
+    std::env::set_var("HYZO_CUDA_EXACT", "1");
     let mut cfg = hyzo_config_default();
     cfg.seed = 31;
     cfg.rule = hyzo_rule::HYZO_RULE_ADAMW as u32;
@@ -111,6 +118,7 @@ fn cuda_follows_cpu_through_the_abi() {
 
         let (mut ha, mut hb) = (vec![0f32; N0], vec![bf16::ZERO; N1]);
         let mut worst = 0f32;
+        let mut worst_bf16 = 0f32;
         let mut mismatched = 0usize;
         let first = loss(&a, &b);
         for step in 0..30 {
@@ -153,16 +161,20 @@ fn cuda_follows_cpu_through_the_abi() {
             }
             for (x, y) in b.iter().zip(&hb) {
                 mismatched += usize::from(x.to_bits() != y.to_bits());
-                worst = worst.max((x.to_f32() - y.to_f32()).abs() / (1.0 + x.to_f32().abs()));
+                worst_bf16 =
+                    worst_bf16.max((x.to_f32() - y.to_f32()).abs() / (1.0 + x.to_f32().abs()));
             }
         }
         let last = loss(&a, &b);
         eprintln!(
             "cuda vs cpu through the ABI: loss {first} -> {last}; {mismatched} element-steps \
-             differ in bits, worst scaled difference {worst:e}"
+             differ in bits, worst scaled difference {worst:e} (f32), {worst_bf16:e} (bf16)"
         );
         assert!(last < first);
-        assert!(worst < 1e-5, "CUDA diverged from the CPU: {worst}");
+        assert_eq!(
+            mismatched, 0,
+            "CUDA diverged from the CPU: worst {worst} (f32), {worst_bf16} (bf16)"
+        );
 
         let (mut sc, mut kc, mut sg, mut kg) = (0, 0, 0, 0);
         ok(hyzo_optimizer_stats(c, &mut sc, &mut kc));

@@ -64,6 +64,9 @@ pub(crate) fn init_driver() -> Result<()> {
 
 /// Number of CUDA devices (0 without a driver).
 pub(crate) fn device_count() -> i32 {
+    if super::emulator::emulator_enabled() {
+        return 1;
+    }
     if init_driver().is_err() {
         return 0;
     }
@@ -79,6 +82,8 @@ pub(crate) fn device_count() -> i32 {
 #[derive(Clone, Copy)]
 pub(crate) struct Kernel {
     pub func: sys::CUfunction,
+    /// Its entry point's name (what the emulated device launches by).
+    pub name: &'static str,
     pub blocks_per_sm: u32,
 }
 
@@ -189,7 +194,7 @@ impl Kernels {
 /// the loaded module, and what launches need to know.
 pub(crate) struct Device {
     pub ordinal: i32,
-    pub ctx: sys::CUcontext,
+    pub driver: super::driver::Driver,
     pub kernels: Kernels,
     pub sm_count: u32,
     pub name: String,
@@ -205,14 +210,18 @@ unsafe impl Send for Device {}
 unsafe impl Sync for Device {}
 
 impl Device {
-    /// Makes this device's context current on the calling thread.
-    pub fn bind(&self) -> Result<()> {
-        // SAFETY: the context is retained for the life of the process.
-        check(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
-    }
-
     /// The device with this ordinal, opened on first use.
+    /// With the emulator requested (`emulator.rs`), ordinal 0 is the emulated device.
     pub fn get(ordinal: i32) -> Result<Arc<Device>> {
+        if super::emulator::emulator_enabled() {
+            static EMULATED: OnceLock<Arc<Device>> = OnceLock::new();
+            if ordinal != 0 {
+                return Err(Error::NoDevice(format!(
+                    "CUDA device {ordinal} does not exist (the emulated device is 0)"
+                )));
+            }
+            return Ok(EMULATED.get_or_init(|| Arc::new(Self::emulated())).clone());
+        }
         init_driver()?;
         static DEVICES: OnceLock<Mutex<HashMap<i32, Arc<Device>>>> = OnceLock::new();
         let mut map = DEVICES
@@ -225,6 +234,33 @@ impl Device {
         let d = Arc::new(Self::open(ordinal)?);
         map.insert(ordinal, d.clone());
         Ok(d)
+    }
+
+    /// The emulated device: the host build of the kernels (a test instrument).
+    fn emulated() -> Device {
+        let by_name = kernel_names()
+            .into_iter()
+            .map(|n| {
+                let name: &'static str = Box::leak(n.clone().into_boxed_str());
+                let k = Kernel {
+                    func: std::ptr::null_mut(),
+                    name,
+                    blocks_per_sm: 2,
+                };
+                (n, k)
+            })
+            .collect();
+        Device {
+            ordinal: 0,
+            driver: super::driver::Driver::Emulated(Default::default()),
+            kernels: Kernels { by_name },
+            // A small persistent grid: every launch has two or more blocks, and a block
+            // walks several chunks as soon as a shard has more than four.
+            sm_count: 2,
+            name: "hyzo host emulator (not a GPU: the kernels' host build, for tests)".into(),
+            compute_capability: (0, 0),
+            module_source: "host build (kernels/hyzo_host.cpp)".into(),
+        }
     }
 
     fn open(ordinal: i32) -> Result<Device> {
@@ -299,10 +335,12 @@ impl Device {
                 },
                 "cuOccupancyMaxActiveBlocksPerMultiprocessor",
             )?;
+            let leaked: &'static str = Box::leak(name.clone().into_boxed_str());
             by_name.insert(
                 name,
                 Kernel {
                     func,
+                    name: leaked,
                     blocks_per_sm: n.max(1) as u32,
                 },
             );
@@ -310,7 +348,7 @@ impl Device {
         let kernels = Kernels { by_name };
         Ok(Device {
             ordinal,
-            ctx,
+            driver: super::driver::Driver::Cuda { ctx },
             kernels,
             sm_count,
             name,

@@ -31,11 +31,11 @@
 
 pub(crate) mod abi;
 mod device;
+mod driver;
+mod emulator;
 
 use std::ffi::c_void;
 use std::sync::Arc;
-
-use cudarc::driver::sys;
 
 use crate::backend::{
     Backend, DeviceQueue, Generator, PerturbPass, StateLayout, StateSink, StateSource, UpdatePass,
@@ -51,9 +51,13 @@ use abi::{
     HyzoCounters, HyzoFactorJob, HyzoFactorPass, HyzoLossPass, HyzoPass, HyzoTensor, HyzoTerm,
     CHUNK_GROUPS, GROUP, MAX_TERMS, THREADS,
 };
-use device::{check, factor_kernel_name, kernel_name, Device, Kernel, Pass, Variant};
+use device::{factor_kernel_name, kernel_name, Device, Kernel, Pass, Variant};
 
 pub use device::compile_ptx;
+pub use emulator::{
+    emulator_enabled, emulator_executed_kernels, emulator_kernels, emulator_set_extra_blocks,
+    use_emulator,
+};
 
 /// Whether a CUDA driver and at least one device are present.
 pub fn is_available() -> bool {
@@ -93,6 +97,9 @@ pub fn kernel_source() -> &'static str {
 /// kernels were loaded (opens the device).
 pub fn describe_device(ordinal: i32) -> Result<String> {
     let d = Device::get(ordinal)?;
+    if d.is_emulated() {
+        return Ok(format!("{} [EMULATED: HYZO_CUDA_EMULATOR]", d.name));
+    }
     Ok(format!(
         "{} (sm_{}{}, {} SMs, kernels from {})",
         d.name, d.compute_capability.0, d.compute_capability.1, d.sm_count, d.module_source
@@ -152,13 +159,7 @@ impl CudaBuffer {
     }
 
     fn on(dev: &Arc<Device>, bytes: usize) -> Result<Self> {
-        dev.bind()?;
-        let mut ptr = 0;
-        // SAFETY: the context is current.
-        check(
-            unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes.max(1)) },
-            "cuMemAlloc",
-        )?;
+        let ptr = dev.alloc(bytes)?;
         Ok(Self {
             dev: dev.clone(),
             ptr,
@@ -198,14 +199,15 @@ impl CudaBuffer {
                 self.bytes
             ));
         }
-        self.dev.bind()?;
         // SAFETY: bounds checked; the host slice is valid for n bytes.
-        check(
-            unsafe {
-                sys::cuMemcpyHtoD_v2(self.ptr + at as u64, data.as_ptr() as *const c_void, n)
-            },
-            "cuMemcpyHtoD",
-        )
+        unsafe {
+            self.dev.htod(
+                self.ptr + at as u64,
+                data.as_ptr() as *const c_void,
+                n,
+                None,
+            )
+        }
     }
 
     /// Copies the start of the buffer into `out`, synchronously.
@@ -222,23 +224,21 @@ impl CudaBuffer {
                 self.bytes
             ));
         }
-        self.dev.bind()?;
         // SAFETY: bounds checked; the host slice is valid for n bytes.
-        check(
-            unsafe {
-                sys::cuMemcpyDtoH_v2(out.as_mut_ptr() as *mut c_void, self.ptr + at as u64, n)
-            },
-            "cuMemcpyDtoH",
-        )
+        unsafe {
+            self.dev.dtoh(
+                out.as_mut_ptr() as *mut c_void,
+                self.ptr + at as u64,
+                n,
+                None,
+            )
+        }
     }
 }
 
 impl Drop for CudaBuffer {
     fn drop(&mut self) {
-        if self.dev.bind().is_ok() {
-            // SAFETY: allocated by cuMemAlloc in this context and freed once.
-            unsafe { sys::cuMemFree_v2(self.ptr) };
-        }
+        self.dev.free(self.ptr);
     }
 }
 
@@ -249,13 +249,13 @@ impl Drop for CudaBuffer {
 #[derive(Clone, Copy)]
 enum Stream {
     /// Created (and destroyed) by the backend.
-    Owned(sys::CUstream),
+    Owned(u64),
     /// The caller's; never destroyed here.
-    Borrowed(sys::CUstream),
+    Borrowed(u64),
 }
 
 impl Stream {
-    fn raw(self) -> sys::CUstream {
+    fn raw(self) -> u64 {
         match self {
             Stream::Owned(s) | Stream::Borrowed(s) => s,
         }
@@ -265,8 +265,7 @@ impl Stream {
 /// An instantiated CUDA graph (a captured step), replayable on any stream of its device.
 pub struct CudaGraph {
     dev: Arc<Device>,
-    graph: sys::CUgraph,
-    exec: sys::CUgraphExec,
+    handles: driver::GraphHandles,
 }
 
 // SAFETY: graph handles are driver objects usable from any thread with the context bound.
@@ -275,24 +274,13 @@ unsafe impl Send for CudaGraph {}
 impl CudaGraph {
     /// Launches the graph on `stream` (a raw `CUstream`; 0 is the legacy default stream).
     pub fn launch_on(&self, stream: u64) -> Result<()> {
-        self.dev.bind()?;
-        // SAFETY: a valid executable graph; the stream belongs to the same context.
-        check(
-            unsafe { sys::cuGraphLaunch(self.exec, stream as sys::CUstream) },
-            "cuGraphLaunch",
-        )
+        self.dev.graph_launch(self.handles, stream)
     }
 }
 
 impl Drop for CudaGraph {
     fn drop(&mut self) {
-        if self.dev.bind().is_ok() {
-            // SAFETY: created by this object, destroyed once.
-            unsafe {
-                sys::cuGraphExecDestroy(self.exec);
-                sys::cuGraphDestroy(self.graph);
-            }
-        }
+        self.dev.graph_destroy(self.handles);
     }
 }
 
@@ -403,10 +391,7 @@ impl CudaBackend {
     /// `Error::NoDevice` without a driver or device.
     pub fn new(ordinal: i32) -> Result<Self> {
         let dev = Device::get(ordinal)?;
-        dev.bind()?;
-        let mut s = std::ptr::null_mut();
-        // SAFETY: the context is current; flags 0 = CU_STREAM_DEFAULT.
-        check(unsafe { sys::cuStreamCreate(&mut s, 0) }, "cuStreamCreate")?;
+        let s = dev.stream_create()?;
         Ok(Self {
             dev,
             stream: Stream::Owned(s),
@@ -474,7 +459,7 @@ impl CudaBackend {
 
     /// The raw `CUstream` passes are issued on.
     pub fn stream(&self) -> u64 {
-        self.stream.raw() as u64
+        self.stream.raw()
     }
 
     /// Issues all further passes on the caller's stream (e.g. PyTorch's current stream);
@@ -487,10 +472,10 @@ impl CudaBackend {
     pub unsafe fn set_stream(&mut self, stream: u64) -> Result<()> {
         self.synchronize()?;
         if let Stream::Owned(s) = self.stream {
-            // SAFETY: created by us, idle after the synchronize.
-            unsafe { sys::cuStreamDestroy_v2(s) };
+            // Created by us, idle after the synchronize.
+            self.dev.stream_destroy(s);
         }
-        self.stream = Stream::Borrowed(stream as sys::CUstream);
+        self.stream = Stream::Borrowed(stream);
         Ok(())
     }
 
@@ -498,42 +483,15 @@ impl CudaBackend {
     /// capture mode: no allocation or synchronization may happen until
     /// [`CudaBackend::end_capture`]).
     pub fn begin_capture(&mut self) -> Result<()> {
-        self.dev.bind()?;
-        // SAFETY: a valid stream of this context.
-        check(
-            unsafe {
-                sys::cuStreamBeginCapture_v2(
-                    self.stream.raw(),
-                    sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL,
-                )
-            },
-            "cuStreamBeginCapture",
-        )
+        self.dev.begin_capture(self.stream.raw())
     }
 
     /// Ends the capture begun by [`CudaBackend::begin_capture`] and instantiates the graph.
     pub fn end_capture(&mut self) -> Result<CudaGraph> {
-        self.dev.bind()?;
-        let mut graph = std::ptr::null_mut();
-        let mut exec = std::ptr::null_mut();
-        // SAFETY: the stream is capturing; the graph is instantiated once.
-        unsafe {
-            check(
-                sys::cuStreamEndCapture(self.stream.raw(), &mut graph),
-                "cuStreamEndCapture",
-            )?;
-            if let Err(e) = check(
-                sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0),
-                "cuGraphInstantiate",
-            ) {
-                sys::cuGraphDestroy(graph);
-                return Err(e);
-            }
-        }
+        let handles = self.dev.end_capture(self.stream.raw())?;
         Ok(CudaGraph {
             dev: self.dev.clone(),
-            graph,
-            exec,
+            handles,
         })
     }
 
@@ -582,8 +540,8 @@ impl CudaBackend {
         if p.counters == 0 {
             return Ok(());
         }
-        let f = self.dev.kernels.get("hyzo_advance_counters")?.func;
-        self.launch(f, 1, p)?;
+        let k = self.dev.kernels.get("hyzo_advance_counters")?;
+        self.launch(&k, 1, p)?;
         self.host_step += 1;
         Ok(())
     }
@@ -591,31 +549,13 @@ impl CudaBackend {
     /// Launches an element kernel over the shard's chunks.
     fn launch_pass(&self, pass: Pass, p: &HyzoPass) -> Result<()> {
         let k = self.kernel(pass, p)?;
-        self.launch(k.func, self.grid(k), p)
+        self.launch(&k, self.grid(k), p)
     }
 
-    fn launch<P>(&self, f: sys::CUfunction, grid: u32, params: &P) -> Result<()> {
-        let mut args = [params as *const P as *mut c_void];
+    fn launch<P>(&self, k: &Kernel, grid: u32, params: &P) -> Result<()> {
         // SAFETY: `params` is the kernel's single by-value parameter, with its C layout
         // (abi.rs, pinned against the header); the driver copies it at launch.
-        check(
-            unsafe {
-                sys::cuLaunchKernel(
-                    f,
-                    grid,
-                    1,
-                    1,
-                    THREADS,
-                    1,
-                    1,
-                    0,
-                    self.stream.raw(),
-                    args.as_mut_ptr(),
-                    std::ptr::null_mut(),
-                )
-            },
-            "cuLaunchKernel",
-        )
+        unsafe { self.dev.launch(k, grid, params, self.stream.raw()) }
     }
 
     fn base_pass(&self, gen: Generator, precision: Precision, rule: RuleParams) -> HyzoPass {
@@ -650,10 +590,9 @@ impl CudaBackend {
             // Losses recorded so far in this step must survive the growth.
             self.stream_sync()?;
             // SAFETY: both buffers are live; the old one is the smaller.
-            check(
-                unsafe { sys::cuMemcpyDtoD_v2(losses.ptr(), old.ptr(), old.bytes()) },
-                "cuMemcpyDtoD",
-            )?;
+            unsafe {
+                self.dev.dtod(losses.ptr(), old.ptr(), old.bytes(), None)?;
+            }
         }
         self.losses = Some(losses);
         self.terms_in = Some(CudaBuffer::on(&self.dev, 8 * cap)?);
@@ -689,12 +628,7 @@ impl CudaBackend {
     }
 
     fn stream_sync(&self) -> Result<()> {
-        self.dev.bind()?;
-        // SAFETY: a valid stream.
-        check(
-            unsafe { sys::cuStreamSynchronize(self.stream.raw()) },
-            "cuStreamSynchronize",
-        )
+        self.dev.stream_sync(self.stream.raw())
     }
 
     /// Builds the low-rank job table and the table's low-rank fields for `shard`'s shapes
@@ -803,7 +737,7 @@ impl CudaBackend {
         let groups = self.factor_groups.saturating_mul(terms.len() as u64);
         let grid = groups.div_ceil(THREADS as u64).clamp(1, resident) as u32;
         self.dev.bind()?;
-        self.launch(k.func, grid, &fp)
+        self.launch(&k, grid, &fp)
     }
 
     /// Makes sure the factor scratch holds `floats` f32 (grows only; synchronizes before
@@ -850,15 +784,11 @@ impl CudaBackend {
     /// # Safety
     /// `dst` must be valid for writes of `size_of_val(src)` bytes.
     unsafe fn upload_async<T: Copy>(&self, dst: u64, src: &[T]) -> Result<()> {
-        self.dev.bind()?;
-        check(
-            sys::cuMemcpyHtoDAsync_v2(
-                dst,
-                src.as_ptr() as *const c_void,
-                std::mem::size_of_val(src),
-                self.stream.raw(),
-            ),
-            "cuMemcpyHtoDAsync",
+        self.dev.htod(
+            dst,
+            src.as_ptr() as *const c_void,
+            std::mem::size_of_val(src),
+            Some(self.stream.raw()),
         )
     }
 
@@ -892,8 +822,8 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         let _ = self.stream_sync();
         if let Stream::Owned(s) = self.stream {
-            // SAFETY: created by us, idle after the synchronize.
-            unsafe { sys::cuStreamDestroy_v2(s) };
+            // Created by us, idle after the synchronize.
+            self.dev.stream_destroy(s);
         }
     }
 }
@@ -974,10 +904,7 @@ impl Backend for CudaBackend {
             }
             let b = CudaBuffer::on(&self.dev, bytes)?;
             // SAFETY: the buffer holds `bytes` bytes.
-            check(
-                unsafe { sys::cuMemsetD8_v2(b.ptr(), 0, bytes) },
-                "cuMemsetD8",
-            )?;
+            unsafe { self.dev.memset(b.ptr(), 0, bytes)? };
             Ok(Some(b))
         };
         let mut state: [Option<CudaBuffer>; 5] = Default::default();
@@ -1143,7 +1070,7 @@ impl Backend for CudaBackend {
                 inline_base: [HyzoTerm::default(); MAX_TERMS],
             };
             lp.base = self.stage_terms(pass.zo, &mut lp.inline_base)?;
-            self.launch(self.dev.kernels.get("hyzo_device_losses")?.func, 1, &lp)?;
+            self.launch(&self.dev.kernels.get("hyzo_device_losses")?, 1, &lp)?;
             p.terms = lp.out;
             p.skip_flag = lp.skip_flag;
         } else {
@@ -1164,19 +1091,16 @@ impl Backend for CudaBackend {
         p.direction = direction;
         p.partials = self.partials.as_ref().unwrap().ptr();
         self.launch_pass(Pass::SqNorm, &p)?;
-        self.launch(self.dev.kernels.get("hyzo_sq_norm_final")?.func, 1, &p)?;
+        self.launch(&self.dev.kernels.get("hyzo_sq_norm_final")?, 1, &p)?;
         let mut total = 0f64;
         // SAFETY: partials holds total_chunks + 1 f64; the copy is ordered on the stream and
         // waited for before `total` is read.
         unsafe {
-            check(
-                sys::cuMemcpyDtoHAsync_v2(
-                    &mut total as *mut f64 as *mut c_void,
-                    p.partials + 8 * self.total_chunks,
-                    8,
-                    self.stream.raw(),
-                ),
-                "cuMemcpyDtoHAsync",
+            self.dev.dtoh(
+                &mut total as *mut f64 as *mut c_void,
+                p.partials + 8 * self.total_chunks,
+                8,
+                Some(self.stream.raw()),
             )?;
         }
         self.stream_sync()?;
@@ -1233,10 +1157,7 @@ impl DeviceQueue for CudaBackend {
         let dst = self.losses.as_ref().unwrap().ptr() + 4 * index as u64;
         // SAFETY: capacity ensured (2 cap + 1 losses); the source is the caller's device
         // f32. The copy is ordered on the stream after the forward pass that wrote it.
-        check(
-            unsafe { sys::cuMemcpyDtoDAsync_v2(dst, loss, 4, self.stream.raw()) },
-            "cuMemcpyDtoDAsync (loss)",
-        )
+        unsafe { self.dev.dtod(dst, loss, 4, Some(self.stream.raw())) }
     }
 
     fn device_skipped(&mut self) -> Result<u64> {
@@ -1259,17 +1180,14 @@ impl DeviceQueue for CudaBackend {
         // SAFETY: the flags buffer holds the counters at COUNTERS_AT; from pageable memory
         // the driver stages the copy before returning, ordered on the stream after the
         // passes issued so far.
-        check(
-            unsafe {
-                sys::cuMemcpyHtoDAsync_v2(
-                    flags.ptr() + COUNTERS_AT,
-                    &c as *const HyzoCounters as *const c_void,
-                    std::mem::size_of::<HyzoCounters>(),
-                    self.stream.raw(),
-                )
-            },
-            "cuMemcpyHtoDAsync (counters)",
-        )
+        unsafe {
+            self.dev.htod(
+                flags.ptr() + COUNTERS_AT,
+                &c as *const HyzoCounters as *const c_void,
+                std::mem::size_of::<HyzoCounters>(),
+                Some(self.stream.raw()),
+            )
+        }
     }
 
     unsafe fn set_stream(&mut self, stream: u64) -> Result<()> {
