@@ -47,9 +47,10 @@ lint: setup
 	$(CUDA_ENV); cargo clippy --release --all-targets -- -D warnings
 
 # The NVRTC test (minutes: every kernel for two architectures) runs once, in check-kernels.
-# HYZO_REQUIRE_LIBCLANG: tests/abi.rs fails, rather than skips, without libclang.
+# HYZO_REQUIRE_LIBCLANG / _CXX: tests/abi.rs / device_mirror.rs fail, rather than skip, without
+# libclang / a C++ compiler.
 test-rust: setup
-	$(CUDA_ENV); HYZO_REQUIRE_LIBCLANG=1 cargo test --release -- \
+	$(CUDA_ENV); HYZO_REQUIRE_LIBCLANG=1 HYZO_REQUIRE_CXX=1 cargo test --release -- \
 		--skip embedded_source_compiles_to_ptx_with_nvrtc
 	# A saved state over 4 GiB (skips, saying so, without 7 GiB of memory and 10 GiB of disk).
 	$(CUDA_ENV); cargo test --release --test big_state -- --ignored --nocapture

@@ -284,7 +284,7 @@ impl<'a> Optimizer<'a> {
     /// Updates applied to the main rule's state (its `t`); reads the device's skip counter.
     pub fn updates(&mut self) -> Result<u64> {
         self.check_usable("updates")?;
-        Ok(self.counters.updates[StateSet::Main as usize] - self.backend.device_skipped()?)
+        Ok(self.counters.updates[StateSet::Main as usize] - self.device_skipped()?)
     }
 
     /// Updates applied to the first-order rule's state (its `t`; 0 without `fo_rule`).
@@ -297,7 +297,7 @@ impl<'a> Optimizer<'a> {
     /// infinity ([`Config::skip_nonfinite_grads`]).
     pub fn skipped(&mut self) -> Result<u64> {
         self.check_usable("skipped")?;
-        Ok(self.counters.skipped + self.backend.device_skipped()?)
+        Ok(self.counters.skipped + self.device_skipped()?)
     }
 
     /// Whether a zeroth-order step is in progress (also after an abort that failed to
@@ -391,8 +391,7 @@ impl<'a> Optimizer<'a> {
         self.backend
             .allocate_state(&self.shard, self.state_layout())?;
         // A backend that keeps the counts on the device (CUDA graphs) starts from ours.
-        self.backend
-            .set_counters(self.counters.step, self.counters.updates)?;
+        self.tell_device_counters()?;
         self.prepared = true;
         Ok(())
     }
@@ -590,7 +589,15 @@ impl<'a> Optimizer<'a> {
         // Recording the loss changes nothing yet: if it fails, the step waits for it still.
         match host {
             Some(loss) => step.losses.push(loss),
-            None => self.backend.record_device_loss(eval, device)?,
+            None => match self.backend.device() {
+                Some(queue) => queue.record_device_loss(eval, device)?,
+                None => {
+                    return invalid(format!(
+                        "loss_on_device: the {} backend has no device memory",
+                        self.backend.name()
+                    ))
+                }
+            },
         }
         let State::AwaitingLoss { mut step, .. } =
             std::mem::replace(&mut self.protocol, State::Idle)
@@ -664,8 +671,7 @@ impl<'a> Optimizer<'a> {
                 self.counters.skipped += 1;
                 self.counters.step += 1;
                 // No update pass ran to advance a device's counts.
-                self.backend
-                    .set_counters(self.counters.step, self.counters.updates)?;
+                self.tell_device_counters()?;
                 return Ok(StepReport {
                     skipped: true,
                     loss: Some(loss),
@@ -817,8 +823,7 @@ impl<'a> Optimizer<'a> {
             // Nothing applied; the step still counts (schedule, directions' names).
             self.counters.step += 1;
             self.counters.skipped += u64::from(skip);
-            self.backend
-                .set_counters(self.counters.step, self.counters.updates)?;
+            self.tell_device_counters()?;
             return Ok(report(skip));
         }
         let pass = UpdatePass {
@@ -847,8 +852,7 @@ impl<'a> Optimizer<'a> {
         self.prepare()?;
         self.counters.step += 1;
         self.counters.skipped += 1;
-        self.backend
-            .set_counters(self.counters.step, self.counters.updates)
+        self.tell_device_counters()
     }
 
     /// Whether the gradient a zeroth-order update mixes in (`hybrid_alpha > 0`) is finite;
@@ -906,9 +910,37 @@ impl<'a> Optimizer<'a> {
     }
 
     /// Runs later passes on the caller's CUDA stream (raw `CUstream`; 0: the default stream).
-    pub fn set_stream(&mut self, stream: u64) -> Result<()> {
+    ///
+    /// # Safety
+    /// `stream` must be a valid stream of the backend's device context (or 0) that outlives
+    /// its use by this optimizer.
+    pub unsafe fn set_stream(&mut self, stream: u64) -> Result<()> {
         self.check_usable("set_stream")?;
-        self.backend.set_stream(stream)
+        match self.backend.device() {
+            // SAFETY: the caller's promise, passed on.
+            Some(queue) => unsafe { queue.set_stream(stream) },
+            None => invalid(format!(
+                "cuda_stream: the {} backend has no streams",
+                self.backend.name()
+            )),
+        }
+    }
+
+    /// Tells a backend that keeps the counts on the device (CUDA graphs) the host's counts.
+    fn tell_device_counters(&mut self) -> Result<()> {
+        let (step, updates) = (self.counters.step, self.counters.updates);
+        match self.backend.device() {
+            Some(queue) => queue.set_counters(step, updates),
+            None => Ok(()),
+        }
+    }
+
+    /// Steps the device skipped for a non-finite recorded loss (0 without a device).
+    fn device_skipped(&mut self) -> Result<u64> {
+        match self.backend.device() {
+            Some(queue) => queue.device_skipped(),
+            None => Ok(0),
+        }
     }
 
     /// Waits for every pass issued so far (a no-op on the CPU).
@@ -942,7 +974,7 @@ impl<'a> Optimizer<'a> {
 
     /// The counters as saved: device skips folded in.
     fn saved_counters(&mut self) -> Result<Counters> {
-        let device = self.backend.device_skipped()?;
+        let device = self.device_skipped()?;
         let mut c = self.counters;
         c.updates[StateSet::Main as usize] -= device;
         c.skipped += device;
@@ -1035,10 +1067,11 @@ impl<'a> Optimizer<'a> {
 
     fn finish_load(&mut self, counters: Counters) -> Result<()> {
         // The device counter restarts from zero; the loaded counters hold every skip.
-        self.backend.reset_device_skipped()?;
+        if let Some(queue) = self.backend.device() {
+            queue.reset_device_skipped()?;
+        }
         self.counters = counters;
-        self.backend
-            .set_counters(self.counters.step, self.counters.updates)?;
+        self.tell_device_counters()?;
         // A poisoned optimizer (or one whose abort failed) is usable again: the caller
         // writes the parameters of the same checkpoint back.
         self.protocol = State::Idle;
@@ -1053,7 +1086,11 @@ impl<'a> Optimizer<'a> {
     pub fn sync_counters(&mut self) -> Result<()> {
         self.check_usable("sync_counters")?;
         self.check_not_in_step("sync_counters")?;
-        if let Some((step, updates)) = self.backend.device_counters()? {
+        let counted = match self.backend.device() {
+            Some(queue) => queue.device_counters()?,
+            None => None,
+        };
+        if let Some((step, updates)) = counted {
             self.counters.step = step;
             self.counters.updates = updates;
         }

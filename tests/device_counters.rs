@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use hyzo::backend::{
-    Backend, Generator, PerturbPass, StateLayout, StateSink, StateSource, UpdatePass,
+    Backend, DeviceQueue, Generator, PerturbPass, StateLayout, StateSink, StateSource, UpdatePass,
 };
 use hyzo::{Config, CpuBackend, Optimizer, ParamShard, Result, Rule};
 
@@ -50,6 +50,25 @@ impl Backend for Counting {
     }
     fn load_state(&mut self, source: &mut StateSource) -> Result<()> {
         self.cpu.load_state(source)
+    }
+    fn device(&mut self) -> Option<&mut dyn DeviceQueue> {
+        Some(self)
+    }
+}
+
+/// A device that keeps only the counts: the losses stay on the host in these tests.
+impl DeviceQueue for Counting {
+    fn record_device_loss(&mut self, _index: u32, _loss: u64) -> Result<()> {
+        unreachable!("these tests feed losses from the host")
+    }
+    fn device_skipped(&mut self) -> Result<u64> {
+        Ok(0)
+    }
+    fn reset_device_skipped(&mut self) -> Result<()> {
+        Ok(())
+    }
+    unsafe fn set_stream(&mut self, _stream: u64) -> Result<()> {
+        Ok(())
     }
     fn set_counters(&mut self, step: u64, updates: [u64; 2]) -> Result<()> {
         *self.counts.lock().unwrap() = Some((step, updates));

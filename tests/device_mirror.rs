@@ -4,7 +4,8 @@
 //! stochastic-rounding words (for the index-aligned groups and for groups cut by address,
 //! which straddle Philox blocks), the rounding modes, the conversions, the rules, the
 //! division and the low-rank entry. This pins the kernels' arithmetic without a GPU;
-//! `gpu_parity.rs` then checks the kernels themselves on one. Skipped (with a message) when no C++ compiler is found.
+//! `gpu_parity.rs` then checks the kernels themselves on one. Skipped (with a message) when no
+//! C++ compiler is found, unless `HYZO_REQUIRE_CXX` is set (by `make test`): then it fails.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -56,7 +57,12 @@ fn build_driver() -> Option<std::path::PathBuf> {
             Err(_) => continue,
         }
     }
-    println!("skipped: no C++ compiler for the host mirror of the device code");
+    let msg = "no C++ compiler (CXX, c++, g++, clang++) for the host mirror of the device code";
+    if std::env::var_os("HYZO_REQUIRE_CXX").is_some_and(|v| !v.is_empty() && v != "0") {
+        // make test sets it: there a missing compiler must fail, not pass by skipping.
+        panic!("{msg}; HYZO_REQUIRE_CXX is set, so this is an error");
+    }
+    println!("skipped: {msg}");
     None
 }
 

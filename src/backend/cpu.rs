@@ -8,8 +8,8 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::backend::{
-    is_lowrank, Backend, Generator, PerturbPass, StateLayout, StateSink, StateSource, Term,
-    UpdatePass,
+    is_lowrank, Backend, DeviceQueue, Generator, PerturbPass, StateLayout, StateSink, StateSource,
+    Term, UpdatePass,
 };
 use crate::config::StateSet;
 use crate::direction::{DirectionId, LowRankShape, STOCHASTIC_ROUNDING_DIRECTION};
@@ -750,5 +750,9 @@ impl Backend for CpuBackend {
             }
         }
         Ok(())
+    }
+
+    fn device(&mut self) -> Option<&mut dyn DeviceQueue> {
+        None
     }
 }

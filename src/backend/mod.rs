@@ -76,7 +76,7 @@ pub struct UpdatePass<'a> {
     /// tensors that have a gradient, as `torch.optim` skips parameters without one.
     pub tensors: Option<&'a [bool]>,
     /// When set, the losses of this step were recorded on the device
-    /// ([`Backend::record_device_loss`]): each `zo` coefficient is `s_d / q` and the backend
+    /// ([`DeviceQueue::record_device_loss`]): each `zo` coefficient is `s_d / q` and the backend
     /// multiplies it by `g_d` computed on the device; if any loss is not finite the pass only
     /// restores (no rule, state untouched) and the device's skip counter is incremented.
     pub device_losses: Option<DeviceLosses>,
@@ -231,42 +231,41 @@ pub trait Backend: Send {
     /// Replaces the state with [`Backend::save_state`]'s layout read from `source` (which
     /// the caller has checked: its length and checksum).
     fn load_state(&mut self, source: &mut StateSource) -> Result<()>;
-    /// Records, without synchronizing, the loss of evaluation `index` of the current step,
-    /// read from the device address `loss` (one f32) when the next pass runs.
-    fn record_device_loss(&mut self, index: u32, loss: u64) -> Result<()> {
-        let _ = (index, loss);
-        crate::error::invalid("loss_on_device: this backend has no device memory")
-    }
-    /// Steps skipped on the device because a recorded loss was not finite (synchronizes).
-    fn device_skipped(&mut self) -> Result<u64> {
-        Ok(0)
-    }
-    /// Sets the device's skip counter to zero (after a load: the loaded state carries the
-    /// count of skips in its own field).
-    fn reset_device_skipped(&mut self) -> Result<()> {
-        Ok(())
-    }
-    /// The optimizer's step and update counts (`updates[StateSet as usize]`: attempted
-    /// updates of each state), told whenever the host sets them outside an update pass: at
-    /// the first step, after a load, after a host-side skip. A backend that keeps them on
-    /// the device (the CUDA backend's device-counter mode, for CUDA graphs replayed across
-    /// steps) stores them; the others ignore them.
-    fn set_counters(&mut self, step: u64, updates: [u64; 2]) -> Result<()> {
-        let _ = (step, updates);
-        Ok(())
-    }
-    /// The step and update counts as the device advanced them (synchronizes), or `None`
-    /// when the backend does not keep them (see [`Backend::set_counters`]).
-    fn device_counters(&mut self) -> Result<Option<(u64, [u64; 2])>> {
-        Ok(None)
-    }
-    /// Makes later passes run on the caller's stream (a `CUstream`, 0 for the default).
-    fn set_stream(&mut self, stream: u64) -> Result<()> {
-        let _ = stream;
-        crate::error::invalid("cuda_stream: this backend has no streams")
-    }
+    /// The device side of this backend (streams; losses, skips and counters kept in device
+    /// memory), or `None` for a backend that runs on the host. Required, not defaulted: a
+    /// backend with a device that forgot a hook would otherwise answer "no streams" at run
+    /// time, as the CUDA backend once did for `set_stream`.
+    fn device(&mut self) -> Option<&mut dyn DeviceQueue>;
     /// Waits until every pass issued so far has finished.
     fn synchronize(&mut self) -> Result<()> {
         Ok(())
     }
+}
+
+/// What a backend with device memory and streams does besides its passes: asked for through
+/// [`Backend::device`], so each hook is a required method of the backend that has them.
+pub trait DeviceQueue {
+    /// Records, without synchronizing, the loss of evaluation `index` of the current step,
+    /// read from the device address `loss` (one f32) when the next pass runs.
+    fn record_device_loss(&mut self, index: u32, loss: u64) -> Result<()>;
+    /// Steps skipped on the device because a recorded loss was not finite (synchronizes).
+    fn device_skipped(&mut self) -> Result<u64>;
+    /// Sets the device's skip counter to zero (after a load: the loaded state carries the
+    /// count of skips in its own field).
+    fn reset_device_skipped(&mut self) -> Result<()>;
+    /// The optimizer's step and update counts (`updates[StateSet as usize]`: attempted
+    /// updates of each state), told whenever the host sets them outside an update pass: at
+    /// the first step, after a load, after a host-side skip. A backend that keeps them on
+    /// the device (the CUDA backend's device-counter mode, for CUDA graphs replayed across
+    /// steps) stores them; otherwise it ignores them.
+    fn set_counters(&mut self, step: u64, updates: [u64; 2]) -> Result<()>;
+    /// The step and update counts as the device advanced them (synchronizes), or `None`
+    /// when the backend does not keep them (see [`DeviceQueue::set_counters`]).
+    fn device_counters(&mut self) -> Result<Option<(u64, [u64; 2])>>;
+    /// Makes later passes run on the caller's stream (a `CUstream`, 0 for the default).
+    ///
+    /// # Safety
+    /// `stream` must be a valid stream of the backend's context (or 0) that outlives its
+    /// use by the backend.
+    unsafe fn set_stream(&mut self, stream: u64) -> Result<()>;
 }

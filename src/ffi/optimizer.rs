@@ -176,7 +176,8 @@ pub unsafe extern "C" fn hyzo_optimizer_set_stream(
         if cuda_stream.is_null() && o.inner.params().location() == Location::Host {
             return Ok(());
         }
-        o.inner.set_stream(cuda_stream as u64)
+        // SAFETY: the header's contract: a valid stream of the device's primary context.
+        unsafe { o.inner.set_stream(cuda_stream as u64) }
     })
 }
 

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, PerturbPass, StateLayout, StateSink, StateSource, UpdatePass};
+use crate::backend::{
+    Backend, DeviceQueue, PerturbPass, StateLayout, StateSink, StateSource, UpdatePass,
+};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::optimizer::{Feed, Optimizer};
@@ -209,6 +211,9 @@ impl Backend for FailingBackend {
     fn load_state(&mut self, source: &mut StateSource) -> Result<()> {
         self.inner.load_state(source)
     }
+    fn device(&mut self) -> Option<&mut dyn DeviceQueue> {
+        None
+    }
 }
 
 /// The configurations the failure tests run: AdamW (a state that a stray update would
@@ -342,7 +347,8 @@ fn assert_refuses_everything(opt: &mut Optimizer, needle: &str) {
         ("begin_with_sq_norms", opt.begin_with_sq_norms(&[1.0])),
         ("updates", opt.updates().map(|_| ())),
         ("skipped", opt.skipped().map(|_| ())),
-        ("set_stream", opt.set_stream(0)),
+        // SAFETY: 0, the default stream (refused before it is used).
+        ("set_stream", unsafe { opt.set_stream(0) }),
         ("synchronize", opt.synchronize()),
         ("state_size", opt.state_size().map(|_| ())),
         ("save_state", opt.save_state().map(|_| ())),

@@ -58,6 +58,11 @@ def main() -> None:
         "phases": [p for p, _ in trainer.steps],
         "losses": [loss for _, loss in trainer.steps],
     }))
+    # accelerate made the process group; transformers 4.45's Trainer leaves it alive, and a
+    # gloo group torn down by interpreter exit can abort the process ("terminate called
+    # without an active exception", seen on the 2-core CI machine) after a run that passed.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
 //!   ([`CudaBackend::set_stream`]).
 //! - One launch per pass: the shard's tensors sit in a device-side table, uploaded once by
 //!   `allocate_state`; a pass only launches a kernel with a parameter struct.
-//! - Sync-free steps: with [`Backend::record_device_loss`] the loss is copied on the stream
+//! - Sync-free steps: with [`DeviceQueue::record_device_loss`] the loss is copied on the stream
 //!   into a device array; the update pass first runs `hyzo_device_losses` (projected
 //!   gradients, finiteness, skip counter, all on the device). Nothing in `begin` / `feed` /
 //!   update allocates, synchronizes or reads device memory from the host (for `q` up to
@@ -38,7 +38,7 @@ use std::sync::Arc;
 use cudarc::driver::sys;
 
 use crate::backend::{
-    Backend, Generator, PerturbPass, StateLayout, StateSink, StateSource, UpdatePass,
+    Backend, DeviceQueue, Generator, PerturbPass, StateLayout, StateSink, StateSource, UpdatePass,
 };
 use crate::config::StateSet;
 use crate::direction::{DirectionKind, LowRankShape, LOWRANK_A_STREAM, LOWRANK_B_STREAM};
@@ -455,7 +455,7 @@ impl CudaBackend {
     /// set; a step skipped on the device leaves the bias corrections' `t` where it was),
     /// so a graph of one whole step, replayed N times, runs N consecutive steps, bit for bit
     /// those of N ordinary steps. The optimizer sets the struct from its own counts at the
-    /// first step, after a load and after a host-side skip ([`Backend::set_counters`]), so
+    /// first step, after a load and after a host-side skip ([`DeviceQueue::set_counters`]), so
     /// choose the mode before handing the backend to an [`crate::Optimizer`]; after
     /// replays, [`crate::Optimizer::sync_counters`] reads the counts back.
     pub fn set_device_counters(&mut self, on: bool) {
@@ -1199,6 +1199,16 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn device(&mut self) -> Option<&mut dyn DeviceQueue> {
+        Some(self)
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        self.stream_sync()
+    }
+}
+
+impl DeviceQueue for CudaBackend {
     fn reset_device_skipped(&mut self) -> Result<()> {
         if let Some(flags) = &self.flags {
             self.stream_sync()?;
@@ -1262,6 +1272,11 @@ impl Backend for CudaBackend {
         )
     }
 
+    unsafe fn set_stream(&mut self, stream: u64) -> Result<()> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { CudaBackend::set_stream(self, stream) }
+    }
+
     fn device_counters(&mut self) -> Result<Option<(u64, [u64; 2])>> {
         let Some(flags) = self.flags.as_ref().filter(|_| self.device_counters) else {
             return Ok(None);
@@ -1271,9 +1286,5 @@ impl Backend for CudaBackend {
         flags.download_at(COUNTERS_AT as usize, &mut c)?;
         self.host_step = c[0].step;
         Ok(Some((c[0].step, c[0].t)))
-    }
-
-    fn synchronize(&mut self) -> Result<()> {
-        self.stream_sync()
     }
 }
