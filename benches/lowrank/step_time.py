@@ -5,7 +5,8 @@ directions (spec v3 §7, forward hooks) at rank 1 and 4.
 The model is written in plain torch (token embedding, RMSNorm, causal attention with RoPE,
 SwiGLU MLP, untied or ``--tied`` output embedding), trained on random tokens with the
 next-token cross-entropy. Every contender runs two-sided SPSA with q = 1 (two forwards per
-step) and plain SGD:
+step) and plain SGD (``--rule adazo``: hyzo's rows use AdaZO, two moments per element;
+MeZO's stays SGD); the table gives each step time over the two forwards of the same run:
 
 - ``forwards only``: the two ``no_grad`` forwards of a step and nothing else (the floor);
 - ``MeZO eager``: Malladi et al.'s loop: ``torch.manual_seed`` + ``torch.normal`` per tensor,
@@ -212,11 +213,12 @@ def run_one(args: argparse.Namespace) -> Dict[str, Any]:
             mezo_step(params, loss, counter[0], eps, lr)
     else:
         if name == "hyzo gaussian":
-            opt = ht.ZO(params, lr=lr, eps=eps, seed=0, num_threads=args.threads)
+            opt = ht.ZO(params, lr=lr, eps=eps, seed=0, rule=args.rule,
+                        num_threads=args.threads)
         else:
             rank = int(name.rsplit("=", 1)[1])
-            opt = ht.ZO(params, lr=lr, eps=eps, seed=0, directions="lowrank", rank=rank,
-                        num_threads=args.threads)
+            opt = ht.ZO(params, lr=lr, eps=eps, seed=0, rule=args.rule,
+                        directions="lowrank", rank=rank, num_threads=args.threads)
             opt.attach(model)
 
         def step() -> None:
@@ -263,6 +265,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rule", default="sgd", choices=["sgd", "adazo"],
+                    help="hyzo's update rule (MeZO eager is always SGD)")
     ap.add_argument("--tied", action="store_true", help="tie the output to the embedding")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads of torch and of hyzo's CPU backend (default: every "
@@ -283,12 +287,13 @@ def main() -> None:
     print(f"# {machine(args.device)}; torch {torch.__version__}; {args.size}: vocab {vocab}, "
           f"d {d}, {layers} layers, {heads} heads, MLP {mlp}, "
           f"{'tied' if args.tied else 'untied'}, {args.dtype}; batch {args.batch} x seq "
-          f"{args.seq}; two-sided, q = 1, SGD; median of {args.steps} steps after "
+          f"{args.seq}; two-sided, q = 1, hyzo rule {args.rule}; median of {args.steps} steps after "
           f"{args.warmup} warm-up; load average {os.getloadavg()[0]:.2f}", flush=True)
     results = []
     for name in args.only or CONTENDERS:
         cmd = [sys.executable, os.path.abspath(__file__), "--contender", name]
-        for k in ("device", "size", "dtype", "batch", "seq", "steps", "warmup", "threads"):
+        for k in ("device", "size", "dtype", "batch", "seq", "steps", "warmup", "threads",
+                  "rule"):
             v = getattr(args, k)
             if v is not None:
                 cmd += [f"--{k}", str(v)]
@@ -306,17 +311,19 @@ def main() -> None:
     cpu_floor = next((r["median_cpu_s"] for r in results
                       if r["contender"] == "forwards only"), None)
     cpu_mezo = next((r["median_cpu_s"] for r in results if r["contender"] == "MeZO eager"), None)
-    print(f"| contender | step ms (median) | over the forwards, ms | MeZO / this | "
+    print(f"| contender | step ms (median) | / the forwards | over the forwards, ms | "
+          f"MeZO / this | "
           f"CPU ms (median) | CPU over the forwards, ms | MeZO / this (CPU) | {mem}, MiB "
           "| above the forwards, MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         t, c = r["median_s"], r["median_cpu_s"]
         over = "" if floor is None else f"{(t - floor) * 1e3:.1f}"
+        times = "" if floor is None else f"{t / floor:.2f}×"
         ratio = "" if mezo is None else f"{mezo / t:.2f}×"
         cover = "" if cpu_floor is None else f"{(c - cpu_floor) * 1e3:.1f}"
         cratio = "" if cpu_mezo is None else f"{cpu_mezo / c:.2f}×"
-        print(f"| {r['contender']} | {t * 1e3:.1f} | {over} | {ratio} | {c * 1e3:.1f} | "
+        print(f"| {r['contender']} | {t * 1e3:.1f} | {times} | {over} | {ratio} | {c * 1e3:.1f} | "
               f"{cover} | {cratio} | {r['peak_bytes'] / 2**20:.0f} | "
               f"{(r['peak_bytes'] - r['baseline_bytes']) / 2**20:.0f} |")
     if args.json:

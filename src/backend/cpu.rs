@@ -322,33 +322,63 @@ unsafe fn perturb_chunk<T: Element>(c: &ChunkMem, pass: &PerturbPass) {
 /// the order of the terms.
 struct LowRankTerms {
     shape: LowRankShape,
-    /// `A` then `B` of each term.
-    factors: Vec<Vec<f32>>,
+    /// `A` of each term (`rows x rank`, row-major).
+    a: Vec<Vec<f32>>,
+    /// `Bᵀ` of each term (`rank x cols`, row-major): a row of `A Bᵀ` is then `rank` axpys
+    /// over contiguous rows of `Bᵀ` (vectorized), where `B` itself would need a strided
+    /// gather per entry.
+    bt: Vec<Vec<f32>>,
 }
 
 impl LowRankTerms {
     fn new(gen: Generator, offset: u64, shape: LowRankShape, terms: &[Term]) -> Result<Self> {
-        let mut factors = Vec::with_capacity(terms.len());
+        let n = usize::try_from(shape.factors_len())
+            .map_err(|_| Error::OutOfMemory("low-rank factors".into()))?;
+        let (r, cols) = (shape.rank as usize, shape.cols as usize);
+        let a_len = shape.a_len() as usize;
+        let mut a = Vec::with_capacity(terms.len());
+        let mut bt = Vec::with_capacity(terms.len());
+        let mut f = zeroed(n, 0f32, "low-rank factors")?;
         for t in terms {
-            let n = usize::try_from(shape.factors_len())
-                .map_err(|_| Error::OutOfMemory("low-rank factors".into()))?;
-            let mut f = zeroed(n, 0f32, "low-rank factors")?;
             let id = DirectionId::new(gen.seed, gen.step, t.direction);
             lowrank_factors(id, offset, shape, &mut f);
-            factors.push(f);
+            let b = &f[a_len..];
+            let mut t_b = zeroed(n - a_len, 0f32, "low-rank factors")?;
+            for j in 0..cols {
+                for p in 0..r {
+                    t_b[p * cols + j] = b[j * r + p];
+                }
+            }
+            a.push(f[..a_len].to_vec());
+            bt.push(t_b);
         }
-        Ok(Self { shape, factors })
+        Ok(Self { shape, a, bt })
     }
 
-    /// `z[e]` = entry `local + e` of the direction of term `k`.
+    /// `z[e]` = entry `local + e` of the direction of term `k`: bit for bit
+    /// [`LowRankShape::entry`] (the same f32 sum over `p` in order, from `0`, then the scale),
+    /// computed a row segment at a time.
     fn fill(&self, k: usize, local: usize, z: &mut [f32]) {
         let (r, cols) = (self.shape.rank as usize, self.shape.cols as usize);
-        let (a, b) = self.factors[k].split_at(self.shape.a_len() as usize);
+        let (a, bt) = (&self.a[k], &self.bt[k]);
         let scale = self.shape.scale();
-        for (e, out) in z.iter_mut().enumerate() {
-            let l = local + e;
-            let (i, j) = (l / cols, l % cols);
-            *out = LowRankShape::entry(&a[i * r..(i + 1) * r], &b[j * r..(j + 1) * r], scale);
+        let (mut e, mut l) = (0, local);
+        while e < z.len() {
+            let (i, j0) = (l / cols, l % cols);
+            let n = (cols - j0).min(z.len() - e);
+            let out = &mut z[e..e + n];
+            out.fill(0.0);
+            for (p, &s) in a[i * r..(i + 1) * r].iter().enumerate() {
+                let row = &bt[p * cols + j0..p * cols + j0 + n];
+                for (o, &b) in out.iter_mut().zip(row) {
+                    *o += s * b;
+                }
+            }
+            for o in out.iter_mut() {
+                *o *= scale;
+            }
+            e += n;
+            l += n;
         }
     }
 }
