@@ -63,10 +63,12 @@ test-rust: setup
 	# A saved state over 4 GiB (skips, saying so, without 7 GiB of memory and 10 GiB of disk).
 	$(CUDA_ENV); cargo test --release --test big_state -- --ignored --nocapture
 
-# Every kernel for every architecture (warnings and spills are errors), and the NVRTC path.
+# Every kernel for every architecture (warnings and spills are errors), and the NVRTC path;
+# the parity tests once more on the emulated device under AddressSanitizer (memory errors).
 check-kernels: setup
 	scripts/check-kernels
 	$(CUDA_ENV); scripts/sass-budget
+	scripts/test-emulator-asan
 
 # The C ABI: header, property tests, C and C++ examples (CMake, pkg-config, valgrind).
 test-ffi: build
