@@ -9,6 +9,16 @@ use cudarc::driver::sys;
 
 use crate::error::{Error, Result};
 
+use super::emulator::Emulator;
+
+/// How a device is driven (the calls themselves: `driver.rs`).
+pub(crate) enum Driver {
+    /// A GPU: its primary context (shared with PyTorch and anyone else in the process).
+    Cuda { ctx: sys::CUcontext },
+    /// The host build of the kernels.
+    Emulated(Emulator),
+}
+
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/hyzo_kernels.rs"));
 }
@@ -194,7 +204,7 @@ impl Kernels {
 /// the loaded module, and what launches need to know.
 pub(crate) struct Device {
     pub ordinal: i32,
-    pub driver: super::driver::Driver,
+    pub driver: Driver,
     pub kernels: Kernels,
     pub sm_count: u32,
     pub name: String,
@@ -252,7 +262,7 @@ impl Device {
             .collect();
         Device {
             ordinal: 0,
-            driver: super::driver::Driver::Emulated(Default::default()),
+            driver: Driver::Emulated(Default::default()),
             kernels: Kernels { by_name },
             // A small persistent grid: every launch has two or more blocks, and a block
             // walks several chunks as soon as a shard has more than four.
@@ -348,7 +358,7 @@ impl Device {
         let kernels = Kernels { by_name };
         Ok(Device {
             ordinal,
-            driver: super::driver::Driver::Cuda { ctx },
+            driver: Driver::Cuda { ctx },
             kernels,
             sm_count,
             name,

@@ -11,17 +11,8 @@ use std::ffi::c_void;
 
 use cudarc::driver::sys;
 
-use super::device::{check, Device, Kernel};
-use super::emulator::Emulator;
+use super::device::{check, Device, Driver, Kernel};
 use crate::error::Result;
-
-/// How a device is driven.
-pub(crate) enum Driver {
-    /// A GPU: its primary context (shared with PyTorch and anyone else in the process).
-    Cuda { ctx: sys::CUcontext },
-    /// The host build of the kernels.
-    Emulated(Emulator),
-}
 
 /// An instantiated graph: (graph, exec) for CUDA, (id, 0) for the emulator.
 pub(crate) type GraphHandles = (u64, u64);
