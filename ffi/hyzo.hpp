@@ -163,6 +163,16 @@ public:
         check(hyzo_zo_feed(opt_, loss, &more));
         return more != 0;
     }
+    /// Feeds a loss the forward pass left in device memory (one float on the optimizer's
+    /// device, written on its stream; valid until the step's last pass ran), without
+    /// synchronizing; true when another forward pass is needed. CUDA optimizers only.
+    bool feed_device(const float *loss_on_device) {
+        int more = 0;
+        check(hyzo_zo_feed_device(opt_, loss_on_device, &more));
+        return more != 0;
+    }
+    /// Waits until every pass issued so far has finished (a no-op on the CPU).
+    void synchronize() { check(hyzo_optimizer_synchronize(opt_)); }
     /// Restores the parameters of the step in progress. If restoring fails, the step is kept
     /// (the exception says so) and a second abort() retries; a second failure poisons.
     void abort() { check(hyzo_zo_abort(opt_)); }
