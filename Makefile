@@ -49,7 +49,7 @@ lint: setup
 # The NVRTC test (minutes: every kernel for two architectures) runs once, in check-kernels.
 # HYZO_REQUIRE_LIBCLANG / _CXX: tests/abi.rs / device_mirror.rs fail, rather than skip, without
 # libclang / a C++ compiler.
-# Without a GPU the CUDA tests (gpu_parity, ffi_cuda) run on the emulated device, which
+# Without a GPU the CUDA tests (gpu_parity, ffi_cuda, device_counters) run on the emulated device, which
 # records each kernel it executes in target/emulator-coverage.txt; kernel_coverage then fails
 # if any kernel the backend can launch never ran.
 test-rust: setup
@@ -58,6 +58,11 @@ test-rust: setup
 		HYZO_REQUIRE_LIBCLANG=1 HYZO_REQUIRE_CXX=1 cargo test --release -- \
 		--skip embedded_source_compiles_to_ptx_with_nvrtc \
 		--skip every_launched_kernel_was_executed
+	# With a GPU the CUDA tests above ran on it and recorded nothing: they run once more on
+	# the emulated device (so on both), for the coverage check below.
+	$(CUDA_ENV); [ -s target/emulator-coverage.txt ] || HYZO_CUDA_EMULATOR=1 \
+		HYZO_EMULATOR_COVERAGE=$(CURDIR)/target/emulator-coverage.txt cargo test --release \
+		--test gpu_parity --test ffi_cuda --test device_counters
 	$(CUDA_ENV); HYZO_EMULATOR_COVERAGE=$(CURDIR)/target/emulator-coverage.txt \
 		cargo test --release --test kernel_coverage -- --nocapture
 	# A saved state over 4 GiB (skips, saying so, without 7 GiB of memory and 10 GiB of disk).
