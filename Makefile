@@ -49,9 +49,9 @@ lint: setup
 # The NVRTC test (minutes: every kernel for two architectures) runs once, in check-kernels.
 # HYZO_REQUIRE_LIBCLANG / _CXX: tests/abi.rs / device_mirror.rs fail, rather than skip, without
 # libclang / a C++ compiler.
-# Without a GPU the CUDA tests (gpu_parity, ffi_cuda, device_counters) run on the emulated device, which
-# records each kernel it executes in target/emulator-coverage.txt; kernel_coverage then fails
-# if any kernel the backend can launch never ran.
+# Without a GPU the CUDA tests (gpu_parity, ffi_cuda, device_counters) run on the emulated
+# device, which records each kernel it executes in target/emulator-coverage.txt;
+# kernel_coverage then fails if any kernel the backend can launch never ran.
 test-rust: setup
 	rm -f target/emulator-coverage.txt
 	$(CUDA_ENV); HYZO_EMULATOR_COVERAGE=$(CURDIR)/target/emulator-coverage.txt \

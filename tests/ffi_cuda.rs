@@ -38,16 +38,10 @@ fn loss(a: &[f32], b: &[bf16]) -> f32 {
 
 #[test]
 fn cuda_follows_cpu_through_the_abi() {
-    if hyzo_cuda_available() == 0 {
-        if std::env::var_os("HYZO_GPU_ONLY").is_some_and(|v| v == "1") {
-            // The GPU kit: a GPU hyzo cannot see is "not run", never a pass on the emulator.
-            println!("skipped: no CUDA device (HYZO_GPU_ONLY=1 refuses the emulated device)");
-            return;
-        }
-        // Device 0 becomes the emulated device (the host build of the kernels): the same
-        // C ABI path, so a gap like set_stream fails here without a GPU.
-        hyzo::backend::cuda::use_emulator();
-        eprintln!("no CUDA device: running on the emulated device");
+    // Without a GPU, device 0 becomes the emulated device (the host build of the kernels):
+    // the same C ABI path, so a gap like set_stream fails here without a GPU.
+    if !hyzo::backend::cuda::choose_test_device() {
+        return;
     }
     assert_eq!(hyzo_cuda_available(), 1);
     // The exact kernels (read by every new CUDA backend): the ABI path then equals the CPU

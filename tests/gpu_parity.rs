@@ -14,8 +14,7 @@
 
 use half::{bf16, f16};
 use hyzo::backend::cuda::{
-    emulator_enabled, emulator_set_extra_blocks, is_available, use_emulator, CudaBackend,
-    CudaBuffer,
+    choose_test_device, emulator_enabled, emulator_set_extra_blocks, CudaBackend, CudaBuffer,
 };
 use hyzo::backend::{Backend, Generator, PerturbPass, StateLayout, Term, UpdatePass};
 use hyzo::rules::{Rule, RuleParams};
@@ -33,19 +32,10 @@ fn exact_backend() -> CudaBackend {
     b
 }
 
-/// Chooses the device: the GPU, or without one the emulated device; false (the test
-/// returns, saying so) only under `HYZO_GPU_ONLY=1`, which the GPU kit sets so that a GPU
-/// hyzo cannot see is reported as not run, never as passed on the emulated device.
+/// Chooses the device: the GPU, or without one the emulated device; false under the GPU
+/// kit's `HYZO_GPU_ONLY=1` without a GPU (see `choose_test_device`).
 fn gpu() -> bool {
-    if !is_available() {
-        if std::env::var_os("HYZO_GPU_ONLY").is_some_and(|v| v == "1") {
-            println!("skipped: no CUDA device (HYZO_GPU_ONLY=1 refuses the emulated device)");
-            return false;
-        }
-        use_emulator();
-        println!("no CUDA device: running on the emulated device");
-    }
-    true
+    choose_test_device()
 }
 
 /// One tensor of a test layout.
